@@ -1,0 +1,40 @@
+# keep-ingest: every target installs what it needs into .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/default.toml
+SRC    ?=
+ARGS   ?=
+
+.PHONY: help install ingest test clean
+
+help:
+	@echo "make ingest SRC=path [CONFIG=configs/default.toml] [ARGS=...]  upload a tree, print its manifest"
+	@echo "make test                                                      run the test suite"
+	@echo "make clean                                                     remove the virtualenv and caches"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Runtime install (for make ingest) and test install, each re-run when pyproject changes.
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.runtime
+
+install: $(VENV)/.runtime
+
+ingest: $(VENV)/.runtime
+	@if [ -z "$(SRC)" ]; then echo "usage: make ingest SRC=path [CONFIG=...]" >&2; exit 2; fi
+	$(BIN)/keep-ingest put --config $(CONFIG) $(ARGS) $(SRC)
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,7 @@
+"""Allow ``python -m ingest``."""
+
+import sys
+
+from ingest.cli import main
+
+sys.exit(main())

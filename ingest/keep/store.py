@@ -1,0 +1,60 @@
+"""The block store interface shared by the workers and the read side.
+
+A worker streams a block's bytes into a :class:`BlockWriter` as chunks arrive (it
+computes the MD5 itself, as the bytes pass), then commits it under that MD5. The
+store answers with the locator to put in the manifest, possibly signed, and the
+number of replicas it confirmed. Stores are built from a plain ``spec`` dict so the
+same description can travel to worker processes (also remote ones) in msgpack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlock:
+    """What a store confirmed for one committed block."""
+
+    locator: str
+    replicas: int
+
+
+class BlockWriter(Protocol):
+    """Receives one block's bytes, then commits or aborts it."""
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes to the block."""
+
+    def commit(self, md5_hex: str) -> StoredBlock:
+        """Store the block under its MD5; durable when this returns."""
+
+    def abort(self) -> None:
+        """Drop the block; nothing becomes visible in the store."""
+
+
+class BlockStore(Protocol):
+    """A place blocks are written to and read from."""
+
+    def open_block(self) -> BlockWriter:
+        """Start writing a new block."""
+
+    def get(self, locator: str) -> bytes:
+        """Read a whole block, verifying its MD5 and size."""
+
+    def describe(self) -> str:
+        """A short human name for messages, e.g. the directory path."""
+
+    def close(self) -> None:
+        """Release connections and files."""
+
+
+def open_store(spec: dict[str, Any]) -> BlockStore:
+    """Build the store a spec describes: ``{"type": "directory", "path": ...}``."""
+    kind = spec.get("type")
+    if kind == "directory":
+        from ingest.keep.dirstore import DirectoryStore
+
+        return DirectoryStore(spec["path"], fsync=spec.get("fsync", True))
+    raise ValueError(f"unknown block store type {kind!r}")
