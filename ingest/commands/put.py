@@ -1,0 +1,118 @@
+"""``keep-ingest put``: upload source trees and print their manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from ingest.config import load_settings
+from ingest.errors import EXIT_CODES_HELP, EXIT_OK, IngestError
+from ingest.put import PutResult, run_put
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "put", parents=[common], help="upload files and directories, print the manifest",
+        description="Upload files and directories into Keep and print their normalized "
+                    "Arvados manifest. 'dir' puts the tree under ./dir, 'dir/' puts its "
+                    "contents at the root, a file becomes ./NAME.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", metavar="PATH", help="files or directories to upload")
+    p.add_argument("--config", metavar="FILE", help="TOML profile (see configs/)")
+    p.add_argument("--store", metavar="DIR",
+                   help="directory block store (default: $XDG_DATA_HOME/keep-ingest/store)")
+    p.add_argument("--workers", type=_workers, metavar="N",
+                   help="local worker processes ('auto': one per CPU; 0: remote workers only)")
+    p.add_argument("--listen", metavar="ENDPOINT",
+                   help="accept workers on this ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555")
+    p.add_argument("--chunk-size", type=int, metavar="BYTES", help="bytes per message to a worker")
+    p.add_argument("--block-size", type=int, metavar="BYTES",
+                   help="maximum block size (default and maximum 67108864; smaller changes the manifest)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="skip files and directories matching PATTERN (repeatable; arv-put's rules)")
+    links = p.add_mutually_exclusive_group()
+    links.add_argument("--follow-links", dest="follow_links", action="store_true", default=None,
+                       help="follow symlinks (default), skipping loops")
+    links.add_argument("--no-follow-links", dest="follow_links", action="store_false",
+                       help="skip every symlink")
+    out = p.add_argument_group("output")
+    out.add_argument("--manifest-out", metavar="FILE", help="also write the manifest to FILE (atomically)")
+    out.add_argument("--portable-data-hash", action="store_true",
+                     help="print only the portable data hash")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON object: pdh, files, bytes, blocks, bytes_uploaded, seconds")
+    p.set_defaults(func=run)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise IngestError(f"cannot write manifest to {path}: {exc.strerror}") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _summary(result: PutResult, pdh: str) -> str:
+    rate = result.bytes_uploaded / result.seconds if result.seconds > 0 else 0.0
+    return (f"keep-ingest: {result.files} files, {_human(result.bytes)} in {result.blocks} blocks; "
+            f"uploaded {_human(result.bytes_uploaded)} in {result.seconds:.2f} s "
+            f"({_human(rate)}/s); portable data hash {pdh}")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {
+        "store.type": ("directory" if args.store else None, "--store"),
+        "store.path": (args.store, "--store"),
+        "put.workers": (args.workers, "--workers"),
+        "put.listen": (args.listen, "--listen"),
+        "put.chunk_size": (args.chunk_size, "--chunk-size"),
+        "put.block_size": (args.block_size, "--block-size"),
+        "put.exclude": (args.exclude, "--exclude"),
+        "put.follow_links": (args.follow_links, "--follow-links/--no-follow-links"),
+    }
+    settings = load_settings(args.config, overrides)
+    result = run_put(settings, args.sources)
+    text = result.manifest.text()
+    pdh = result.manifest.portable_data_hash()
+    if args.manifest_out:
+        _write_atomically(args.manifest_out, text)
+    if args.json:
+        json.dump({"pdh": pdh, "files": result.files, "bytes": result.bytes, "blocks": result.blocks,
+                   "bytes_uploaded": result.bytes_uploaded, "seconds": round(result.seconds, 3),
+                   "store": settings.store_path, "manifest_out": args.manifest_out,
+                   "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
+                  sys.stdout)
+        sys.stdout.write("\n")
+    elif args.portable_data_hash:
+        print(pdh)
+    elif not args.manifest_out:
+        sys.stdout.write(text)
+    if not args.quiet:
+        print(_summary(result, pdh), file=sys.stderr)
+    return EXIT_OK

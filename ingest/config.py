@@ -1,0 +1,159 @@
+"""Settings: built-in defaults, then a TOML profile, then command-line flags.
+
+One validated :class:`Settings` object comes out, and for each setting we remember
+where its value came from, so errors (and ``config show``) can name the key and the
+file or flag. Unknown keys and wrong types are refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ingest.errors import ConfigError
+from ingest.keep.locator import BLOCK_SIZE_MAX
+
+MiB = 1 << 20
+
+
+def default_store_path() -> str:
+    """The embedded default store: ``$XDG_DATA_HOME/keep-ingest/store`` (~/.local/share)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "keep-ingest", "store")
+
+
+@dataclass
+class StoreSettings:
+    """Where blocks go."""
+
+    type: str = "directory"
+    path: str = ""          # empty: default_store_path()
+    fsync: bool = True      # fsync blocks and directories before acknowledging them
+
+
+@dataclass
+class PutSettings:
+    """How ``put`` walks, packs and dispatches."""
+
+    workers: int | str = "auto"      # local worker processes; "auto": one per CPU
+    chunk_size: int = 4 * MiB        # bytes per ZeroMQ data frame
+    block_size: int = BLOCK_SIZE_MAX
+    blocks_per_worker: int = 2       # unfinished blocks a worker may hold
+    window_chunks: int = 3           # chunks in flight to one worker
+    follow_links: bool = True
+    exclude: list[str] = field(default_factory=list)
+    listen: str = ""                 # ZeroMQ endpoint for workers; empty: a private ipc socket
+    worker_timeout: int = 120        # seconds without any connected worker before giving up
+
+
+@dataclass
+class Settings:
+    """Every setting, validated, with the origin of each value."""
+
+    store: StoreSettings = field(default_factory=StoreSettings)
+    put: PutSettings = field(default_factory=PutSettings)
+    origins: dict[str, str] = field(default_factory=dict)  # "put.workers" -> "--workers"
+
+    def origin(self, key: str) -> str:
+        return self.origins.get(key, "default")
+
+    @property
+    def store_path(self) -> str:
+        return os.path.abspath(os.path.expanduser(self.store.path or default_store_path()))
+
+    @property
+    def local_worker_count(self) -> int:
+        if self.put.workers == "auto":
+            return os.cpu_count() or 1
+        return int(self.put.workers)
+
+    def store_spec(self) -> dict[str, Any]:
+        """The store description sent to workers (see ingest.keep.store.open_store)."""
+        return {"type": self.store.type, "path": self.store_path, "fsync": self.store.fsync}
+
+
+_Check = tuple[Callable[[Any], bool], str]
+_CHECKS: dict[str, _Check] = {
+    "store.type": (lambda v: v == "directory", 'must be "directory"'),
+    "put.workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+                    'must be "auto" (one per CPU) or a number of processes (0: remote workers only)'),
+    "put.worker_timeout": (lambda v: v >= 1, "must be 1 or more"),
+    "put.chunk_size": (lambda v: 4096 <= v <= BLOCK_SIZE_MAX, f"must be 4096 to {BLOCK_SIZE_MAX}"),
+    "put.block_size": (lambda v: 1 <= v <= BLOCK_SIZE_MAX, f"must be 1 to {BLOCK_SIZE_MAX}"),
+    "put.blocks_per_worker": (lambda v: v >= 1, "must be 1 or more"),
+    "put.window_chunks": (lambda v: v >= 1, "must be 1 or more"),
+}
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+    if isinstance(expected, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(expected))
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(expected) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(expected))
+    return "list of strings" if typing.get_origin(expected) is list else expected.__name__
+
+
+def _set(settings: Settings, key: str, value: Any, origin: str) -> None:
+    section_name, _, name = key.partition(".")
+    section = getattr(settings, section_name)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise ConfigError(f"{origin}: unknown setting {key!r}")
+    if not _type_ok(value, hints[name]):
+        raise ConfigError(f"{origin}: {key} must be a {_type_name(hints[name])}, not {value!r}")
+    check = _CHECKS.get(key)
+    if check and not check[0](value):
+        raise ConfigError(f"{origin}: {key} {check[1]}, not {value!r}")
+    setattr(section, name, value)
+    settings.origins[key] = origin
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Settings) if f.name != "origins"]
+
+
+def load_profile(settings: Settings, path: str) -> None:
+    """Apply a TOML profile; errors name the file and the key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    for section, table in data.items():
+        if section not in _sections() or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(_sections())})")
+        for name, value in table.items():
+            _set(settings, f"{section}.{name}", value, path)
+
+
+def load_settings(config_path: str | None, overrides: dict[str, tuple[Any, str]]) -> Settings:
+    """Defaults, then the profile (if any), then flag overrides ``{key: (value, flag)}``."""
+    settings = Settings()
+    if config_path:
+        load_profile(settings, config_path)
+    for key, (value, flag) in overrides.items():
+        if value is not None:
+            _set(settings, key, value, flag)
+    if settings.put.workers == 0 and not settings.put.listen:
+        raise ConfigError(f"{settings.origin('put.workers')}: workers = 0 (remote workers only) "
+                          "needs a listen address (put.listen or --listen)")
+    return settings

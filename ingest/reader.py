@@ -1,0 +1,113 @@
+"""Read a block's bytes from its source files, chunk by chunk, and notice changes.
+
+Each piece is read with one ``preadv`` into the chunk buffer (one copy, from the page
+cache), and when a piece is complete the file is ``fstat``-ed and compared with the
+walk's fingerprint: a file that changed, grew, shrank or was replaced since the walk
+is reported, and its block must not be stored. A large file stays open across its
+pieces; small files cost one open, read, fstat and close each.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+from ingest.errors import SourceError
+from ingest.plan import BlockPlan
+from ingest.walk import Fingerprint, SourceFile
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+
+
+class FileChanged(SourceError):
+    """A source file changed between the walk and the end of its read."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"file changed while being read: {path} ({why})")
+        self.path = path
+
+
+def describe_change(old: Fingerprint, new: Fingerprint) -> str:
+    """Which parts of a fingerprint differ, e.g. ``size 10 -> 12, mtime``."""
+    parts = []
+    if old.size != new.size:
+        parts.append(f"size {old.size} -> {new.size}")
+    for name in ("mtime_ns", "ctime_ns", "inode", "device"):
+        if getattr(old, name) != getattr(new, name):
+            parts.append(name.removesuffix("_ns"))
+    return ", ".join(parts)
+
+
+class BlockReader:
+    """Turns block plans into chunks of at most ``chunk_size`` bytes."""
+
+    def __init__(self, files: Sequence[SourceFile], chunk_size: int):
+        self.files = files
+        self.chunk_size = chunk_size
+        self._open_index = -1
+        self._open_fd = -1
+        self._open_flags = _OPEN_FLAGS
+
+    def close(self) -> None:
+        if self._open_fd >= 0:
+            os.close(self._open_fd)
+        self._open_index, self._open_fd = -1, -1
+
+    def _fd(self, index: int) -> int:
+        if index != self._open_index:
+            self.close()
+            path = self.files[index].path
+            try:
+                try:
+                    fd = os.open(path, self._open_flags)
+                except PermissionError:
+                    if not self._open_flags & getattr(os, "O_NOATIME", 0):
+                        raise
+                    # O_NOATIME needs file ownership; fall back for others' files.
+                    self._open_flags &= ~os.O_NOATIME
+                    fd = os.open(path, self._open_flags)
+            except FileNotFoundError:
+                raise SourceError(f"file vanished before it was read: {path}") from None
+            except OSError as exc:
+                raise SourceError(f"cannot read {path}: {exc.strerror}") from None
+            self._open_index, self._open_fd = index, fd
+        return self._open_fd
+
+    def _check_unchanged(self, index: int, fd: int) -> None:
+        source = self.files[index]
+        now = Fingerprint.of(os.fstat(fd))
+        if now != source.fingerprint:
+            self.close()
+            raise FileChanged(source.path, describe_change(source.fingerprint, now))
+
+    def chunks(self, block: BlockPlan) -> Iterator[tuple[bytearray, bool]]:
+        """Yield ``(data, is_last)`` for the block's bytes, in order.
+
+        A piece's file is checked against its fingerprint as soon as the piece is
+        read, before the chunk holding the piece's end is yielded.
+        """
+        remaining = block.size
+        buf = bytearray(min(self.chunk_size, remaining))
+        filled = 0
+        for piece in block.pieces:
+            fd = self._fd(piece.file_index)
+            offset, left = piece.file_offset, piece.length
+            while left:
+                if filled == len(buf):
+                    remaining -= filled
+                    yield buf, False
+                    buf, filled = bytearray(min(self.chunk_size, remaining)), 0
+                want = min(left, len(buf) - filled)
+                with memoryview(buf) as view:
+                    try:
+                        got = os.preadv(fd, [view[filled:filled + want]], offset)
+                    except OSError as exc:
+                        self.close()
+                        raise SourceError(
+                            f"cannot read {self.files[piece.file_index].path}: {exc.strerror}") from None
+                if got == 0:
+                    self._check_unchanged(piece.file_index, fd)
+                    raise FileChanged(self.files[piece.file_index].path, "shorter than when walked")
+                filled, offset, left = filled + got, offset + got, left - got
+            self._check_unchanged(piece.file_index, fd)
+        yield buf, True

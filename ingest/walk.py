@@ -1,0 +1,233 @@
+"""Deterministic walk of the source trees, in the manifest's own tree order.
+
+In each directory: its regular files sorted by name, then its subdirectories sorted
+by name, depth first. ``dir`` puts a tree under ``./dir``, ``dir/`` puts its
+contents at the root, a file becomes ``./<basename>`` (arv-put's conventions).
+Symlinks are followed by default, with loop detection; FIFOs, sockets and devices
+are skipped with a warning and never opened. Names that are not valid UTF-8 are
+refused before any data moves.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from ingest.errors import SourceError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What identifies one version of a file without reading it."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Fingerprint":
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """A regular file to upload: where it is, and its path in the manifest."""
+
+    path: str           # filesystem path to open
+    name: str           # manifest path, '/'-separated, relative to the root, unescaped
+    fingerprint: Fingerprint
+
+    @property
+    def size(self) -> int:
+        return self.fingerprint.size
+
+
+@dataclass(slots=True)
+class WalkResult:
+    """Every file to upload, in walk order, and every directory seen."""
+
+    files: list[SourceFile] = field(default_factory=list)
+    directories: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class Excludes:
+    """arv-put's ``--exclude`` semantics.
+
+    A pattern without a directory part (``*.tmp``) matches a file or directory name
+    anywhere. A pattern with one (``sub/*.txt``, ``./top.gif``) matches, component by
+    component, paths relative to each source directory.
+    """
+
+    def __init__(self, patterns: Iterable[str]):
+        names, self._paths = [], []
+        for pattern in patterns:
+            if pattern.startswith(os.sep):
+                raise UsageError(f"--exclude {pattern!r}: absolute patterns are not allowed")
+            if os.path.dirname(pattern):
+                parts = [p for p in pattern.split(os.sep) if p not in ("", ".")]
+                if ".." in parts:
+                    raise UsageError(f"--exclude {pattern!r}: patterns may not contain '..'")
+                self._paths.append(parts)
+            else:
+                names.append(fnmatch.translate(pattern))
+        self._names = re.compile("|".join(names)) if names else None
+
+    def __bool__(self) -> bool:
+        return bool(self._names or self._paths)
+
+    def excluded(self, relpath: str, name: str) -> bool:
+        """True if the entry ``name`` at ``relpath`` (relative to its source dir) is excluded."""
+        if self._names is not None and self._names.match(name):
+            return True
+        if self._paths:
+            parts = relpath.split("/")
+            for pat in self._paths:
+                if len(pat) == len(parts) and all(
+                        fnmatch.fnmatchcase(n, p) for n, p in zip(parts, pat)):
+                    return True
+        return False
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file"
+    return "special file"
+
+
+def _check_utf8(path: str, bad: list[str]) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        bad.append(os.fsencode(path).decode("utf-8", "backslashreplace"))
+        return False
+
+
+class _Walker:
+    def __init__(self, follow_links: bool, excludes: Excludes):
+        self.follow_links = follow_links
+        self.excludes = excludes
+        self.result = WalkResult()
+        self.bad_names: list[str] = []
+        self.seen: dict[str, tuple[str, bool]] = {}  # manifest path -> (source path, is_dir)
+
+    def skip(self, path: str, reason: str) -> None:
+        log.warning("skipping %s: %s", reason, path)
+        self.result.skipped.append((path, reason))
+
+    def claim(self, name: str, path: str, is_dir: bool) -> None:
+        """Record a manifest path; two sources may share a directory, nothing else."""
+        other = self.seen.get(name)
+        if other is not None and not (is_dir and other[1]):
+            raise SourceError(f"two sources give the same manifest path {name!r}: {other[0]} and {path}")
+        self.seen[name] = (path, is_dir)
+
+    def add_file(self, path: str, name: str, st: os.stat_result) -> None:
+        self.claim(name, path, False)
+        self.result.files.append(SourceFile(path, name, Fingerprint.of(st)))
+
+    def stat_entry(self, path: str, is_link: bool) -> os.stat_result | None:
+        """Stat a path, following a symlink only when asked; None when skipped."""
+        if is_link and not self.follow_links:
+            self.skip(path, "symlink (--no-follow-links)")
+            return None
+        try:
+            return os.stat(path) if is_link else os.lstat(path)
+        except FileNotFoundError:
+            if is_link:
+                self.skip(path, "dangling symlink")
+                return None
+            raise SourceError(f"file vanished during the walk: {path}") from None
+        except OSError as exc:
+            raise SourceError(f"cannot stat {path}: {exc.strerror}") from None
+
+    def walk_source(self, source: str) -> None:
+        if not os.path.lexists(source):
+            raise SourceError(f"no such file or directory: {source}")
+        is_link = os.path.islink(source)
+        st = self.stat_entry(source, is_link)
+        if st is None:
+            return
+        path = os.path.abspath(source)
+        if stat.S_ISDIR(st.st_mode):
+            prefix = "" if source.endswith(os.sep) else os.path.basename(path)
+            if prefix and not _check_utf8(prefix, self.bad_names):
+                return
+            self.walk_dir(path, prefix)
+        elif stat.S_ISREG(st.st_mode):
+            name = os.path.basename(path)
+            if _check_utf8(name, self.bad_names):
+                self.add_file(path, name, st)
+        else:
+            self.skip(path, _kind(st.st_mode))
+
+    def walk_dir(self, top: str, prefix: str) -> None:
+        """Depth-first, files before subdirectories, each sorted by name."""
+        top_st = os.stat(top)
+        # Each stack item: (dir path, manifest path, path relative to the source, ancestor ids)
+        stack = [(top, prefix, "", frozenset({(top_st.st_dev, top_st.st_ino)}))]
+        while stack:
+            dirpath, manifest_dir, relbase, ancestors = stack.pop()
+            if manifest_dir:
+                self.claim(manifest_dir, dirpath, True)
+                self.result.directories.append(manifest_dir)
+            try:
+                with os.scandir(dirpath) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                raise SourceError(f"cannot read directory {dirpath}: {exc.strerror}") from None
+            subdirs = []
+            for entry in entries:
+                relpath = f"{relbase}/{entry.name}" if relbase else entry.name
+                if self.excludes and self.excludes.excluded(relpath, entry.name):
+                    continue
+                if not _check_utf8(entry.path, self.bad_names):
+                    continue
+                st = self.stat_entry(entry.path, entry.is_symlink())
+                if st is None:
+                    continue
+                name = f"{manifest_dir}/{entry.name}" if manifest_dir else entry.name
+                if stat.S_ISREG(st.st_mode):
+                    self.add_file(entry.path, name, st)
+                elif stat.S_ISDIR(st.st_mode):
+                    ident = (st.st_dev, st.st_ino)
+                    if ident in ancestors:
+                        self.skip(entry.path, "symlink loop")
+                        continue
+                    subdirs.append((entry.path, name, relpath, ancestors | {ident}))
+                else:
+                    self.skip(entry.path, _kind(st.st_mode))
+            stack.extend(reversed(subdirs))
+
+
+def walk_sources(sources: Iterable[str], follow_links: bool = True,
+                 excludes: Excludes | None = None) -> WalkResult:
+    """Walk every source in order; raise SourceError naming the path on bad input."""
+    walker = _Walker(follow_links, excludes or Excludes(()))
+    for source in sources:
+        walker.walk_source(source)
+    if walker.bad_names:
+        shown = "\n  ".join(walker.bad_names[:20])
+        more = f"\n  ... and {len(walker.bad_names) - 20} more" if len(walker.bad_names) > 20 else ""
+        raise SourceError(
+            f"{len(walker.bad_names)} name(s) are not valid UTF-8 and cannot be stored in a "
+            f"manifest; rename them or --exclude them:\n  {shown}{more}")
+    return walker.result

@@ -1,0 +1,176 @@
+"""The worker: receive chunks, hash and store blocks, reply with their locators.
+
+The receive loop (main thread) appends each chunk to the block's writer and updates
+the block's MD5 as the bytes arrive, with no second pass. When a block's last chunk
+arrives, the commit (fsync and rename, or the HTTP PUT) runs in a committer thread so
+the next block can already stream in; the committer reports back through an inproc
+socket, and the main thread forwards the result to the coordinator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import socket
+import threading
+from typing import Any
+
+import zmq
+
+from ingest import protocol
+from ingest.errors import IngestError
+from ingest.keep.store import BlockStore, BlockWriter, open_store
+
+log = logging.getLogger("keep-ingest.worker")
+
+POLL_MS = 500
+WELCOME_TIMEOUT_MS = 30_000
+_RESULTS_ADDR = "inproc://committer-results"
+
+
+class _Committer(threading.Thread):
+    """Commits finished blocks in order and reports each result on an inproc socket."""
+
+    def __init__(self, ctx: zmq.Context):
+        super().__init__(name="committer", daemon=True)
+        self._ctx = ctx
+        self.jobs: queue.Queue[tuple[int, BlockWriter, str, int] | None] = queue.Queue()
+
+    def run(self) -> None:
+        out = self._ctx.socket(zmq.PAIR)
+        out.connect(_RESULTS_ADDR)
+        try:
+            while (job := self.jobs.get()) is not None:
+                block, writer, md5_hex, size = job
+                try:
+                    stored = writer.commit(md5_hex)
+                    out.send(protocol.encode(protocol.STORED, block=block, locator=stored.locator,
+                                             replicas=stored.replicas, size=size))
+                except IngestError as exc:
+                    out.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
+                except Exception as exc:  # report, never die silently with a block in hand
+                    log.exception("unexpected error storing block %d", block)
+                    out.send(protocol.encode(protocol.FAILED, block=block, error=repr(exc)))
+        finally:
+            out.close(linger=0)
+
+
+class _Worker:
+    def __init__(self, sock: zmq.Socket, store: BlockStore, committer: _Committer):
+        self.sock = sock
+        self.store = store
+        self.committer = committer
+        self.block: int | None = None      # block being received
+        self.writer: BlockWriter | None = None
+        self.md5: Any = None
+        self.size = 0
+        self.failed_block: int | None = None  # ignore further chunks of this block
+
+    def on_chunk(self, header: dict, data: zmq.Frame) -> None:
+        block = header["block"]
+        view = data.buffer
+        self.sock.send(protocol.encode(protocol.CREDIT, bytes=len(view)))
+        if block == self.failed_block:
+            return
+        try:
+            if block != self.block:
+                self.drop_current()
+                self.block, self.writer = block, self.store.open_block()
+                self.md5, self.size = hashlib.md5(), 0
+            self.md5.update(view)
+            self.writer.write(view)
+            self.size += len(view)
+        except IngestError as exc:
+            self.fail(block, str(exc))
+            return
+        if header["last"]:
+            self.committer.jobs.put((block, self.writer, self.md5.hexdigest(), self.size))
+            self.block = self.writer = self.md5 = None
+
+    def on_abort(self, header: dict) -> None:
+        if header["block"] == self.block:
+            log.debug("aborting block %d", self.block)
+            self.drop_current()
+
+    def drop_current(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+        self.block = self.writer = self.md5 = None
+
+    def fail(self, block: int, error: str) -> None:
+        self.drop_current()
+        self.failed_block = block
+        self.sock.send(protocol.encode(protocol.FAILED, block=block, error=error))
+
+
+def _await_welcome(sock: zmq.Socket, address: str) -> dict:
+    if not sock.poll(WELCOME_TIMEOUT_MS):
+        raise IngestError(f"no coordinator answered at {address} within {WELCOME_TIMEOUT_MS // 1000} s")
+    msg = protocol.decode(sock.recv_multipart()[0])
+    if msg["t"] == protocol.STOP:
+        raise IngestError(f"coordinator at {address} refused this worker: {msg.get('error', 'stop')}")
+    if msg["t"] != protocol.WELCOME:
+        raise IngestError(f"unexpected first message {msg['t']!r} from {address}")
+    return msg
+
+
+def run_worker(address: str, parent_pid: int | None = None) -> int:
+    """Serve one coordinator at ``address`` until it says STOP; return an exit code.
+
+    A local worker passes its coordinator's pid and exits by itself if that
+    process goes away.
+    """
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 2000)
+    results = ctx.socket(zmq.PAIR)
+    results.bind(_RESULTS_ADDR)
+    committer = _Committer(ctx)
+    store = None
+    try:
+        sock.connect(address)
+        sock.send(protocol.encode(protocol.HELLO, pid=os.getpid(), host=socket.gethostname(),
+                                  version=protocol.PROTOCOL_VERSION))
+        welcome = _await_welcome(sock, address)
+        store = open_store(welcome["store"])
+        committer.start()
+        worker = _Worker(sock, store, committer)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(results, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(POLL_MS))
+            if results in events:
+                sock.send(results.recv())
+            if sock in events:
+                frames = sock.recv_multipart(copy=False)
+                header = protocol.decode(frames[0].buffer)
+                kind = header["t"]
+                if kind == protocol.CHUNK:
+                    worker.on_chunk(header, frames[1])
+                elif kind == protocol.ABORT:
+                    worker.on_abort(header)
+                elif kind == protocol.STOP:
+                    worker.drop_current()
+                    break
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.error("coordinator (pid %d) is gone; worker %d exiting", parent_pid, os.getpid())
+                worker.drop_current()
+                return 1
+        return 0
+    except IngestError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if committer.is_alive():
+            committer.jobs.put(None)
+            committer.join()
+            while results.poll(0):
+                sock.send(results.recv())
+        if store is not None:
+            store.close()
+        results.close(linger=0)
+        sock.close()
+        ctx.term()
