@@ -1,0 +1,72 @@
+"""The block reader: bytes in plan order, and files that change under it."""
+
+import os
+
+import pytest
+
+from ingest.errors import SourceError
+from ingest.plan import Plan
+from ingest.reader import BlockReader, FileChanged
+from ingest.walk import walk_sources
+
+
+def read_all(files, plan, chunk_size):
+    reader = BlockReader(files, chunk_size)
+    try:
+        return [b"".join(bytes(c) for c, _ in reader.chunks(b)) for b in plan.blocks()]
+    finally:
+        reader.close()
+
+
+@pytest.fixture
+def src(tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    for i, size in enumerate([5, 0, 9000, 300, 17]):
+        (d / f"f{i}").write_bytes(bytes([65 + i]) * size)
+    return d
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096, 1 << 20])
+def test_chunks_concatenate_to_the_block_bytes(src, chunk_size):
+    files = walk_sources([str(src) + "/"]).files
+    plan = Plan([f.size for f in files], block_size=8192)
+    blocks = read_all(files, plan, chunk_size)
+    assert sum(len(b) for b in blocks) == sum(f.size for f in files)
+    for plan_block, data in zip(plan.blocks(), blocks):
+        want = b"".join((src / files[p.file_index].name).read_bytes()[p.file_offset:p.file_offset + p.length]
+                        for p in plan_block.pieces)
+        assert data == want
+
+
+def test_last_flag_only_on_the_final_chunk(src):
+    files = walk_sources([str(src) + "/"]).files
+    plan = Plan([f.size for f in files], block_size=8192)
+    reader = BlockReader(files, 1000)
+    flags = [last for _, last in reader.chunks(plan.block(0))]
+    reader.close()
+    assert flags[-1] is True and not any(flags[:-1])
+
+
+@pytest.mark.parametrize("change", ["append", "truncate", "rewrite-same-size", "replace", "delete"])
+def test_a_file_changed_after_the_walk_is_reported_with_its_path(src, change):
+    files = walk_sources([str(src) + "/"]).files
+    plan = Plan([f.size for f in files])
+    target = src / "f2"
+    if change == "append":
+        with open(target, "ab") as f:
+            f.write(b"more")
+    elif change == "truncate":
+        os.truncate(target, 10)
+    elif change == "rewrite-same-size":
+        st = os.stat(target)
+        target.write_bytes(b"Z" * 9000)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime; ctime moves
+    elif change == "replace":
+        (src / "new").write_bytes(b"C" * 9000)
+        os.replace(src / "new", target)
+    elif change == "delete":
+        target.unlink()
+    error = FileChanged if change != "delete" else SourceError
+    with pytest.raises(error, match=str(target)):
+        read_all(files, plan, 4096)

@@ -1,0 +1,140 @@
+"""Walk order, source forms, excludes, symlinks, special files, bad names."""
+
+import os
+import socket
+
+import pytest
+
+from ingest.errors import SourceError, UsageError
+from ingest.walk import Excludes, walk_sources
+
+
+def touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def names(result):
+    return [f.name for f in result.files]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "src"
+    for rel in ["b.txt", "a.txt", "a b.txt", "z/1", "a-dir/2", "a-dir/sub/3", "A/4"]:
+        touch(src / rel)
+    (src / "empty").mkdir()
+    return src
+
+
+def test_tree_order_files_first_then_subdirectories_sorted(tree):
+    result = walk_sources([str(tree) + "/"])
+    assert names(result) == ["a b.txt", "a.txt", "b.txt", "A/4", "a-dir/2", "a-dir/sub/3", "z/1"]
+    assert result.directories == ["A", "a-dir", "a-dir/sub", "empty", "z"]
+
+
+def test_dir_without_slash_goes_under_its_name(tree):
+    result = walk_sources([str(tree)])
+    assert names(result)[0] == "src/a b.txt"
+    assert result.directories[0] == "src"
+
+
+def test_single_file_source_and_several_sources(tree, tmp_path):
+    other = tmp_path / "other"
+    touch(other / "c.txt")
+    result = walk_sources([str(tree / "a.txt"), str(other)])
+    assert names(result) == ["a.txt", "other/c.txt"]
+    assert result.files[0].path == str(tree / "a.txt")
+
+
+def test_fingerprint_is_taken_from_stat(tree):
+    f = walk_sources([str(tree / "b.txt")]).files[0]
+    st = os.stat(tree / "b.txt")
+    assert (f.size, f.fingerprint.mtime_ns, f.fingerprint.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_missing_source_names_the_path(tmp_path):
+    with pytest.raises(SourceError, match="no such file or directory: .*nope"):
+        walk_sources([str(tmp_path / "nope")])
+
+
+def test_two_sources_giving_the_same_path_are_refused(tmp_path):
+    touch(tmp_path / "a" / "x")
+    touch(tmp_path / "b" / "x")
+    with pytest.raises(SourceError, match="same manifest path 'x'"):
+        walk_sources([str(tmp_path / "a") + "/", str(tmp_path / "b") + "/"])
+
+
+def test_name_exclude_matches_anywhere(tree):
+    result = walk_sources([str(tree) + "/"], excludes=Excludes(["*.txt", "sub"]))
+    assert names(result) == ["A/4", "a-dir/2", "z/1"]
+
+
+def test_path_exclude_matches_relative_to_the_source(tree):
+    result = walk_sources([str(tree) + "/"], excludes=Excludes(["a-dir/*", "./b.txt"]))
+    assert names(result) == ["a b.txt", "a.txt", "A/4", "z/1"]
+
+
+@pytest.mark.parametrize("pattern", ["/abs/*", "../x/y"])
+def test_bad_exclude_patterns_are_usage_errors(pattern):
+    with pytest.raises(UsageError):
+        Excludes([pattern])
+
+
+def test_symlinks_followed_and_loops_skipped(tree, tmp_path):
+    os.symlink(tree / "z", tree / "link-to-z")
+    os.symlink(tree, tree / "a-dir" / "loop")         # points at an ancestor
+    os.symlink(tmp_path / "missing", tree / "dangling")
+    result = walk_sources([str(tree) + "/"])
+    assert "link-to-z/1" in names(result)
+    reasons = {os.path.basename(p): r for p, r in result.skipped}
+    assert reasons == {"loop": "symlink loop", "dangling": "dangling symlink"}
+
+
+def test_no_follow_links_skips_every_symlink(tree):
+    os.symlink(tree / "z", tree / "link-to-z")
+    os.symlink(tree / "a.txt", tree / "link-to-a")
+    result = walk_sources([str(tree) + "/"], follow_links=False)
+    assert not [n for n in names(result) if n.startswith("link")]
+    assert len(result.skipped) == 2
+
+
+def test_special_files_are_skipped_and_never_opened(tree):
+    os.mkfifo(tree / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tree / "sock"))
+    os.symlink("/dev/null", tree / "device")
+    try:
+        result = walk_sources([str(tree) + "/"])
+    finally:
+        sock.close()
+    kinds = sorted(r for _, r in result.skipped)
+    assert kinds == ["FIFO", "device file", "socket"]
+    assert not {"fifo", "sock", "device"} & set(names(result))
+
+
+def test_non_utf8_names_are_refused_before_anything_moves(tree):
+    bad = os.fsencode(str(tree)) + b"/bad\xff.txt"
+    with open(bad, "wb") as f:
+        f.write(b"x")
+    with pytest.raises(SourceError, match=r"(?s)not valid UTF-8.*bad\\xff\.txt"):
+        walk_sources([str(tree) + "/"])
+
+
+def test_unreadable_directory_names_the_path(tree):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any directory")
+    os.chmod(tree / "z", 0)
+    try:
+        with pytest.raises(SourceError, match="cannot read directory .*z"):
+            walk_sources([str(tree) + "/"])
+    finally:
+        os.chmod(tree / "z", 0o755)
+
+
+def test_deep_tree_does_not_recurse(tmp_path):
+    path = tmp_path / "deep"
+    rel = "/".join(["d"] * 300)
+    touch(path / rel / "leaf")
+    result = walk_sources([str(path) + "/"])
+    assert names(result) == [rel + "/leaf"]
