@@ -119,7 +119,10 @@ class Manifest:
         *parents, name = _split_path(path)
         kept = []
         for seg in segments:
-            size = _locator_size(seg.locator)
+            try:
+                size = _locator_size(seg.locator)
+            except ManifestError as exc:
+                raise ManifestError(f"invalid segment for {path!r}: {exc}") from None
             if seg.block_size != size or seg.offset < 0 or seg.length < 0 or seg.offset + seg.length > size:
                 raise ManifestError(f"invalid segment for {path!r}: {seg!r}")
             if seg.length:
@@ -298,7 +301,7 @@ def _parse_line(manifest: Manifest, lineno: int, line: str) -> None:
         bad = next(t for t in tokens if _RAW_CONTROL_RE.search(t))
         raise ManifestError(f"line {lineno}: token {bad!r} has a raw control character (must be \\ooo escaped)")
     if "" in tokens:
-        raise ManifestError(f"line {lineno}: empty token (extra space or empty line) in {line!r}")
+        raise ManifestError(f"line {lineno}: empty token '' in {line!r} (extra space or empty line)")
     try:
         stream_parts = _stream_parts(tokens[0])
         manifest._mkdirs(stream_parts)

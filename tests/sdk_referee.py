@@ -1,0 +1,66 @@
+"""The official Arvados Python SDK as a test referee, run with no API server or Keep.
+
+``Collection`` needs a Keep client to build its block manager, even to print a
+manifest. A ``KeepClient`` with a local store only reads ``api_token`` and
+``insecure`` from its API client, so a stand-in object is enough; passing
+``replication_desired`` keeps the collection from asking the API for its
+default replication. Import this module only after ``pytest.importorskip("arvados")``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import types
+from collections.abc import Iterable, Sequence
+
+import arvados.collection
+import arvados.keep
+from arvados._internal.streams import Range
+
+_STUB_API = types.SimpleNamespace(api_token="unused", insecure=False, _rootDesc={})
+_store: tempfile.TemporaryDirectory | None = None
+_keep: arvados.keep.KeepClient | None = None
+
+
+def sdk_keep_client() -> arvados.keep.KeepClient:
+    """A shared KeepClient that stores blocks in a private temporary directory."""
+    global _store, _keep
+    if _keep is None:
+        _store = tempfile.TemporaryDirectory(prefix="sdk-referee-")
+        _keep = arvados.keep.KeepClient(api_client=_STUB_API, local_store=_store.name)
+    return _keep
+
+
+def sdk_collection(manifest_text: str = "") -> arvados.collection.Collection:
+    """An SDK Collection parsed from ``manifest_text`` (empty if "")."""
+    return arvados.collection.Collection(
+        manifest_text or None,
+        api_client=_STUB_API,
+        keep_client=sdk_keep_client(),
+        replication_desired=1,
+    )
+
+
+def sdk_forms(manifest_text: str) -> tuple[str, str, str]:
+    """The SDK's (normalized text, portable text, portable data hash) for a manifest."""
+    coll = sdk_collection(manifest_text)
+    return coll.manifest_text(normalize=True), coll.portable_manifest_text(), coll.portable_data_hash()
+
+
+def sdk_build(
+    files: Iterable[tuple[str, Sequence[tuple[str, int, int, int]]]],
+    dirs: Iterable[str] = (),
+) -> arvados.collection.Collection:
+    """An SDK Collection built through its API, without any manifest text.
+
+    ``files`` holds (path, [(locator, block_size, offset, length), ...]) with
+    '/'-separated relative paths; ``dirs`` lists directories to create.
+    """
+    coll = sdk_collection()
+    for path in dirs:
+        coll.find_or_create(path, arvados.collection.COLLECTION)
+    for path, segments in files:
+        afile = coll.find_or_create(path, arvados.collection.FILE)
+        for locator, block_size, offset, length in segments:
+            afile.add_segment([Range(locator, 0, block_size)], offset, length)
+    return coll
