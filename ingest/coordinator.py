@@ -134,7 +134,9 @@ class Coordinator:
                     sock.send_multipart([peer.identity, protocol.encode(protocol.STOP)], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-            self.reader.close()
+            for peer in self.peers.values():
+                if peer.stream is not None:
+                    peer.stream.close()  # closes the file that stream has open
             self._stop_local_workers()
             sock.close()
             ctx.term()

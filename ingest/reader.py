@@ -39,46 +39,48 @@ def describe_change(old: Fingerprint, new: Fingerprint) -> str:
 
 
 class BlockReader:
-    """Turns block plans into chunks of at most ``chunk_size`` bytes."""
+    """Turns block plans into chunks of at most ``chunk_size`` bytes.
+
+    Each ``chunks()`` stream owns its open file, so streams to several workers can
+    be interleaved safely.
+    """
 
     def __init__(self, files: Sequence[SourceFile], chunk_size: int):
         self.files = files
         self.chunk_size = chunk_size
-        self._open_index = -1
-        self._open_fd = -1
         self._open_flags = _OPEN_FLAGS
 
-    def close(self) -> None:
-        if self._open_fd >= 0:
-            os.close(self._open_fd)
-        self._open_index, self._open_fd = -1, -1
-
-    def _fd(self, index: int) -> int:
-        if index != self._open_index:
-            self.close()
-            path = self.files[index].path
+    def _open(self, index: int) -> int:
+        path = self.files[index].path
+        try:
             try:
-                try:
-                    fd = os.open(path, self._open_flags)
-                except PermissionError:
-                    if not self._open_flags & getattr(os, "O_NOATIME", 0):
-                        raise
-                    # O_NOATIME needs file ownership; fall back for others' files.
-                    self._open_flags &= ~os.O_NOATIME
-                    fd = os.open(path, self._open_flags)
-            except FileNotFoundError:
-                raise SourceError(f"file vanished before it was read: {path}") from None
-            except OSError as exc:
-                raise SourceError(f"cannot read {path}: {exc.strerror}") from None
-            self._open_index, self._open_fd = index, fd
-        return self._open_fd
+                return os.open(path, self._open_flags)
+            except PermissionError:
+                if not self._open_flags & getattr(os, "O_NOATIME", 0):
+                    raise
+                # O_NOATIME needs file ownership; fall back for others' files.
+                self._open_flags &= ~os.O_NOATIME
+                return os.open(path, self._open_flags)
+        except FileNotFoundError:
+            raise SourceError(f"file vanished before it was read: {path}") from None
+        except OSError as exc:
+            raise SourceError(f"cannot read {path}: {exc.strerror}") from None
 
     def _check_unchanged(self, index: int, fd: int) -> None:
         source = self.files[index]
         now = Fingerprint.of(os.fstat(fd))
         if now != source.fingerprint:
-            self.close()
             raise FileChanged(source.path, describe_change(source.fingerprint, now))
+
+    def _read_into(self, index: int, fd: int, view: memoryview, offset: int) -> int:
+        try:
+            got = os.preadv(fd, [view], offset)
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.files[index].path}: {exc.strerror}") from None
+        if got == 0:
+            self._check_unchanged(index, fd)
+            raise FileChanged(self.files[index].path, "shorter than when walked")
+        return got
 
     def chunks(self, block: BlockPlan) -> Iterator[tuple[bytearray, bool]]:
         """Yield ``(data, is_last)`` for the block's bytes, in order.
@@ -90,24 +92,19 @@ class BlockReader:
         buf = bytearray(min(self.chunk_size, remaining))
         filled = 0
         for piece in block.pieces:
-            fd = self._fd(piece.file_index)
-            offset, left = piece.file_offset, piece.length
-            while left:
-                if filled == len(buf):
-                    remaining -= filled
-                    yield buf, False
-                    buf, filled = bytearray(min(self.chunk_size, remaining)), 0
-                want = min(left, len(buf) - filled)
-                with memoryview(buf) as view:
-                    try:
-                        got = os.preadv(fd, [view[filled:filled + want]], offset)
-                    except OSError as exc:
-                        self.close()
-                        raise SourceError(
-                            f"cannot read {self.files[piece.file_index].path}: {exc.strerror}") from None
-                if got == 0:
-                    self._check_unchanged(piece.file_index, fd)
-                    raise FileChanged(self.files[piece.file_index].path, "shorter than when walked")
-                filled, offset, left = filled + got, offset + got, left - got
-            self._check_unchanged(piece.file_index, fd)
+            fd = self._open(piece.file_index)
+            try:
+                offset, left = piece.file_offset, piece.length
+                while left:
+                    if filled == len(buf):
+                        remaining -= filled
+                        yield buf, False
+                        buf, filled = bytearray(min(self.chunk_size, remaining)), 0
+                    want = min(left, len(buf) - filled)
+                    with memoryview(buf) as view:
+                        got = self._read_into(piece.file_index, fd, view[filled:filled + want], offset)
+                    filled, offset, left = filled + got, offset + got, left - got
+                self._check_unchanged(piece.file_index, fd)
+            finally:
+                os.close(fd)
         yield buf, True

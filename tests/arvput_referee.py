@@ -14,6 +14,7 @@ import types
 
 def main() -> None:
     store, paths = sys.argv[1], sys.argv[2:]
+    os.makedirs(store, exist_ok=True)
     os.environ["KEEP_LOCAL_STORE"] = store
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="arvput-cache-")
     os.environ.pop("ARVADOS_KEEP_SERVICES", None)

@@ -12,10 +12,7 @@ from ingest.walk import walk_sources
 
 def read_all(files, plan, chunk_size):
     reader = BlockReader(files, chunk_size)
-    try:
-        return [b"".join(bytes(c) for c, _ in reader.chunks(b)) for b in plan.blocks()]
-    finally:
-        reader.close()
+    return [b"".join(bytes(c) for c, _ in reader.chunks(b)) for b in plan.blocks()]
 
 
 @pytest.fixture
@@ -44,7 +41,6 @@ def test_last_flag_only_on_the_final_chunk(src):
     plan = Plan([f.size for f in files], block_size=8192)
     reader = BlockReader(files, 1000)
     flags = [last for _, last in reader.chunks(plan.block(0))]
-    reader.close()
     assert flags[-1] is True and not any(flags[:-1])
 
 
@@ -70,3 +66,21 @@ def test_a_file_changed_after_the_walk_is_reported_with_its_path(src, change):
     error = FileChanged if change != "delete" else SourceError
     with pytest.raises(error, match=str(target)):
         read_all(files, plan, 4096)
+
+
+def test_interleaved_streams_each_read_their_own_file(tmp_path):
+    # two streams consumed alternately, as the coordinator does for two workers
+    for name, byte in (("a", b"A"), ("b", b"B")):
+        (tmp_path / name).write_bytes(byte * 50_000)
+    files = walk_sources([str(tmp_path) + "/"]).files
+    plan = Plan([f.size for f in files], block_size=50_000)
+    reader = BlockReader(files, 4096)
+    streams = [reader.chunks(plan.block(0)), reader.chunks(plan.block(1))]
+    got = [bytearray(), bytearray()]
+    done = [False, False]
+    while not all(done):
+        for i, stream in enumerate(streams):
+            if not done[i]:
+                data, done[i] = next(stream)
+                got[i] += data
+    assert got == [b"A" * 50_000, b"B" * 50_000]

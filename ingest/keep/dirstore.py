@@ -119,6 +119,13 @@ class DirectoryBlockWriter:
         store = self._store
         final = store.block_path(md5_hex)
         try:
+            if store.contains(md5_hex, self.size):
+                # Already stored (same MD5 and size): keep the old file, refresh its
+                # mtime as keepstore does for a repeated PUT; no need to sync ours.
+                self.abort()
+                if self.size:  # the empty block has no file
+                    os.utime(final)
+                return StoredBlock(f"{md5_hex}+{self.size}", replicas=1)
             if store.fsync:
                 os.fsync(self._fd)
             os.close(self._fd)
@@ -128,15 +135,9 @@ class DirectoryBlockWriter:
                 os.makedirs(prefix_dir, exist_ok=True)
                 if store.fsync:
                     _fsync_dir(store.root)
-            if store.contains(md5_hex, self.size):
-                # Already stored (same MD5 and size): keep the old file, refresh its
-                # mtime as keepstore does for a repeated PUT.
-                os.unlink(self._tmp)
-                os.utime(final)
-            else:
-                os.replace(self._tmp, final)
-                if store.fsync:
-                    _fsync_dir(prefix_dir)
+            os.replace(self._tmp, final)
+            if store.fsync:
+                _fsync_dir(prefix_dir)
         except OSError as exc:
             self.abort()
             raise StoreError(_describe_os_error(exc, f"cannot store block {final}")) from None

@@ -1,0 +1,35 @@
+"""Shared fixtures: running the real CLI as a subprocess, with its store in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli_env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a CLI run: the default store and state under tmp_path."""
+    env = dict(os.environ)
+    env["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
+    env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run ``keep-ingest ARGS...`` as a user would; returns the CompletedProcess."""
+
+    def run(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ingest", *args], capture_output=True,
+                              text=True, encoding="utf-8", timeout=timeout,
+                              env=cli_env(tmp_path, env), cwd=cwd)
+
+    return run

@@ -1,0 +1,58 @@
+"""Source trees for tests: awkward names, empty files and dirs, packing edges."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+MiB = 1 << 20
+BLOCK = 1 << 26
+HALF = BLOCK // 2
+
+AWKWARD_NAMES = [
+    "plain.txt", "with space.txt", "tab\there", "new\nline", "colon:name", "back\\slash",
+    "ünïcødé-名前.txt", "a b", "a!b", "a-b", "del\x7fchar", "\\056", "trailing space ",
+]
+EDGE_SIZES = {
+    "edge-0": 0, "edge-1": 1, "edge-half": HALF, "edge-half+1": HALF + 1,
+    "edge-block": BLOCK, "edge-block+1": BLOCK + 1, "edge-multi": 2 * BLOCK + 12345,
+}
+
+
+def fill(path: Path, size: int, seed: str) -> None:
+    """Write ``size`` bytes of content that is distinct per file and per MiB, quickly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = hashlib.sha256(seed.encode()).digest() * (MiB // 32)
+    with open(path, "wb") as f:
+        for k in range(0, size, MiB):
+            chunk = k.to_bytes(8, "little") + base[8:]
+            f.write(chunk[:min(MiB, size - k)])
+
+
+def make_awkward_tree(root: Path, empty_dirs: bool = True, edges: bool = True) -> Path:
+    """A tree exercising escaping, nesting, empty files/dirs and every packing edge."""
+    for i, name in enumerate(AWKWARD_NAMES):
+        fill(root / name, 10 + i, name)
+        fill(root / "dir one" / "sub:dir" / name, 100 + i, "nested" + name)
+    fill(root / "ünï dir" / "deep\tfile", 5000, "deep")
+    (root / "empty.txt").touch()
+    (root / "dir one" / "empty too").touch()
+    fill(root / "z-small-after" / "x", 77, "after")  # shares a block with earlier small files
+    if empty_dirs:
+        (root / "empty dir").mkdir()
+        (root / "dir one" / "inner empty").mkdir(parents=True)
+    if edges:
+        for name, size in EDGE_SIZES.items():
+            fill(root / "edges" / name, size, name)
+    return root
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under root: manifest-style relative path -> bytes."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            full = Path(dirpath) / name
+            out[str(full.relative_to(root))] = full.read_bytes()
+    return out
