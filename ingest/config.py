@@ -105,7 +105,9 @@ def _type_ok(value: Any, expected: Any) -> bool:
 def _type_name(expected: Any) -> str:
     if isinstance(expected, types.UnionType):
         return " or ".join(_type_name(t) for t in typing.get_args(expected))
-    return "list of strings" if typing.get_origin(expected) is list else expected.__name__
+    if typing.get_origin(expected) is list:
+        return "a list of strings"
+    return {int: "an integer", str: "a string", bool: "true or false"}[expected]
 
 
 def _set(settings: Settings, key: str, value: Any, origin: str) -> None:
@@ -115,7 +117,7 @@ def _set(settings: Settings, key: str, value: Any, origin: str) -> None:
     if name not in hints:
         raise ConfigError(f"{origin}: unknown setting {key!r}")
     if not _type_ok(value, hints[name]):
-        raise ConfigError(f"{origin}: {key} must be a {_type_name(hints[name])}, not {value!r}")
+        raise ConfigError(f"{origin}: {key} must be {_type_name(hints[name])}, not {value!r}")
     check = _CHECKS.get(key)
     if check and not check[0](value):
         raise ConfigError(f"{origin}: {key} {check[1]}, not {value!r}")

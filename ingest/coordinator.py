@@ -42,6 +42,7 @@ class _Peer:
     """What the coordinator knows of one connected worker."""
 
     identity: bytes
+    pid: int
     name: str
     credit: int
     open_blocks: set[int] = field(default_factory=set)
@@ -96,6 +97,11 @@ class Coordinator:
         log.debug("started %d local workers: %s", count, [p.pid for p in self.processes])
 
     def _stop_local_workers(self) -> None:
+        """Wait for local workers to exit; those that never connected hold no work."""
+        connected = {peer.pid for peer in self.peers.values()}
+        for proc in self.processes:
+            if proc.pid not in connected:
+                proc.terminate()
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in self.processes:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -129,6 +135,7 @@ class Coordinator:
                 log.info("accepting workers on %s", address)
             self._dispatch(sock, deque(block_indexes))
         finally:
+            self._turn_away_latecomers(sock)
             for peer in self.peers.values():
                 try:
                     sock.send_multipart([peer.identity, protocol.encode(protocol.STOP)], zmq.NOBLOCK)
@@ -217,11 +224,18 @@ class Coordinator:
                         name, msg.get("version"), protocol.PROTOCOL_VERSION)
             sock.send_multipart([identity, protocol.encode(protocol.STOP, error="protocol version mismatch")])
             return
-        self.peers[identity] = _Peer(identity, name, credit=self.window)
+        self.peers[identity] = _Peer(identity, msg.get("pid", -1), name, credit=self.window)
         sock.send_multipart([identity, protocol.encode(
             protocol.WELCOME, store=self.settings.store_spec(), window=self.window,
             max_blocks=self.max_blocks)])
         log.debug("%s connected", name)
+
+    def _turn_away_latecomers(self, sock: zmq.Socket) -> None:
+        """Answer workers whose HELLO arrived as the run ended, so they exit at once."""
+        while sock.poll(0):
+            identity, header = sock.recv_multipart()[:2]
+            if protocol.decode(header)["t"] == protocol.HELLO:
+                sock.send_multipart([identity, protocol.encode(protocol.STOP)], zmq.NOBLOCK)
 
     def _check_local_workers(self) -> None:
         for proc in self.processes:

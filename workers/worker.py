@@ -15,6 +15,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -26,7 +27,6 @@ from ingest.keep.store import BlockStore, BlockWriter, open_store
 log = logging.getLogger("keep-ingest.worker")
 
 POLL_MS = 500
-WELCOME_TIMEOUT_MS = 30_000
 _RESULTS_ADDR = "inproc://committer-results"
 
 
@@ -105,22 +105,35 @@ class _Worker:
         self.sock.send(protocol.encode(protocol.FAILED, block=block, error=error))
 
 
-def _await_welcome(sock: zmq.Socket, address: str) -> dict:
-    if not sock.poll(WELCOME_TIMEOUT_MS):
-        raise IngestError(f"no coordinator answered at {address} within {WELCOME_TIMEOUT_MS // 1000} s")
+def _parent_gone(parent_pid: int | None) -> bool:
+    return parent_pid is not None and os.getppid() != parent_pid
+
+
+def _await_welcome(sock: zmq.Socket, address: str, parent_pid: int | None,
+                   wait_s: float) -> dict | None:
+    """The coordinator's WELCOME, or None if it has no work left for us."""
+    deadline = time.monotonic() + wait_s
+    while not sock.poll(POLL_MS):
+        if _parent_gone(parent_pid):
+            return None
+        if time.monotonic() >= deadline:
+            raise IngestError(f"no coordinator answered at {address} within {wait_s:g} s")
     msg = protocol.decode(sock.recv_multipart()[0])
     if msg["t"] == protocol.STOP:
-        raise IngestError(f"coordinator at {address} refused this worker: {msg.get('error', 'stop')}")
+        if "error" in msg:
+            raise IngestError(f"coordinator at {address} refused this worker: {msg['error']}")
+        log.info("coordinator at %s has no work left", address)
+        return None
     if msg["t"] != protocol.WELCOME:
         raise IngestError(f"unexpected first message {msg['t']!r} from {address}")
     return msg
 
 
-def run_worker(address: str, parent_pid: int | None = None) -> int:
+def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0) -> int:
     """Serve one coordinator at ``address`` until it says STOP; return an exit code.
 
     A local worker passes its coordinator's pid and exits by itself if that
-    process goes away.
+    process goes away; ``wait_s`` bounds the wait for the coordinator's answer.
     """
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -133,7 +146,9 @@ def run_worker(address: str, parent_pid: int | None = None) -> int:
         sock.connect(address)
         sock.send(protocol.encode(protocol.HELLO, pid=os.getpid(), host=socket.gethostname(),
                                   version=protocol.PROTOCOL_VERSION))
-        welcome = _await_welcome(sock, address)
+        welcome = _await_welcome(sock, address, parent_pid, wait_s)
+        if welcome is None:
+            return 0
         store = open_store(welcome["store"])
         committer.start()
         worker = _Worker(sock, store, committer)
@@ -155,7 +170,7 @@ def run_worker(address: str, parent_pid: int | None = None) -> int:
                 elif kind == protocol.STOP:
                     worker.drop_current()
                     break
-            if parent_pid is not None and os.getppid() != parent_pid:
+            if _parent_gone(parent_pid):
                 log.error("coordinator (pid %d) is gone; worker %d exiting", parent_pid, os.getpid())
                 worker.drop_current()
                 return 1

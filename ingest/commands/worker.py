@@ -14,8 +14,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                     "blocks, store them and reply, until the coordinator is done.")
     p.add_argument("--connect", required=True, metavar="ENDPOINT",
                    help="the coordinator's endpoint, e.g. tcp://HOST:5555")
+    p.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                   help="give up if no coordinator answers within SECONDS (default 30)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_worker(args.connect)
+    return run_worker(args.connect, wait_s=args.wait)

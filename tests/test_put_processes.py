@@ -1,0 +1,115 @@
+"""Processes and sockets: remote workers over TCP, bounded memory, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import cli_env
+from trees import MiB, fill
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ingest", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path))
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
+def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path):
+    src = tmp_path / "src"
+    for i in range(20):
+        fill(src / f"d{i % 3}" / f"f{i}", 1000 * i + 1, f"f{i}")
+    fill(src / "big", 5 * MiB + 3, "big")
+    local = cli("put", "--store", str(tmp_path / "s1"), "--block-size", str(MiB), str(src))
+    assert local.returncode == 0, local.stderr
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coordinator = spawn(tmp_path, "put", "--store", str(tmp_path / "s2"), "--block-size", str(MiB),
+                        "--workers", "0", "--listen", endpoint, str(src))
+    workers = [spawn(tmp_path, "worker", "--connect", endpoint) for _ in range(2)]
+    try:
+        code, out, err = finish(coordinator)
+        assert code == 0, err
+        assert out == local.stdout
+        for w in workers:  # they exit by themselves once the coordinator says STOP
+            assert finish(w, timeout=30)[0] == 0
+    finally:
+        for p in [coordinator, *workers]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_worker_without_a_coordinator_gives_up_with_a_clear_message(cli):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = cli("worker", "--connect", endpoint, "--wait", "1", timeout=60)
+    assert proc.returncode == 1
+    assert f"no coordinator answered at {endpoint}" in proc.stderr
+
+
+def _peak_rss(proc: subprocess.Popen) -> int:
+    """Sample the summed RSS of a process and its children until it exits."""
+    peak, parent = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            procs = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in procs))
+        except psutil.Error:
+            pass
+        time.sleep(0.01)
+    return peak
+
+
+def test_peak_memory_does_not_grow_with_the_tree(tmp_path):
+    peaks = {}
+    # 8 MiB blocks: both trees reach the steady state of 2 busy workers
+    for label, count in (("128 MiB", 2), ("1 GiB", 16)):
+        src = tmp_path / label.replace(" ", "")
+        src.mkdir()
+        for i in range(count):  # sparse files: cheap to make, read like any other
+            with open(src / f"f{i}", "wb") as f:
+                f.truncate(64 * MiB)
+        proc = spawn(tmp_path, "put", "-q", "--store", str(tmp_path / "store"), "--workers", "2",
+                     "--block-size", str(8 * MiB), "--portable-data-hash", str(src))
+        peaks[label] = _peak_rss(proc)
+        assert finish(proc)[0] == 0
+    print("peak RSS, coordinator + 2 workers:", {k: f"{v / MiB:.0f} MiB" for k, v in peaks.items()})
+    assert peaks["1 GiB"] < peaks["128 MiB"] * 1.15
+    assert max(peaks.values()) < 400 * MiB
+
+
+def test_no_worker_or_socket_outlives_a_run(cli, tmp_path):
+    src = tmp_path / "src"
+    fill(src / "f", 3 * MiB, "f")
+    before = {p.pid for p in psutil.process_iter()}
+    proc = cli("put", "--store", str(tmp_path / "store"), "--workers", "3", str(src))
+    assert proc.returncode == 0, proc.stderr
+    time.sleep(0.2)
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if p.pid not in before and "ingest" in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
+    assert not [d for d in os.listdir("/tmp") if d.startswith("keep-ingest-")
+                and os.path.exists(f"/tmp/{d}/coordinator.sock")
+                and os.stat(f"/tmp/{d}").st_mtime > time.time() - 60]
