@@ -117,17 +117,17 @@ class Manifest:
         Zero-length segments carry no data and are dropped.
         """
         *parents, name = _split_path(path)
-        kept = []
-        for seg in segments:
+        kept = list(segments)  # our own copy; a new file adopts it
+        for seg in kept:
             try:
                 size = _locator_size(seg.locator)
             except ManifestError as exc:
                 raise ManifestError(f"invalid segment for {path!r}: {exc}") from None
             if seg.block_size != size or seg.offset < 0 or seg.length < 0 or seg.offset + seg.length > size:
                 raise ManifestError(f"invalid segment for {path!r}: {seg!r}")
-            if seg.length:
-                kept.append(seg)
-        self._file(parents, name).extend(kept)
+        if not all(seg.length for seg in kept):
+            kept = [seg for seg in kept if seg.length]
+        self._append(parents, name, kept)
 
     def add_dir(self, path: str) -> None:
         """Ensure the directory at ``path`` exists ("" is the root)."""
@@ -145,24 +145,27 @@ class Manifest:
             node = sub
         return node
 
-    def _file(self, parents: Sequence[str], name: str) -> list[Segment]:
-        """The segment list of a file, created empty if new."""
+    def _append(self, parents: Sequence[str], name: str, segments: list[Segment]) -> list[Segment]:
+        """Append ``segments`` to a file, which adopts the list if new; return the file's list."""
         node = self._mkdirs(parents)
         segs = node.files.get(name)
         if segs is None:
             if name in node.dirs:
                 raise ManifestError(f"{'/'.join([*parents, name])!r} is a directory, not a file")
-            segs = node.files[name] = []
+            segs = node.files[name] = segments
+        else:
+            segs.extend(segments)
         return segs
 
     # -- lookups --------------------------------------------------------------
 
     def _lookup_dir(self, parts: Sequence[str]) -> _Dir | None:
-        node: _Dir | None = self._root
+        node = self._root
         for part in parts:
-            node = node.dirs.get(part)
-            if node is None:
+            sub = node.dirs.get(part)
+            if sub is None:
                 return None
+            node = sub
         return node
 
     def find(self, path: str) -> list[Segment] | None:
@@ -358,7 +361,7 @@ def _add_file_token(
         manifest._mkdirs(stream_parts + _split_path(name[:-2]))
         return
     *parents, base = _split_path(name)
-    segs = manifest._file(stream_parts + parents, base)
+    segs = manifest._append(stream_parts + parents, base, [])
     if size == 0:
         return
     end = pos + size

@@ -64,3 +64,20 @@ def sdk_build(
         for locator, block_size, offset, length in segments:
             afile.add_segment([Range(locator, 0, block_size)], offset, length)
     return coll
+
+
+def sdk_tree(coll: arvados.collection.RichCollectionBase) -> tuple[dict[str, list[tuple[str, int, int]]], list[str]]:
+    """The SDK's view of a tree: {path: [(locator, offset, length), ...]} and sorted dir paths."""
+    files: dict[str, list[tuple[str, int, int]]] = {}
+    dirs: list[str] = []
+    stack = [("", coll)]
+    while stack:
+        prefix, node = stack.pop()
+        for name, item in node.items():
+            path = prefix + name
+            if isinstance(item, arvados.collection.RichCollectionBase):
+                dirs.append(path)
+                stack.append((path + "/", item))
+            else:
+                files[path] = [(r.locator, r.segment_offset, r.range_size) for r in item.segments()]
+    return files, sorted(dirs)

@@ -113,6 +113,7 @@ PARSE_ERRORS = [
     (f". {A} 0:3:a\n./a {A} 0:3:b\n", 2, "./a"),
     (f"./a {A} 0:3:b\n. {A} 0:3:a\n", 2, "0:3:a"),
     (f". {A} 0:3:a\n. {A} 0:0:a/\\056\n", 2, "0:0:a/\\056"),
+    (f". {A} 0:3:a\n./a {EMPTY} 0:0:\\056\n", 2, "./a"),  # the SDK silently ignores these two
 ]
 
 
