@@ -112,13 +112,22 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-def _check_utf8(path: str, bad: list[str]) -> bool:
+# Whitespace outside ASCII: manifests cannot escape it (octal escapes are bytes, and
+# the SDK's parser splits tokens on any whitespace), so such names cannot round-trip.
+_NON_ASCII = re.compile(r"[^\x00-\x7f]", re.ASCII)
+
+
+def _storable(path: str, bad: list[str]) -> bool:
+    """True if a name can be stored in a manifest; otherwise record it in ``bad``."""
     try:
         path.encode("utf-8")
-        return True
     except UnicodeEncodeError:
-        bad.append(os.fsencode(path).decode("utf-8", "backslashreplace"))
+        bad.append(os.fsencode(path).decode("utf-8", "backslashreplace") + "  (not valid UTF-8)")
         return False
+    if any(c.isspace() for c in _NON_ASCII.findall(os.path.basename(path))):
+        bad.append(path.encode("unicode_escape").decode("ascii") + "  (non-ASCII whitespace)")
+        return False
+    return True
 
 
 class _Walker:
@@ -169,12 +178,12 @@ class _Walker:
         path = os.path.abspath(source)
         if stat.S_ISDIR(st.st_mode):
             prefix = "" if source.endswith(os.sep) else os.path.basename(path)
-            if prefix and not _check_utf8(prefix, self.bad_names):
+            if prefix and not _storable(prefix, self.bad_names):
                 return
             self.walk_dir(path, prefix)
         elif stat.S_ISREG(st.st_mode):
             name = os.path.basename(path)
-            if _check_utf8(name, self.bad_names):
+            if _storable(name, self.bad_names):
                 self.add_file(path, name, st)
         else:
             self.skip(path, _kind(st.st_mode))
@@ -199,7 +208,7 @@ class _Walker:
                 relpath = f"{relbase}/{entry.name}" if relbase else entry.name
                 if self.excludes and self.excludes.excluded(relpath, entry.name):
                     continue
-                if not _check_utf8(entry.path, self.bad_names):
+                if not _storable(entry.path, self.bad_names):
                     continue
                 st = self.stat_entry(entry.path, entry.is_symlink())
                 if st is None:
@@ -228,6 +237,7 @@ def walk_sources(sources: Iterable[str], follow_links: bool = True,
         shown = "\n  ".join(walker.bad_names[:20])
         more = f"\n  ... and {len(walker.bad_names) - 20} more" if len(walker.bad_names) > 20 else ""
         raise SourceError(
-            f"{len(walker.bad_names)} name(s) are not valid UTF-8 and cannot be stored in a "
-            f"manifest; rename them or --exclude them:\n  {shown}{more}")
+            f"{len(walker.bad_names)} name(s) cannot be stored in a manifest (not valid UTF-8, "
+            f"or non-ASCII whitespace the Arvados SDK cannot parse); rename them or --exclude "
+            f"them:\n  {shown}{more}")
     return walker.result

@@ -117,7 +117,7 @@ def test_non_utf8_names_are_refused_before_anything_moves(tree):
     bad = os.fsencode(str(tree)) + b"/bad\xff.txt"
     with open(bad, "wb") as f:
         f.write(b"x")
-    with pytest.raises(SourceError, match=r"(?s)not valid UTF-8.*bad\\xff\.txt"):
+    with pytest.raises(SourceError, match=r"(?s)cannot be stored.*bad\\xff\.txt.*not valid UTF-8"):
         walk_sources([str(tree) + "/"])
 
 
@@ -138,3 +138,10 @@ def test_deep_tree_does_not_recurse(tmp_path):
     touch(path / rel / "leaf")
     result = walk_sources([str(path) + "/"])
     assert names(result) == [rel + "/leaf"]
+
+
+@pytest.mark.parametrize("name", ["nb\u00a0space", "line\u2028sep", "ideo\u3000space"])
+def test_names_with_non_ascii_whitespace_are_refused(tree, name):
+    (tree / name).write_bytes(b"x")
+    with pytest.raises(SourceError, match=r"(?s)cannot be stored in a manifest.*non-ASCII whitespace"):
+        walk_sources([str(tree) + "/"])
