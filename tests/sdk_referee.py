@@ -9,6 +9,8 @@ default replication. Import this module only after ``pytest.importorskip("arvado
 
 from __future__ import annotations
 
+import os
+import re
 import tempfile
 import types
 from collections.abc import Iterable, Sequence
@@ -81,3 +83,26 @@ def sdk_tree(coll: arvados.collection.RichCollectionBase) -> tuple[dict[str, lis
             else:
                 files[path] = [(r.locator, r.segment_offset, r.range_size) for r in item.segments()]
     return files, sorted(dirs)
+
+
+def sdk_read_tree(manifest_text: str, store_root: str) -> tuple[dict[str, bytes], set[str]]:
+    """Read every file of a manifest with the SDK from one of our directory stores.
+
+    Returns {path: bytes} and the set of directory paths. The SDK's local-store mode
+    reads a flat ``<dir>/<md5>``; our store is keepstore's ``<md5[:3]>/<md5>``, so the
+    SDK gets a flat directory of symlinks to the very files the run stored.
+    """
+    with tempfile.TemporaryDirectory(prefix="sdk-flat-") as flat:
+        for dirpath, _, names in os.walk(store_root):
+            for name in names:
+                if re.fullmatch(r"[0-9a-f]{32}", name):
+                    os.symlink(os.path.join(dirpath, name), os.path.join(flat, name))
+        keep = arvados.keep.KeepClient(api_client=_STUB_API, local_store=flat)
+        coll = arvados.collection.Collection(manifest_text, api_client=_STUB_API,
+                                             keep_client=keep, replication_desired=1)
+        paths, dirs = sdk_tree(coll)
+        contents = {}
+        for path in paths:
+            with coll.open(path, "rb") as f:
+                contents[path] = f.read()
+        return contents, set(dirs)

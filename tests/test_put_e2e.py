@@ -18,8 +18,7 @@ import pytest
 from trees import BLOCK, make_awkward_tree, read_tree
 
 pytest.importorskip("arvados")
-from sdk_referee import sdk_collection  # noqa: E402
-from sdk_store import sdk_read_tree  # noqa: E402
+from sdk_referee import sdk_collection, sdk_read_tree  # noqa: E402
 
 TESTS = Path(__file__).parent
 
