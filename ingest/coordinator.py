@@ -225,9 +225,7 @@ class Coordinator:
             sock.send_multipart([identity, protocol.encode(protocol.STOP, error="protocol version mismatch")])
             return
         self.peers[identity] = _Peer(identity, msg.get("pid", -1), name, credit=self.window)
-        sock.send_multipart([identity, protocol.encode(
-            protocol.WELCOME, store=self.settings.store_spec(), window=self.window,
-            max_blocks=self.max_blocks)])
+        sock.send_multipart([identity, protocol.encode(protocol.WELCOME, store=self.settings.store_spec())])
         log.debug("%s connected", name)
 
     def _turn_away_latecomers(self, sock: zmq.Socket) -> None:

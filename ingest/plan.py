@@ -98,10 +98,6 @@ class Plan:
     def block_size_of(self, index: int) -> int:
         return self._block_size[index]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(self._block_size)
-
     def block(self, index: int) -> BlockPlan:
         """The pieces of one block, in the order its bytes are laid out."""
         first, end = self._block_first_file[index], self._block_end_file[index]

@@ -11,13 +11,14 @@ Worker -> coordinator:
   STORED  {block, locator, replicas, size}   a block is durable in the store
   FAILED  {block, error}                     a block could not be stored (error names the store)
 Coordinator -> worker:
-  WELCOME {store, window, max_blocks}        how to open the store; flow-control limits
+  WELCOME {store}                            how to open the store
   CHUNK   {block, last} + data frame         the next bytes of a block, in order
   ABORT   {block}                            drop a block whose source changed while read
   STOP    {}                                 no more work: exit
 
-Flow control: a worker holds at most ``max_blocks`` unfinished blocks and at most
-``window`` bytes of chunks not yet consumed; the coordinator tracks both.
+Flow control is the coordinator's: it gives a worker at most ``blocks_per_worker``
+unfinished blocks and at most ``window_chunks`` chunks it has not yet consumed
+(counted back by CREDIT), so the worker needs no limits of its own.
 """
 
 from __future__ import annotations
