@@ -4,4 +4,4 @@ A command module exports ``register(subparsers, common)`` which adds its parser
 (with ``common`` among its parents) and sets ``func`` to a ``run(args) -> int``.
 """
 
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("keepstore",)
