@@ -10,7 +10,9 @@ Pytest fixtures (registered by ``tests/conftest.py``):
 
 ``keepstore_factory``
     A function ``start(**options) -> KeepstoreProcess``; every server it starts
-    is stopped when the test ends. Options (all keyword, all optional):
+    is stopped when the test ends. ``start.many(count, **options)`` starts
+    several alike servers in parallel and returns a list. Options (all keyword,
+    all optional):
 
     ``volumes=1``                 number of fresh temp volume directories, or a
                                   list of directory paths to serve
@@ -33,7 +35,13 @@ Pytest fixtures (registered by ``tests/conftest.py``):
     Three unsigned servers (a list), for replication and rendezvous tests.
 
 Outside pytest, ``running_keepstores(tmp_dir, count, **options)`` is a context
-manager yielding a list of started servers.
+manager yielding a list of started servers; ``start_keepstore`` /
+``start_keepstores`` return started servers the caller must ``stop()``.
+
+A ``KeepstoreProcess`` has ``url`` (``http://127.0.0.1:PORT/``), ``volumes``
+(paths), ``block_path(md5, volume=0)``, ``pid``, ``running()``, ``log()``,
+``signal(sig)``, ``wait(timeout)``, ``stop()`` (SIGTERM, returns the exit
+status) and ``kill()``.
 
 Example::
 
@@ -124,14 +132,13 @@ class KeepstoreProcess:
         return self.volumes[volume] / md5[:3] / md5
 
 
-def start_keepstore(base_dir: str | os.PathLike, *, volumes: int | Sequence[str | os.PathLike] = 1,
+def spawn_keepstore(base_dir: str | os.PathLike, *, volumes: int | Sequence[str | os.PathLike] = 1,
                     signing_key: str | None = None, signing_ttl: int | None = None,
                     root_token: str | None = None, max_buffers: int | None = None,
-                    extra_args: Sequence[str] = (), fsync: bool = False,
-                    startup_timeout: float = 20.0) -> KeepstoreProcess:
-    """Start one server under ``base_dir`` (a fresh subdirectory) and wait for its URL.
+                    extra_args: Sequence[str] = (), fsync: bool = False) -> KeepstoreProcess:
+    """Launch one server under ``base_dir`` (a fresh subdirectory) without waiting.
 
-    The caller owns the result and must ``stop()`` it.
+    ``url`` is empty until :func:`wait_ready` has read it from the server's log.
     """
     home = Path(tempfile.mkdtemp(prefix=f"ks{next(_counter)}-", dir=base_dir))
     if isinstance(volumes, int):
@@ -163,25 +170,54 @@ def start_keepstore(base_dir: str | os.PathLike, *, volumes: int | Sequence[str 
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                 cwd=str(home), env=env)
-    deadline = time.monotonic() + startup_timeout
+    return KeepstoreProcess(url="", proc=proc, volumes=vol_paths, log_path=log_path,
+                            signing_key=signing_key, signing_ttl=signing_ttl,
+                            root_token=root_token, args=args)
+
+
+def wait_ready(ks: KeepstoreProcess, timeout: float = 20.0) -> KeepstoreProcess:
+    """Wait for the server's "listening on" line and set ``ks.url``.
+
+    On failure (exit, timeout) the process is killed and reaped, and
+    KeepstoreStartError carries its log.
+    """
+    deadline = time.monotonic() + timeout
     try:
         while True:
-            text = log_path.read_text(errors="replace")
+            text = ks.log()
             m = _LISTEN_RE.search(text)
             if m:
-                return KeepstoreProcess(url=m.group(1), proc=proc, volumes=vol_paths, log_path=log_path,
-                                        signing_key=signing_key, signing_ttl=signing_ttl,
-                                        root_token=root_token, args=args)
-            if proc.poll() is not None:
-                raise KeepstoreStartError(f"keepstore exited with status {proc.returncode}:\n{text}")
+                ks.url = m.group(1)
+                return ks
+            if ks.proc.poll() is not None:
+                raise KeepstoreStartError(f"keepstore exited with status {ks.proc.returncode}:\n{text}")
             if time.monotonic() > deadline:
-                raise KeepstoreStartError(f"keepstore did not start within {startup_timeout}s:\n{text}")
+                raise KeepstoreStartError(f"keepstore did not start within {timeout}s:\n{text}")
             time.sleep(0.02)
     except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+        if ks.proc.poll() is None:
+            ks.proc.kill()
+        ks.proc.wait(timeout=10)
         raise
+
+
+def start_keepstore(base_dir: str | os.PathLike, *, startup_timeout: float = 20.0,
+                    **options) -> KeepstoreProcess:
+    """Start one server and wait for its URL; the caller must ``stop()`` it."""
+    return wait_ready(spawn_keepstore(base_dir, **options), startup_timeout)
+
+
+def start_keepstores(base_dir: str | os.PathLike, count: int, *, startup_timeout: float = 20.0,
+                     **options) -> list[KeepstoreProcess]:
+    """Start ``count`` alike servers in parallel; all are stopped again if any fails."""
+    procs = [spawn_keepstore(base_dir, **options) for _ in range(count)]
+    try:
+        for ks in procs:
+            wait_ready(ks, startup_timeout)
+    except BaseException:
+        _stop_all(procs)
+        raise
+    return procs
 
 
 @contextlib.contextmanager
@@ -189,8 +225,7 @@ def running_keepstores(base_dir: str | os.PathLike, count: int = 1, **options) -
     """Start ``count`` servers; stop them all on exit, whatever happened."""
     started: list[KeepstoreProcess] = []
     try:
-        for _ in range(count):
-            started.append(start_keepstore(base_dir, **options))
+        started = start_keepstores(base_dir, count, **options)
         yield started
     finally:
         _stop_all(started)
@@ -210,15 +245,27 @@ def _stop_all(servers: list[KeepstoreProcess]) -> None:
 
 @pytest.fixture
 def keepstore_factory(tmp_path_factory) -> Iterator[Callable[..., KeepstoreProcess]]:
-    """``start(**options) -> KeepstoreProcess``; all are stopped at teardown."""
+    """``start(**options) -> KeepstoreProcess``; all are stopped at teardown.
+
+    ``start.many(count, **options)`` starts several alike servers in parallel.
+    """
     base = tmp_path_factory.mktemp("keepstores")
     started: list[KeepstoreProcess] = []
 
     def start(**options) -> KeepstoreProcess:
-        ks = start_keepstore(base, **options)
+        ks = spawn_keepstore(base, **{k: v for k, v in options.items() if k != "startup_timeout"})
         started.append(ks)
-        return ks
+        return wait_ready(ks, options.get("startup_timeout", 20.0))
 
+    def many(count: int, **options) -> list[KeepstoreProcess]:
+        procs = [spawn_keepstore(base, **{k: v for k, v in options.items() if k != "startup_timeout"})
+                 for _ in range(count)]
+        started.extend(procs)
+        for ks in procs:
+            wait_ready(ks, options.get("startup_timeout", 20.0))
+        return procs
+
+    start.many = many
     try:
         yield start
     finally:
@@ -240,4 +287,4 @@ def keepstore_signed(keepstore_factory) -> KeepstoreProcess:
 @pytest.fixture
 def keepstores3(keepstore_factory) -> list[KeepstoreProcess]:
     """Three unsigned servers."""
-    return [keepstore_factory() for _ in range(3)]
+    return keepstore_factory.many(3)

@@ -143,7 +143,11 @@ def test_put_chunked_over_64mib_is_413(keepstore):
     except urllib3.exceptions.ProtocolError:
         status = None  # the server may close before the client has sent everything
     assert status in (413, None)
-    assert "PUT /%s 413" % md5 in keepstore.log()
+    # The access log line is written once the connection is done with.
+    deadline = time.monotonic() + 5
+    while "PUT /%s 413" % md5 not in keepstore.log():
+        assert time.monotonic() < deadline, keepstore.log()
+        time.sleep(0.05)
 
 
 def test_chunked_put_within_limit(keepstore):
