@@ -56,3 +56,7 @@ class BlockNotFound(StoreError):
 
 class BlockCorrupt(StoreError):
     """The stored bytes do not match the locator's MD5 or size."""
+
+
+class StoreFull(StoreError):
+    """The store has no room for the block (no space left, quota, free-space floor)."""

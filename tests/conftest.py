@@ -1,4 +1,8 @@
-"""Shared fixtures: running the real CLI as a subprocess, with its store in a temp dir."""
+"""Shared fixtures: running the real CLI as a subprocess, with its store in a temp dir.
+
+The keepstore fixtures live in ``keepstore_fixture.py`` (see its docstring):
+``keepstore_factory``, ``keepstore``, ``keepstore_signed``, ``keepstores3``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from keepstore_fixture import keepstore, keepstore_factory, keepstore_signed, keepstores3  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,4 +7,5 @@ A command module exports ``register(subparsers, common)`` which adds its parser
 COMMANDS: tuple[str, ...] = (
     "put",
     "worker",
+    "keepstore",
 )

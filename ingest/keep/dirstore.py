@@ -12,13 +12,30 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from ingest.errors import BlockCorrupt, BlockNotFound, StoreError
+from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5, Locator, LocatorError
 from ingest.keep.store import StoredBlock
 
 TMP_PREFIX = "tmp-keep-ingest-"
+READ_CHUNK = 1 << 20
+
+_PREFIX_DIR_RE = re.compile(r"^[0-9a-f]+$")
+_BLOCK_FILE_RE = re.compile(r"^[0-9a-f]{32}$")
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    """One stored block as a listing sees it."""
+
+    md5: str
+    size: int
+    mtime_ns: int
 
 
 def _fsync_dir(path: str) -> None:
@@ -35,6 +52,12 @@ def _describe_os_error(exc: OSError, what: str) -> str:
     return f"{what}: {reason.get(exc.errno, exc.strerror or str(exc))}"
 
 
+def _store_error(exc: OSError, what: str) -> StoreError:
+    """The StoreError for an OSError; StoreFull when the device or quota is full."""
+    cls = StoreFull if exc.errno in _FULL_ERRNOS else StoreError
+    return cls(_describe_os_error(exc, what))
+
+
 class DirectoryStore:
     """Blocks stored as files under one root directory."""
 
@@ -44,7 +67,7 @@ class DirectoryStore:
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
-            raise StoreError(_describe_os_error(exc, f"cannot create block store {self.root}")) from None
+            raise _store_error(exc, f"cannot create block store {self.root}") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"block store {self.root} is not writable: permission denied")
 
@@ -81,13 +104,145 @@ class DirectoryStore:
         except FileNotFoundError:
             raise BlockNotFound(f"block {loc.stripped()} not found in {self.root}") from None
         except OSError as exc:
-            raise StoreError(_describe_os_error(exc, f"cannot read block {path}")) from None
+            raise _store_error(exc, f"cannot read block {path}") from None
         if len(data) != loc.size or hashlib.md5(data).hexdigest() != loc.md5:
             raise BlockCorrupt(f"block {path} is corrupt: its content does not match {loc.stripped()}")
         return data
 
     def close(self) -> None:
         pass
+
+    # Volume operations used by the keepstore server. They take a bare MD5 and,
+    # unlike get(), do not treat the empty block specially: keepstore stores and
+    # lists it like any other block.
+
+    def stat_block(self, md5_hex: str) -> os.stat_result | None:
+        """The stat of a stored block's file, or None when it is not stored."""
+        try:
+            return os.stat(self.block_path(md5_hex))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise _store_error(exc, f"cannot stat block {self.block_path(md5_hex)}") from None
+
+    def touch(self, md5_hex: str) -> bool:
+        """Set a stored block's mtime to now; False when it is not stored."""
+        try:
+            os.utime(self.block_path(md5_hex))
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise _store_error(exc, f"cannot touch block {self.block_path(md5_hex)}") from None
+
+    def read_raw(self, md5_hex: str, into: bytearray | None = None) -> bytes | bytearray:
+        """A stored block's bytes, unverified; BlockNotFound when it is not stored.
+
+        With ``into``, the bytes are read into that bytearray (cleared first), so a
+        caller can reuse one buffer.
+        """
+        path = self.block_path(md5_hex)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if into is None:
+                    return f.read()
+                into.clear()
+                while chunk := f.read(READ_CHUNK):
+                    into += chunk
+                return into
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlockNotFound(f"block {md5_hex} not found in {self.root}") from None
+        except OSError as exc:
+            raise _store_error(exc, f"cannot read block {path}") from None
+
+    def same_content(self, md5_hex: str, data: bytes | bytearray | memoryview) -> bool | None:
+        """Compare a stored block with ``data``: None when not stored, else equality.
+
+        Reads the file in chunks, so comparing a 64 MiB block does not need a
+        second 64 MiB buffer.
+        """
+        view = memoryview(data).cast("B")
+        path = self.block_path(md5_hex)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size != len(view):
+                    return False
+                pos = 0
+                while chunk := f.read(READ_CHUNK):
+                    if view[pos:pos + len(chunk)] != chunk:
+                        return False
+                    pos += len(chunk)
+                return pos == len(view)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise _store_error(exc, f"cannot read block {path}") from None
+
+    def verify(self, md5_hex: str) -> int:
+        """Check a stored block's MD5 by streaming it; returns its size.
+
+        Raises BlockNotFound when absent and BlockCorrupt when the bytes do not
+        hash to ``md5_hex``.
+        """
+        path = self.block_path(md5_hex)
+        digest = hashlib.md5()
+        size = 0
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(READ_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlockNotFound(f"block {md5_hex} not found in {self.root}") from None
+        except OSError as exc:
+            raise _store_error(exc, f"cannot read block {path}") from None
+        if digest.hexdigest() != md5_hex:
+            raise BlockCorrupt(f"block {path} is corrupt: its content does not match its name")
+        return size
+
+    def index(self, prefix: str = "") -> Iterator[BlockInfo]:
+        """Stored blocks whose MD5 starts with ``prefix``, in MD5 order.
+
+        Only names of the volume layout count: ``<hex prefix dir>/<32 hex>``;
+        temporary files and trash (``<md5>.trash.<deadline>``) are skipped. A file
+        that disappears while listing is skipped too.
+        """
+        try:
+            subdirs = sorted(os.listdir(self.root))
+        except OSError as exc:
+            raise _store_error(exc, f"cannot list block store {self.root}") from None
+        for sub in subdirs:
+            if not (sub.startswith(prefix) or prefix.startswith(sub)):
+                continue
+            if not _PREFIX_DIR_RE.match(sub):
+                continue
+            subpath = os.path.join(self.root, sub)
+            try:
+                with os.scandir(subpath) as it:
+                    entries = sorted((e for e in it if _BLOCK_FILE_RE.match(e.name)
+                                      and e.name.startswith(prefix)), key=lambda e: e.name)
+            except NotADirectoryError:
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _store_error(exc, f"cannot list {subpath}") from None
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise _store_error(exc, f"cannot stat {entry.path}") from None
+                yield BlockInfo(entry.name, st.st_size, st.st_mtime_ns)
+
+    def free_space(self) -> int:
+        """Bytes available to unprivileged writers on the store's file system."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError as exc:
+            raise _store_error(exc, f"cannot check free space of {self.root}") from None
+        return st.f_bavail * st.f_frsize
 
 
 class DirectoryBlockWriter:
@@ -99,7 +254,7 @@ class DirectoryBlockWriter:
         try:
             self._fd, self._tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=store.root)
         except OSError as exc:
-            raise StoreError(_describe_os_error(exc, f"cannot write to block store {store.root}")) from None
+            raise _store_error(exc, f"cannot write to block store {store.root}") from None
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -113,18 +268,20 @@ class DirectoryBlockWriter:
                 self.size += n
         except OSError as exc:
             self.abort()
-            raise StoreError(_describe_os_error(exc, f"cannot write to block store {self._store.root}")) from None
+            raise _store_error(exc, f"cannot write to block store {self._store.root}") from None
 
     def commit(self, md5_hex: str) -> StoredBlock:
         store = self._store
         final = store.block_path(md5_hex)
         try:
-            if store.contains(md5_hex, self.size):
+            existing = store.stat_block(md5_hex)
+            if existing is not None and existing.st_size == self.size:
                 # Already stored (same MD5 and size): keep the old file, refresh its
                 # mtime as keepstore does for a repeated PUT; no need to sync ours.
+                # (stat_block, not contains(): the empty block counts as present
+                # even without a file, and keepstore does write one.)
                 self.abort()
-                if self.size:  # the empty block has no file
-                    os.utime(final)
+                os.utime(final)
                 return StoredBlock(f"{md5_hex}+{self.size}", replicas=1)
             if store.fsync:
                 os.fsync(self._fd)
@@ -138,9 +295,12 @@ class DirectoryBlockWriter:
             os.replace(self._tmp, final)
             if store.fsync:
                 _fsync_dir(prefix_dir)
+        except StoreError:
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
-            raise StoreError(_describe_os_error(exc, f"cannot store block {final}")) from None
+            raise _store_error(exc, f"cannot store block {final}") from None
         return StoredBlock(f"{md5_hex}+{self.size}", replicas=1)
 
     def abort(self) -> None:

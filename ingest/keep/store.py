@@ -51,10 +51,23 @@ class BlockStore(Protocol):
 
 
 def open_store(spec: dict[str, Any]) -> BlockStore:
-    """Build the store a spec describes: ``{"type": "directory", "path": ...}``."""
+    """Build the store a spec describes.
+
+    * ``{"type": "directory", "path": DIR, "fsync": bool}``: a local directory store.
+    * ``{"type": "keep", "services": [URL, ...], "token": str | None,
+      "replication": int, ...}``: Keep services over HTTP; the other keys
+      (``service_type``, ``service_uuids``, ``retries``, ``backoff_start``,
+      ``backoff_max``, ``connect_timeout``, ``read_timeout``, ``pool_maxsize``,
+      ``insecure``, ``ca_certs``, ``extra_headers``) are described in
+      :mod:`ingest.keep.client`.
+    """
     kind = spec.get("type")
     if kind == "directory":
         from ingest.keep.dirstore import DirectoryStore
 
         return DirectoryStore(spec["path"], fsync=spec.get("fsync", True))
+    if kind == "keep":
+        from ingest.keep.client import KeepClient
+
+        return KeepClient.from_spec(spec)
     raise ValueError(f"unknown block store type {kind!r}")
