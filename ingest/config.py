@@ -13,7 +13,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ingest.errors import ConfigError
 from ingest.keep.locator import BLOCK_SIZE_MAX
@@ -29,11 +29,17 @@ def default_store_path() -> str:
 
 @dataclass
 class StoreSettings:
-    """Where blocks go."""
+    """Where blocks go: a local directory store, or Keep services over HTTP."""
 
-    type: str = "directory"
-    path: str = ""          # empty: default_store_path()
-    fsync: bool = True      # fsync blocks and directories before acknowledging them
+    type: str = "directory"         # "directory" or "keep"
+    path: str = ""                  # directory: empty means default_store_path()
+    fsync: bool = True              # directory: fsync blocks and directories before acknowledging
+    services: list[str] = field(default_factory=list)  # keep: service URLs
+    token: str = ""                 # keep: API token; never logged, never written to state
+    replication: int = 2            # keep: copies, on distinct services
+    service_type: str = "disk"      # keep: "disk" (parallel copies) or "proxy" (one PUT at a time)
+    retries: int = 3                # keep: further attempts after a temporary failure
+    backoff_start: float = 1.0      # keep: seconds before the first retry, doubling each time
 
 
 @dataclass
@@ -66,6 +72,12 @@ class Settings:
     def store_path(self) -> str:
         return os.path.abspath(os.path.expanduser(self.store.path or default_store_path()))
 
+    def describe_store(self) -> str:
+        """The store in words, for messages and summaries (never the token)."""
+        if self.store.type == "keep":
+            return f"Keep services {' '.join(self.store.services)} (replication {self.store.replication})"
+        return self.store_path
+
     @property
     def local_worker_count(self) -> int:
         if self.put.workers == "auto":
@@ -74,12 +86,21 @@ class Settings:
 
     def store_spec(self) -> dict[str, Any]:
         """The store description sent to workers (see ingest.keep.store.open_store)."""
-        return {"type": self.store.type, "path": self.store_path, "fsync": self.store.fsync}
+        if self.store.type == "keep":
+            return {"type": "keep", "services": list(self.store.services),
+                    "token": self.store.token or None, "replication": self.store.replication,
+                    "service_type": self.store.service_type, "retries": self.store.retries,
+                    "backoff_start": self.store.backoff_start}
+        return {"type": "directory", "path": self.store_path, "fsync": self.store.fsync}
 
 
 _Check = tuple[Callable[[Any], bool], str]
 _CHECKS: dict[str, _Check] = {
-    "store.type": (lambda v: v == "directory", 'must be "directory"'),
+    "store.type": (lambda v: v in ("directory", "keep"), 'must be "directory" or "keep"'),
+    "store.replication": (lambda v: v >= 1, "must be 1 or more"),
+    "store.service_type": (lambda v: v in ("disk", "proxy"), 'must be "disk" or "proxy"'),
+    "store.retries": (lambda v: v >= 0, "must be 0 or more"),
+    "store.backoff_start": (lambda v: v >= 0, "must be 0 or more"),
     "put.workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
                     'must be "auto" (one per CPU) or a number of processes (0: remote workers only)'),
     "put.worker_timeout": (lambda v: v >= 1, "must be 1 or more"),
@@ -97,6 +118,8 @@ def _type_ok(value: Any, expected: Any) -> bool:
         return isinstance(value, bool)
     if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
     if typing.get_origin(expected) is list:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     return isinstance(value, expected)
@@ -107,7 +130,7 @@ def _type_name(expected: Any) -> str:
         return " or ".join(_type_name(t) for t in typing.get_args(expected))
     if typing.get_origin(expected) is list:
         return "a list of strings"
-    return {int: "an integer", str: "a string", bool: "true or false"}[expected]
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[expected]
 
 
 def _set(settings: Settings, key: str, value: Any, origin: str) -> None:
@@ -147,15 +170,46 @@ def load_profile(settings: Settings, path: str) -> None:
             _set(settings, f"{section}.{name}", value, path)
 
 
-def load_settings(config_path: str | None, overrides: dict[str, tuple[Any, str]]) -> Settings:
-    """Defaults, then the profile (if any), then flag overrides ``{key: (value, flag)}``."""
-    settings = Settings()
-    if config_path:
-        load_profile(settings, config_path)
-    for key, (value, flag) in overrides.items():
-        if value is not None:
-            _set(settings, key, value, flag)
+# Environment variables read as settings (the Arvados tools' own names).
+ENVIRONMENT = {
+    "ARVADOS_KEEP_SERVICES": ("store.services", str.split),
+    "ARVADOS_API_TOKEN": ("store.token", str),
+}
+
+
+def load_environment(settings: Settings, environ: Mapping[str, str]) -> None:
+    """Apply the ARVADOS_* variables that are set and not empty."""
+    for variable, (key, convert) in ENVIRONMENT.items():
+        if environ.get(variable):
+            _set(settings, key, convert(environ[variable]), f"${variable}")
+
+
+def _check_consistent(settings: Settings) -> None:
     if settings.put.workers == 0 and not settings.put.listen:
         raise ConfigError(f"{settings.origin('put.workers')}: workers = 0 (remote workers only) "
                           "needs a listen address (put.listen or --listen)")
+    store = settings.store
+    if store.type == "keep" and not store.services:
+        raise ConfigError(f"{settings.origin('store.type')}: a Keep store needs services: "
+                          "--keep URL, $ARVADOS_KEEP_SERVICES or store.services")
+    if store.type == "directory" and settings.origin("store.replication").startswith("--") \
+            and store.replication != 1:
+        raise ConfigError(f"{settings.origin('store.replication')}: the directory store keeps one "
+                          "copy; replication applies to Keep services (--keep)")
+
+
+def load_settings(config_path: str | None, overrides: dict[str, tuple[Any, str]],
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, then the profile (if any), then the environment, then flag overrides.
+
+    ``overrides`` maps a key to ``(value, flag)``; a value of None means "not given".
+    """
+    settings = Settings()
+    if config_path:
+        load_profile(settings, config_path)
+    load_environment(settings, os.environ if environ is None else environ)
+    for key, (value, flag) in overrides.items():
+        if value is not None:
+            _set(settings, key, value, flag)
+    _check_consistent(settings)
     return settings

@@ -48,7 +48,7 @@ def run_put(settings: Settings, sources: list[str]) -> PutResult:
     walk = walk_sources(sources, settings.put.follow_links, Excludes(settings.put.exclude))
     plan = Plan([f.size for f in walk.files], settings.put.block_size)
     log.info("%d files, %d bytes in %d blocks to store in %s",
-             len(walk.files), walk.total_bytes, plan.block_count, settings.store_path)
+             len(walk.files), walk.total_bytes, plan.block_count, settings.describe_store())
     # Open the store once here so that a bad store fails before any worker starts.
     open_store(settings.store_spec()).close()
 

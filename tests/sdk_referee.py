@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import contextlib
 import tempfile
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import arvados.collection
 import arvados.keep
@@ -85,24 +86,34 @@ def sdk_tree(coll: arvados.collection.RichCollectionBase) -> tuple[dict[str, lis
     return files, sorted(dirs)
 
 
-def sdk_read_tree(manifest_text: str, store_root: str) -> tuple[dict[str, bytes], set[str]]:
-    """Read every file of a manifest with the SDK from one of our directory stores.
+@contextlib.contextmanager
+def sdk_keep_for_store(store_root: str) -> Iterator[arvados.keep.KeepClient]:
+    """An SDK KeepClient reading the blocks of one of our directory stores.
 
-    Returns {path: bytes} and the set of directory paths. The SDK's local-store mode
-    reads a flat ``<dir>/<md5>``; our store is keepstore's ``<md5[:3]>/<md5>``, so the
-    SDK gets a flat directory of symlinks to the very files the run stored.
+    The SDK's local-store mode reads a flat ``<dir>/<md5>``; our store is keepstore's
+    ``<md5[:3]>/<md5>``, so the SDK gets a flat directory of symlinks to the very
+    files the run stored.
     """
     with tempfile.TemporaryDirectory(prefix="sdk-flat-") as flat:
         for dirpath, _, names in os.walk(store_root):
             for name in names:
                 if re.fullmatch(r"[0-9a-f]{32}", name):
                     os.symlink(os.path.join(dirpath, name), os.path.join(flat, name))
-        keep = arvados.keep.KeepClient(api_client=_STUB_API, local_store=flat)
-        coll = arvados.collection.Collection(manifest_text, api_client=_STUB_API,
-                                             keep_client=keep, replication_desired=1)
-        paths, dirs = sdk_tree(coll)
-        contents = {}
-        for path in paths:
-            with coll.open(path, "rb") as f:
-                contents[path] = f.read()
-        return contents, set(dirs)
+        yield arvados.keep.KeepClient(api_client=_STUB_API, local_store=flat)
+
+
+def sdk_keep_for_services(urls: Sequence[str], token: str) -> arvados.keep.KeepClient:
+    """An SDK KeepClient talking to Keep services over HTTP, as ARVADOS_KEEP_SERVICES would."""
+    return arvados.keep.KeepClient(proxy=" ".join(urls), api_token=token, num_retries=0)
+
+
+def sdk_read_tree(manifest_text: str, keep: arvados.keep.KeepClient) -> tuple[dict[str, bytes], set[str]]:
+    """Read every file of a manifest with the SDK: ({path: bytes}, {directory paths})."""
+    coll = arvados.collection.Collection(manifest_text, api_client=_STUB_API,
+                                         keep_client=keep, replication_desired=1)
+    paths, dirs = sdk_tree(coll)
+    contents = {}
+    for path in paths:
+        with coll.open(path, "rb") as f:
+            contents[path] = f.read()
+    return contents, set(dirs)

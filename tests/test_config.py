@@ -10,7 +10,7 @@ from ingest.errors import ConfigError
 
 
 def test_default_profile_states_exactly_the_built_in_defaults():
-    from_file = load_settings(str(REPO_ROOT / "configs" / "default.toml"), {})
+    from_file = load_settings(str(REPO_ROOT / "configs" / "default.toml"), {}, environ={})
     built_in = Settings()
     assert (from_file.store, from_file.put) == (built_in.store, built_in.put)
 
@@ -41,3 +41,31 @@ def test_booleans_are_not_integers(tmp_path):
 def test_missing_profile_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.toml: not found"):
         load_settings(str(tmp_path / "nope.toml"), {})
+
+
+def test_environment_sits_between_profile_and_flags(tmp_path):
+    profile = tmp_path / "p.toml"
+    profile.write_text('[store]\ntype = "keep"\nservices = ["http://from-profile/"]\n')
+    env = {"ARVADOS_KEEP_SERVICES": "http://a/  http://b/", "ARVADOS_API_TOKEN": "secret"}
+    s = load_settings(str(profile), {}, environ=env)
+    assert s.store.services == ["http://a/", "http://b/"]
+    assert s.origin("store.services") == "$ARVADOS_KEEP_SERVICES"
+    assert s.store.token == "secret" and "secret" not in s.describe_store()
+    s = load_settings(str(profile), {"store.services": (["http://flag/"], "--keep")}, environ=env)
+    assert s.store.services == ["http://flag/"]
+
+
+def test_keep_store_needs_services():
+    with pytest.raises(ConfigError, match="needs services"):
+        load_settings(None, {"store.type": ("keep", "--keep")}, environ={})
+
+
+def test_directory_store_refuses_replication():
+    with pytest.raises(ConfigError, match="--replication: the directory store keeps one copy"):
+        load_settings(None, {"store.replication": (2, "--replication")}, environ={})
+
+
+def test_cluster_profile_reads_services_from_the_environment():
+    s = load_settings(str(REPO_ROOT / "configs" / "cluster.toml"), {},
+                      environ={"ARVADOS_KEEP_SERVICES": "http://k/"})
+    assert s.store_spec()["type"] == "keep" and s.store_spec()["services"] == ["http://k/"]

@@ -18,7 +18,7 @@ import pytest
 from trees import BLOCK, make_awkward_tree, read_tree
 
 pytest.importorskip("arvados")
-from sdk_referee import sdk_collection, sdk_read_tree  # noqa: E402
+from sdk_referee import sdk_collection, sdk_keep_for_store, sdk_read_tree  # noqa: E402
 
 TESTS = Path(__file__).parent
 
@@ -38,7 +38,8 @@ def put(cli, store, *args, timeout=180):
 def test_sdk_reads_every_file_back_and_agrees_on_the_pdh(cli, awkward, tmp_path):
     store = tmp_path / "store"
     manifest = put(cli, store, "--workers", "2", str(awkward) + "/").stdout
-    files, dirs = sdk_read_tree(manifest, str(store))
+    with sdk_keep_for_store(str(store)) as keep:
+        files, dirs = sdk_read_tree(manifest, keep)
     assert files == read_tree(awkward)
     assert {"empty dir", "dir one/inner empty"} <= dirs
     coll = sdk_collection(manifest)

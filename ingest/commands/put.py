@@ -31,8 +31,13 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="PATH", help="files or directories to upload")
     p.add_argument("--config", metavar="FILE", help="TOML profile (see configs/)")
-    p.add_argument("--store", metavar="DIR",
-                   help="directory block store (default: $XDG_DATA_HOME/keep-ingest/store)")
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--store", metavar="DIR",
+                       help="directory block store (default: $XDG_DATA_HOME/keep-ingest/store)")
+    store.add_argument("--keep", action="append", metavar="URL",
+                       help="upload to this Keep service (repeatable; see also $ARVADOS_KEEP_SERVICES)")
+    p.add_argument("--replication", type=int, metavar="N",
+                   help="copies of each block, on distinct Keep services (default 2)")
     p.add_argument("--workers", type=_workers, metavar="N",
                    help="local worker processes ('auto': one per CPU; 0: remote workers only)")
     p.add_argument("--listen", metavar="ENDPOINT",
@@ -87,8 +92,11 @@ def _summary(result: PutResult, pdh: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     overrides = {
-        "store.type": ("directory" if args.store else None, "--store"),
+        "store.type": ("directory" if args.store else "keep" if args.keep else None,
+                       "--store" if args.store else "--keep"),
         "store.path": (args.store, "--store"),
+        "store.services": (args.keep, "--keep"),
+        "store.replication": (args.replication, "--replication"),
         "put.workers": (args.workers, "--workers"),
         "put.listen": (args.listen, "--listen"),
         "put.chunk_size": (args.chunk_size, "--chunk-size"),
@@ -105,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump({"pdh": pdh, "files": result.files, "bytes": result.bytes, "blocks": result.blocks,
                    "bytes_uploaded": result.bytes_uploaded, "seconds": round(result.seconds, 3),
-                   "store": settings.store_path, "manifest_out": args.manifest_out,
+                   "store": settings.describe_store(), "manifest_out": args.manifest_out,
                    "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
                   sys.stdout)
         sys.stdout.write("\n")
