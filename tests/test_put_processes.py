@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -108,13 +109,18 @@ def test_peak_memory_does_not_grow_with_the_tree(tmp_path):
 def test_no_worker_or_socket_outlives_a_run(cli, tmp_path):
     src = tmp_path / "src"
     fill(src / "f", 3 * MiB, "f")
-    before = {p.pid for p in psutil.process_iter()}
-    proc = cli("put", "--store", str(tmp_path / "store"), "--workers", "3", str(src))
+    tag = f"run-{uuid.uuid4()}"  # inherited by every process the run starts
+    proc = cli("put", "--store", str(tmp_path / "store"), "--workers", "3", str(src),
+               env={"KEEP_INGEST_TEST_TAG": tag, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     time.sleep(0.2)
-    leftovers = [p for p in psutil.process_iter(["cmdline"])
-                 if p.pid not in before and "ingest" in " ".join(p.info["cmdline"] or [])]
+    leftovers = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("KEEP_INGEST_TEST_TAG") == tag:
+                leftovers.append(p.pid)
+        except psutil.Error:
+            pass
     assert leftovers == []
-    assert not [d for d in os.listdir("/tmp") if d.startswith("keep-ingest-")
-                and os.path.exists(f"/tmp/{d}/coordinator.sock")
-                and os.stat(f"/tmp/{d}").st_mtime > time.time() - 60]
+    # the private ipc socket lived in a temporary directory under TMPDIR
+    assert not list(tmp_path.glob("keep-ingest-*"))
