@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 
-from ingest.config import load_settings
+from ingest.commands.common import add_store_arguments, settings_from
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, IngestError
 from ingest.put import PutResult, run_put
 
@@ -30,14 +30,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                     "contents at the root, a file becomes ./NAME.",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="PATH", help="files or directories to upload")
-    p.add_argument("--config", metavar="FILE", help="TOML profile (see configs/)")
-    store = p.add_mutually_exclusive_group()
-    store.add_argument("--store", metavar="DIR",
-                       help="directory block store (default: $XDG_DATA_HOME/keep-ingest/store)")
-    store.add_argument("--keep", action="append", metavar="URL",
-                       help="upload to this Keep service (repeatable; see also $ARVADOS_KEEP_SERVICES)")
-    p.add_argument("--replication", type=int, metavar="N",
-                   help="copies of each block, on distinct Keep services (default 2)")
+    add_store_arguments(p)
     p.add_argument("--workers", type=_workers, metavar="N",
                    help="local worker processes ('auto': one per CPU; 0: remote workers only)")
     p.add_argument("--listen", metavar="ENDPOINT",
@@ -91,20 +84,14 @@ def _summary(result: PutResult, pdh: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {
-        "store.type": ("directory" if args.store else "keep" if args.keep else None,
-                       "--store" if args.store else "--keep"),
-        "store.path": (args.store, "--store"),
-        "store.services": (args.keep, "--keep"),
-        "store.replication": (args.replication, "--replication"),
+    settings = settings_from(args, {
         "put.workers": (args.workers, "--workers"),
         "put.listen": (args.listen, "--listen"),
         "put.chunk_size": (args.chunk_size, "--chunk-size"),
         "put.block_size": (args.block_size, "--block-size"),
         "put.exclude": (args.exclude, "--exclude"),
         "put.follow_links": (args.follow_links, "--follow-links/--no-follow-links"),
-    }
-    settings = load_settings(args.config, overrides)
+    })
     result = run_put(settings, args.sources)
     text = result.manifest.text()
     pdh = result.manifest.portable_data_hash()

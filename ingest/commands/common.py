@@ -1,0 +1,36 @@
+"""Command-line options shared by subcommands: the profile and the block store."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ingest.config import Settings, load_settings
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``, and ``--store DIR`` or ``--keep URL...`` with ``--replication``."""
+    parser.add_argument("--config", metavar="FILE", help="TOML profile (see configs/)")
+    store = parser.add_mutually_exclusive_group()
+    store.add_argument("--store", metavar="DIR",
+                       help="directory block store (default: $XDG_DATA_HOME/keep-ingest/store)")
+    store.add_argument("--keep", action="append", metavar="URL",
+                       help="Keep service URL (repeatable; see also $ARVADOS_KEEP_SERVICES)")
+    parser.add_argument("--replication", type=int, metavar="N",
+                        help="copies of each block, on distinct Keep services (default 2)")
+
+
+def store_overrides(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
+    """The settings the store flags give, as ``{key: (value or None, flag)}``."""
+    return {
+        "store.type": ("directory" if args.store else "keep" if args.keep else None,
+                       "--store" if args.store else "--keep"),
+        "store.path": (args.store, "--store"),
+        "store.services": (args.keep, "--keep"),
+        "store.replication": (args.replication, "--replication"),
+    }
+
+
+def settings_from(args: argparse.Namespace, overrides: dict[str, tuple[Any, str]] | None = None) -> Settings:
+    """Validated settings for a command: profile, environment, store flags, then ``overrides``."""
+    return load_settings(args.config, {**store_overrides(args), **(overrides or {})})
