@@ -150,6 +150,17 @@ def test_put_chunked_over_64mib_is_413(keepstore):
         time.sleep(0.05)
 
 
+def test_stalled_body_is_408_and_frees_its_buffer(keepstore_factory):
+    ks = keepstore_factory(max_buffers=1, extra_args=["--read-timeout", "0.5"])
+    md5 = hashlib.md5(b"0123456789").hexdigest()
+    t0 = time.monotonic()
+    out = raw_exchange(ks.url, f"PUT /{md5} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234".encode())
+    assert out.startswith(b"HTTP/1.1 408 ")
+    assert time.monotonic() - t0 < 5
+    # The only buffer is free again.
+    assert put(ks, b"0123456789")[1].status == 200
+
+
 def test_chunked_put_within_limit(keepstore):
     data = os.urandom(3 * MiB + 5)
     md5 = hashlib.md5(data).hexdigest()

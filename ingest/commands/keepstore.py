@@ -8,8 +8,8 @@ import sys
 
 from ingest.errors import EXIT_OK, ConfigError, UsageError
 from ingest.keep.locator import BLOCK_SIZE_MAX
-from ingest.keep.server import (DEFAULT_MAX_BUFFERS, DEFAULT_SHUTDOWN_TIMEOUT, ServerConfig,
-                                parse_listen, run_server)
+from ingest.keep.server import (DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT,
+                                DEFAULT_SHUTDOWN_TIMEOUT, ServerConfig, parse_listen, run_server)
 from ingest.keep.signing import DEFAULT_TTL
 
 log = logging.getLogger("keep-ingest.keepstore")
@@ -60,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                    help="a volume with less free space counts as full (default %(default)s)")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="do not fsync blocks before acknowledging them (faster, not durable)")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                   help="answer 408 when a PUT body stalls this long (default %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
                    metavar="SECONDS",
                    help="on SIGTERM, how long to wait for requests in flight (default %(default)s)")
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.max_buffers < 1:
         raise UsageError("--max-buffers must be at least 1")
+    if args.read_timeout <= 0 or args.shutdown_timeout < 0:
+        raise UsageError("--read-timeout must be positive and --shutdown-timeout not negative")
     if args.blob_signing_ttl < 1:
         raise UsageError("--blob-signing-ttl must be positive")
     key = None
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(volumes=args.volumes, signing_key=key, signing_ttl=args.blob_signing_ttl,
                           system_root_token=root_token, max_buffers=args.max_buffers,
                           min_free_space=args.min_free_space, fsync=args.fsync,
-                          shutdown_timeout=args.shutdown_timeout)
+                          shutdown_timeout=args.shutdown_timeout, read_timeout=args.read_timeout)
 
     def announce(url: str) -> None:
         print(f"keepstore listening on {url}", file=sys.stderr, flush=True)

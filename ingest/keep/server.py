@@ -55,6 +55,7 @@ log = logging.getLogger("keep-ingest.keepstore")
 
 DEFAULT_MAX_BUFFERS = 4
 DEFAULT_SHUTDOWN_TIMEOUT = 60.0
+DEFAULT_READ_TIMEOUT = 60.0
 SEND_CHUNK = 256 * 1024
 READ_BUFSIZE = 256 * 1024
 LINGERING_TIME = 1.0
@@ -338,6 +339,7 @@ class ServerConfig:
     fsync: bool = True
     io_threads: int = 0          # 0: 2 per buffer, at least 4
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT   # max silence while a PUT body arrives
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -576,6 +578,20 @@ class KeepstoreServer:
             "X-Keep-Storage-Classes-Confirmed": confirmed,
         })
 
+    async def _read_chunk(self, request: web.Request) -> bytes:
+        """The next piece of the body; 408 when the client sends nothing for too long.
+
+        Without this a stalled client would hold its share of the memory budget
+        forever.
+        """
+        try:
+            async with asyncio.timeout(self.config.read_timeout):
+                return await request.content.readany()
+        except TimeoutError:
+            raise HTTPFailure(408, "timed out reading the request body") from None
+        except Exception as exc:  # the client went away or framing broke
+            raise HTTPFailure(400, f"reading request body: {exc or type(exc).__name__}") from None
+
     async def _receive_body(self, request: web.Request, declared: int | None) -> bytearray:
         """Read the whole body into one buffer; 413 past 64 MiB, 400 when cut short."""
         if declared is not None:
@@ -584,31 +600,24 @@ class KeepstoreServer:
             pos = 0
             try:
                 while pos < declared:
-                    chunk = await request.content.readany()
+                    chunk = await self._read_chunk(request)
                     if not chunk:
                         break
                     view[pos:pos + len(chunk)] = chunk
                     pos += len(chunk)
-            except Exception as exc:  # the client went away or framing broke
-                raise HTTPFailure(400, f"reading request body: {exc or type(exc).__name__}") from None
             finally:
                 view.release()
             if pos != declared:
                 raise HTTPFailure(400, f"content length {pos} did not match specified data size {declared}")
             return buf
         buf = bytearray()
-        try:
-            while True:
-                chunk = await request.content.readany()
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > BLOCK_SIZE_MAX:
-                    raise HTTPFailure(413, "request entity too large")
-        except HTTPFailure:
-            raise
-        except Exception as exc:
-            raise HTTPFailure(400, f"reading request body: {exc or type(exc).__name__}") from None
+        while True:
+            chunk = await self._read_chunk(request)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > BLOCK_SIZE_MAX:
+                raise HTTPFailure(413, "request entity too large")
         return buf
 
     def _store_block(self, md5: str, data: memoryview, classes: list[str]) -> tuple[int, dict[str, int]]:
