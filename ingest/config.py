@@ -55,6 +55,16 @@ class PutSettings:
     exclude: list[str] = field(default_factory=list)
     listen: str = ""                 # ZeroMQ endpoint for workers; empty: a private ipc socket
     worker_timeout: int = 120        # seconds without any connected worker before giving up
+    resume: bool = True              # reuse blocks earlier runs stored (false: start afresh)
+    change_retries: int = 3          # re-walks when files change while being read
+    signature_margin: int = 172800   # store again blocks whose signatures expire sooner (s)
+
+
+@dataclass
+class StateSettings:
+    """Where checkpoint journals and run locks live."""
+
+    dir: str = ""                    # empty: $XDG_STATE_HOME/keep-ingest
 
 
 @dataclass
@@ -63,10 +73,18 @@ class Settings:
 
     store: StoreSettings = field(default_factory=StoreSettings)
     put: PutSettings = field(default_factory=PutSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     origins: dict[str, str] = field(default_factory=dict)  # "put.workers" -> "--workers"
 
     def origin(self, key: str) -> str:
         return self.origins.get(key, "default")
+
+    @property
+    def state_dir(self) -> str:
+        base = self.state.dir or os.path.join(
+            os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"),
+            "keep-ingest")
+        return os.path.abspath(os.path.expanduser(base))
 
     @property
     def store_path(self) -> str:
@@ -104,6 +122,8 @@ _CHECKS: dict[str, _Check] = {
     "put.workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
                     'must be "auto" (one per CPU) or a number of processes (0: remote workers only)'),
     "put.worker_timeout": (lambda v: v >= 1, "must be 1 or more"),
+    "put.change_retries": (lambda v: v >= 0, "must be 0 or more"),
+    "put.signature_margin": (lambda v: v >= 0, "must be 0 or more"),
     "put.chunk_size": (lambda v: 4096 <= v <= BLOCK_SIZE_MAX, f"must be 4096 to {BLOCK_SIZE_MAX}"),
     "put.block_size": (lambda v: 1 <= v <= BLOCK_SIZE_MAX, f"must be 1 to {BLOCK_SIZE_MAX}"),
     "put.blocks_per_worker": (lambda v: v >= 1, "must be 1 or more"),

@@ -63,7 +63,9 @@ class Coordinator:
     """Runs one dispatch of a plan's blocks through local and/or remote workers."""
 
     def __init__(self, settings: Settings, plan: Plan, reader: BlockReader,
-                 on_stored: Callable[[int, StoredBlock], None]):
+                 on_stored: Callable[[int, StoredBlock, list[int]], None]):
+        """``on_stored(block index, stored block, xxh3 digests of its pieces)`` is called
+        for each block as the store confirms it."""
         self.settings = settings
         self.plan = plan
         self.reader = reader
@@ -72,6 +74,7 @@ class Coordinator:
         self.window = settings.put.window_chunks * settings.put.chunk_size
         self.max_blocks = settings.put.blocks_per_worker
         self.peers: dict[bytes, _Peer] = {}
+        self._digests: dict[int, list[int]] = {}
         self.processes: list[multiprocessing.Process] = []
         self._tmpdir: str | None = None
         self._mp_logging = False
@@ -180,7 +183,8 @@ class Coordinator:
                     continue
                 index = pending.popleft()
                 peer.open_blocks.add(index)
-                peer.stream = self.reader.chunks(self.plan.block(index))
+                self._digests[index] = []
+                peer.stream = self.reader.chunks(self.plan.block(index), self._digests[index])
                 peer.stream_block = index
             try:
                 data, last = next(peer.stream)
@@ -211,7 +215,7 @@ class Coordinator:
         elif kind == protocol.STORED:
             index = msg["block"]
             peer.open_blocks.discard(index)
-            self.on_stored(index, StoredBlock(msg["locator"], msg["replicas"]))
+            self.on_stored(index, StoredBlock(msg["locator"], msg["replicas"]), self._digests.pop(index))
             return 1
         elif kind == protocol.FAILED:
             raise StoreError(f"{peer.name}: {msg['error']}")

@@ -1,17 +1,30 @@
-"""One ``put`` run: walk, plan, dispatch to workers, assemble the manifest."""
+"""One ``put`` run: walk, plan, reuse what is checkpointed, dispatch the rest, assemble.
+
+Every run of the same sources, packing and destination shares a checkpoint journal
+(see ingest.state). A block whose pieces (file names, fingerprints and ranges) are
+in the journal is reused without reading or uploading a byte; every other block is
+read, stored and journaled. A file that changes while being read sends the run back
+to the walk (up to ``change_retries`` times): blocks stored meanwhile stay reusable
+when their files did not change.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ingest.config import Settings
 from ingest.coordinator import Coordinator
+from ingest.errors import EXIT_INTERRUPTED, IngestError
+from ingest.journal import JournalWriter
 from ingest.keep.store import StoredBlock, open_store
 from ingest.manifest import Manifest, Segment
 from ingest.plan import Plan
-from ingest.reader import BlockReader
+from ingest.reader import BlockReader, FileChanged
+from ingest.state import (ResumeIndex, RunIdentity, RunState, StoredRecord, block_key, block_record,
+                          piece_rows)
 from ingest.walk import Excludes, WalkResult, walk_sources
 
 log = logging.getLogger(__name__)
@@ -19,15 +32,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PutResult:
-    """What a finished run produced, for the manifest output and the summary."""
+    """What a run produced (or, for a dry run, would do), for output and summary."""
 
     manifest: Manifest
     files: int
     bytes: int
     blocks: int
+    blocks_uploaded: int
     bytes_uploaded: int
+    bytes_reused: int
+    bytes_read: int
     seconds: float
+    changed: dict[str, list[str]] = field(default_factory=dict)  # path -> reasons it is uploaded
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    state_dir: str = ""
 
 
 def build_manifest(walk: WalkResult, plan: Plan, locators: list[str]) -> Manifest:
@@ -42,27 +60,146 @@ def build_manifest(walk: WalkResult, plan: Plan, locators: list[str]) -> Manifes
     return manifest
 
 
-def run_put(settings: Settings, sources: list[str]) -> PutResult:
-    """Upload the sources into the configured store and return the result."""
+def _file_reasons(walk: WalkResult, plan: Plan, todo: list[int], index: ResumeIndex,
+                  block_reason: dict[int, str]) -> dict[str, list[str]]:
+    """Why each file of the blocks to upload is uploaded."""
+    reasons: dict[str, list[str]] = {}
+    for b in todo:
+        for piece in plan.block(b).pieces:
+            f = walk.files[piece.file_index]
+            if f.name in reasons:
+                continue
+            before = index.files.get(f.name)
+            if before is None:
+                reasons[f.name] = ["new"]
+                continue
+            fp = f.fingerprint
+            now = (fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode)
+            diff = [name for name, old, new in zip(("size", "mtime", "ctime", "inode"), before, now)
+                    if old != new]
+            reasons[f.name] = diff or [block_reason.get(b, "repacked")]
+    return reasons
+
+
+class _Run:
+    """One attempt at the tree: plan it, decide what to reuse, upload the rest."""
+
+    def __init__(self, settings: Settings, sources: list[str], index: ResumeIndex,
+                 verify_content: bool):
+        self.settings = settings
+        self.walk = walk_sources(sources, settings.put.follow_links, Excludes(settings.put.exclude))
+        self.plan = Plan([f.size for f in self.walk.files], settings.put.block_size)
+        self.reader = BlockReader(self.walk.files, settings.put.chunk_size)
+        self.index = index
+        self.locators = [""] * self.plan.block_count
+        self.keys = [block_key(piece_rows(self.plan.block(b), self.walk.files))
+                     for b in range(self.plan.block_count)]
+        self.todo: list[int] = []
+        self.block_reason: dict[int, str] = {}
+        self.bytes_reused = self.bytes_uploaded = 0
+        self._decide(verify_content)
+        self.changed = _file_reasons(self.walk, self.plan, self.todo, index, self.block_reason)
+
+    def _reusable(self, b: int, record: StoredRecord | None, verify_content: bool) -> bool:
+        if record is None:
+            return False
+        margin = self.settings.put.signature_margin
+        if record.expiry is not None and record.expiry < time.time() + margin:
+            self.block_reason[b] = "signature expiring"
+            return False
+        if verify_content and self.reader.digests(self.plan.block(b)) != record.digests:
+            self.block_reason[b] = "content"
+            return False
+        return True
+
+    def _decide(self, verify_content: bool) -> None:
+        for b, key in enumerate(self.keys):
+            record = self.index.blocks.get(key)
+            if self._reusable(b, record, verify_content):
+                self.locators[b] = record.locator
+                self.bytes_reused += self.plan.block_size_of(b)
+            else:
+                self.todo.append(b)
+
+    def upload(self, journal: JournalWriter) -> None:
+        def on_stored(b: int, stored: StoredBlock, digests: list[int]) -> None:
+            record = block_record(piece_rows(self.plan.block(b), self.walk.files), stored.locator, digests)
+            journal.append(record)
+            self.index.add(record)
+            self.locators[b] = stored.locator
+            self.bytes_uploaded += self.plan.block_size_of(b)
+
+        Coordinator(self.settings, self.plan, self.reader, on_stored).run(self.todo)
+
+    def result(self, started: float, state_dir: str, with_manifest: bool = True) -> PutResult:
+        return PutResult(
+            build_manifest(self.walk, self.plan, self.locators) if with_manifest else Manifest(),
+            files=len(self.walk.files), bytes=self.walk.total_bytes, blocks=self.plan.block_count,
+            blocks_uploaded=len(self.todo), bytes_uploaded=self.bytes_uploaded,
+            bytes_reused=self.bytes_reused, bytes_read=self.reader.bytes_read,
+            seconds=time.monotonic() - started, changed=self.changed, skipped=self.walk.skipped,
+            state_dir=state_dir)
+
+
+def _run_record(identity: RunIdentity) -> dict[str, Any]:
+    return {"t": "run", "v": 1, "sources": list(identity.sources), "block_size": identity.block_size,
+            "store": identity.store, "started": time.time()}
+
+
+def dry_run(settings: Settings, sources: list[str]) -> PutResult:
+    """What a run would upload and why, reading no file data and taking no lock."""
     started = time.monotonic()
-    walk = walk_sources(sources, settings.put.follow_links, Excludes(settings.put.exclude))
-    plan = Plan([f.size for f in walk.files], settings.put.block_size)
-    log.info("%d files, %d bytes in %d blocks to store in %s",
-             len(walk.files), walk.total_bytes, plan.block_count, settings.describe_store())
-    # Open the store once here so that a bad store fails before any worker starts.
-    open_store(settings.store_spec()).close()
+    state = RunState(settings.state_dir, RunIdentity.of(settings, sources))
+    index = state.load()[0] if settings.put.resume else ResumeIndex()
+    return _Run(settings, sources, index, verify_content=False).result(started, state.dir, with_manifest=False)
 
-    locators: list[str] = [""] * plan.block_count
-    uploaded = 0
 
-    def on_stored(index: int, stored: StoredBlock) -> None:
-        nonlocal uploaded
-        locators[index] = stored.locator
-        uploaded += plan.block_size_of(index)
+def run_put(settings: Settings, sources: list[str], verify_content: bool = False,
+            reset: bool = False) -> PutResult:
+    """Upload the sources, resuming from the run's journal; return the result."""
+    started = time.monotonic()
+    identity = RunIdentity.of(settings, sources)
+    state = RunState(settings.state_dir, identity)
+    state.acquire()
+    try:
+        if reset or not settings.put.resume:
+            state.reset()
+        index, valid = state.load()
+        # Open the store once here so that a bad store fails before any worker starts.
+        open_store(settings.store_spec()).close()
+        journal = state.open_writer(valid)
+        try:
+            journal.append(_run_record(identity))
+            run = _attempt(settings, sources, index, verify_content, journal)
+            result = run.result(started, state.dir)
+            journal.append({"t": "done", "pdh": result.manifest.portable_data_hash(),
+                            "files": result.files, "bytes": result.bytes, "finished": time.time()})
+        except KeyboardInterrupt:
+            raise IngestError(f"interrupted; every block stored so far is checkpointed in {state.dir}; "
+                              "run the same command again to resume", EXIT_INTERRUPTED) from None
+        finally:
+            journal.close()
+        state.compact(set(run.keys), index)
+        return result
+    finally:
+        state.release()
 
-    reader = BlockReader(walk.files, settings.put.chunk_size)
-    Coordinator(settings, plan, reader, on_stored).run(list(range(plan.block_count)))
-    manifest = build_manifest(walk, plan, locators)
-    return PutResult(manifest, files=len(walk.files), bytes=walk.total_bytes,
-                     blocks=plan.block_count, bytes_uploaded=uploaded,
-                     seconds=time.monotonic() - started, skipped=walk.skipped)
+
+def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_content: bool,
+             journal: JournalWriter) -> _Run:
+    """Walk and upload, walking again when files change under the reader."""
+    tries = settings.put.change_retries + 1
+    for attempt in range(1, tries + 1):
+        run = _Run(settings, sources, index, verify_content)
+        log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",
+                 len(run.walk.files), run.walk.total_bytes, run.plan.block_count, len(run.todo),
+                 settings.describe_store(), run.plan.block_count - len(run.todo))
+        try:
+            run.upload(journal)
+            return run
+        except FileChanged as exc:
+            if attempt == tries:
+                raise IngestError(f"{exc}; still changing after {tries} attempts, giving up "
+                                  "(blocks stored so far are checkpointed)") from None
+            log.warning("%s; walking the tree again (attempt %d of %d)", exc, attempt + 1, tries)
+    raise AssertionError("unreachable")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Iterator, Sequence
 
+import xxhash
+
 from ingest.errors import SourceError
 from ingest.plan import BlockPlan
 from ingest.walk import Fingerprint, SourceFile
@@ -48,6 +50,7 @@ class BlockReader:
     def __init__(self, files: Sequence[SourceFile], chunk_size: int):
         self.files = files
         self.chunk_size = chunk_size
+        self.bytes_read = 0
         self._open_flags = _OPEN_FLAGS
 
     def _open(self, index: int) -> int:
@@ -82,17 +85,19 @@ class BlockReader:
             raise FileChanged(self.files[index].path, "shorter than when walked")
         return got
 
-    def chunks(self, block: BlockPlan) -> Iterator[tuple[bytearray, bool]]:
+    def chunks(self, block: BlockPlan, digests: list[int] | None = None) -> Iterator[tuple[bytearray, bool]]:
         """Yield ``(data, is_last)`` for the block's bytes, in order.
 
         A piece's file is checked against its fingerprint as soon as the piece is
-        read, before the chunk holding the piece's end is yielded.
+        read, before the chunk holding the piece's end is yielded. If ``digests`` is
+        given, the xxh3-64 of each piece is appended to it as the piece completes.
         """
         remaining = block.size
         buf = bytearray(min(self.chunk_size, remaining))
         filled = 0
         for piece in block.pieces:
             fd = self._open(piece.file_index)
+            hasher = xxhash.xxh3_64() if digests is not None else None
             try:
                 offset, left = piece.file_offset, piece.length
                 while left:
@@ -103,8 +108,20 @@ class BlockReader:
                     want = min(left, len(buf) - filled)
                     with memoryview(buf) as view:
                         got = self._read_into(piece.file_index, fd, view[filled:filled + want], offset)
+                        if hasher is not None:
+                            hasher.update(view[filled:filled + got])
                     filled, offset, left = filled + got, offset + got, left - got
+                    self.bytes_read += got
                 self._check_unchanged(piece.file_index, fd)
+                if hasher is not None:
+                    digests.append(hasher.intdigest())
             finally:
                 os.close(fd)
         yield buf, True
+
+    def digests(self, block: BlockPlan) -> list[int]:
+        """The xxh3-64 of each piece of a block, read from the sources now."""
+        digests: list[int] = []
+        for _ in self.chunks(block, digests):
+            pass
+        return digests

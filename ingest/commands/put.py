@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 
 from ingest.commands.common import add_store_arguments, settings_from
-from ingest.errors import EXIT_CODES_HELP, EXIT_OK, IngestError
-from ingest.put import PutResult, run_put
+from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_USAGE as EXIT_PENDING, IngestError
+from ingest.put import PutResult, dry_run, run_put
 
 
 def _workers(text: str) -> int | str:
@@ -45,6 +46,18 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                        help="follow symlinks (default), skipping loops")
     links.add_argument("--no-follow-links", dest="follow_links", action="store_false",
                        help="skip every symlink")
+    resume = p.add_argument_group("checkpoints and resume")
+    resume.add_argument("--state-dir", metavar="DIR",
+                        help="where run journals and locks live (default: $XDG_STATE_HOME/keep-ingest)")
+    resume.add_argument("--no-resume", "--reset-state", dest="reset_state", action="store_true",
+                        help="discard this run's checkpoints and start afresh (also the way out "
+                             "of a damaged journal)")
+    resume.add_argument("--dry-run", action="store_true",
+                        help="read no data, upload nothing: list what would be uploaded and why; "
+                             "exit 2 if anything would be, 0 if not")
+    resume.add_argument("--verify-content", action="store_true",
+                        help="re-read files that look unchanged and compare their xxh3 digests, "
+                             "to catch edits that keep size and mtime")
     out = p.add_argument_group("output")
     out.add_argument("--manifest-out", metavar="FILE", help="also write the manifest to FILE (atomically)")
     out.add_argument("--portable-data-hash", action="store_true",
@@ -76,11 +89,21 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+SHOWN_CHANGES = 20
+
+
 def _summary(result: PutResult, pdh: str) -> str:
     rate = result.bytes_uploaded / result.seconds if result.seconds > 0 else 0.0
-    return (f"keep-ingest: {result.files} files, {_human(result.bytes)} in {result.blocks} blocks; "
-            f"uploaded {_human(result.bytes_uploaded)} in {result.seconds:.2f} s "
-            f"({_human(rate)}/s); portable data hash {pdh}")
+    lines = [f"keep-ingest: {result.files} files, {_human(result.bytes)} in {result.blocks} blocks; "
+             f"uploaded {_human(result.bytes_uploaded)} ({result.blocks_uploaded} blocks) in "
+             f"{result.seconds:.2f} s ({_human(rate)}/s), reused {_human(result.bytes_reused)}; "
+             f"portable data hash {pdh}"]
+    if result.bytes_reused and result.changed:
+        items = list(result.changed.items())
+        lines += [f"  uploaded {path} ({', '.join(reasons)})" for path, reasons in items[:SHOWN_CHANGES]]
+        if len(items) > SHOWN_CHANGES:
+            lines.append(f"  ... and {len(items) - SHOWN_CHANGES} more files (see --json)")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,16 +114,20 @@ def run(args: argparse.Namespace) -> int:
         "put.block_size": (args.block_size, "--block-size"),
         "put.exclude": (args.exclude, "--exclude"),
         "put.follow_links": (args.follow_links, "--follow-links/--no-follow-links"),
+        "state.dir": (args.state_dir, "--state-dir"),
     })
-    result = run_put(settings, args.sources)
+    if args.dry_run:
+        return _report_dry_run(args, dry_run(settings, args.sources))
+    signal.signal(signal.SIGTERM, _interrupt)
+    result = run_put(settings, args.sources, verify_content=args.verify_content, reset=args.reset_state)
     text = result.manifest.text()
     pdh = result.manifest.portable_data_hash()
     if args.manifest_out:
         _write_atomically(args.manifest_out, text)
     if args.json:
-        json.dump({"pdh": pdh, "files": result.files, "bytes": result.bytes, "blocks": result.blocks,
-                   "bytes_uploaded": result.bytes_uploaded, "seconds": round(result.seconds, 3),
-                   "store": settings.describe_store(), "manifest_out": args.manifest_out,
+        json.dump({"pdh": pdh, **_counters(result), "seconds": round(result.seconds, 3),
+                   "store": settings.describe_store(), "state": result.state_dir,
+                   "manifest_out": args.manifest_out, "changed": _changed(result),
                    "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
                   sys.stdout)
         sys.stdout.write("\n")
@@ -111,3 +138,33 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(_summary(result, pdh), file=sys.stderr)
     return EXIT_OK
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops a run as Ctrl-C does: checkpoint, clean up, exit 130."""
+    raise KeyboardInterrupt
+
+
+def _counters(result: PutResult) -> dict[str, int]:
+    return {"files": result.files, "bytes": result.bytes, "blocks": result.blocks,
+            "blocks_uploaded": result.blocks_uploaded, "bytes_uploaded": result.bytes_uploaded,
+            "bytes_reused": result.bytes_reused, "bytes_read": result.bytes_read}
+
+
+def _changed(result: PutResult) -> list[dict[str, object]]:
+    return [{"path": path, "reasons": reasons} for path, reasons in result.changed.items()]
+
+
+def _report_dry_run(args: argparse.Namespace, result: PutResult) -> int:
+    """List what would be uploaded; exit 2 if anything would be (arv-put's convention)."""
+    if args.json:
+        json.dump({**_counters(result), "would_upload": _changed(result)}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        for path, reasons in result.changed.items():
+            print(f"{path}\t{', '.join(reasons)}")
+    if not args.quiet:
+        print(f"keep-ingest: dry run: {len(result.changed)} files in {result.blocks_uploaded} blocks "
+              f"({_human(result.bytes - result.bytes_reused)}) "
+              f"would be uploaded; {_human(result.bytes_reused)} already stored", file=sys.stderr)
+    return EXIT_PENDING if result.blocks_uploaded else EXIT_OK
