@@ -8,4 +8,5 @@ COMMANDS: tuple[str, ...] = (
     "put",
     "worker",
     "keepstore",
+    "status",
 )

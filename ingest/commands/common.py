@@ -21,13 +21,17 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def store_overrides(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
-    """The settings the store flags give, as ``{key: (value or None, flag)}``."""
+    """The settings the store flags give, as ``{key: (value or None, flag)}``.
+
+    Commands without store flags (e.g. ``status``) simply give none.
+    """
+    store, keep = getattr(args, "store", None), getattr(args, "keep", None)
     return {
-        "store.type": ("directory" if args.store else "keep" if args.keep else None,
-                       "--store" if args.store else "--keep"),
-        "store.path": (args.store, "--store"),
-        "store.services": (args.keep, "--keep"),
-        "store.replication": (args.replication, "--replication"),
+        "store.type": ("directory" if store else "keep" if keep else None,
+                       "--store" if store else "--keep"),
+        "store.path": (store, "--store"),
+        "store.services": (keep, "--keep"),
+        "store.replication": (getattr(args, "replication", None), "--replication"),
     }
 
 
