@@ -248,3 +248,14 @@ def test_kill_9_at_random_moments_then_resume(cli, tmp_path, src):
         assert (base / "m").read_text() == reference, trial
         assert stored_after_kill + resumed["bytes_uploaded"] <= total + in_flight, trial
     assert killed_mid_run >= 5  # the trials did interrupt real work
+
+
+def test_status_lists_runs_and_the_lock_holder(cli, tmp_path, src):
+    first = put_json(cli, tmp_path, src)
+    proc = cli("status", "--state-dir", str(tmp_path / "state"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    (info,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert info["sources"] == [str(src)] and info["finished"]["pdh"] == first["pdh"]
+    assert info["blocks_stored"] == first["blocks"] and info["locked"] is False
+    human = cli("status", "--state-dir", str(tmp_path / "state")).stdout
+    assert f"finished, portable data hash {first['pdh']}" in human
