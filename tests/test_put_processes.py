@@ -127,3 +127,16 @@ def test_no_worker_or_socket_outlives_a_run(cli, tmp_path):
     assert leftovers == []
     # the private ipc socket lived in a temporary directory under TMPDIR
     assert not list(tmp_path.glob("keep-ingest-*"))
+
+
+def test_worker_logs_reach_the_coordinators_stderr(cli, tmp_path):
+    src = tmp_path / "src"
+    fill(src / "f", 2 * MiB, "f")
+    proc = cli("put", "-vv", "--store", str(tmp_path / "store"), "--workers", "2",
+               "--block-size", str(MiB), str(src))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "serving ipc://" in line]
+    # a worker that connects after the work is done is turned away before it logs
+    assert lines and all(f"storing into {tmp_path / 'store'}" in line for line in lines)
+    quiet = cli("put", "-q", "--store", str(tmp_path / "store"), str(src))
+    assert quiet.returncode == 0 and quiet.stderr == ""

@@ -150,6 +150,7 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
         if welcome is None:
             return 0
         store = open_store(welcome["store"])
+        log.debug("worker %d serving %s, storing into %s", os.getpid(), address, store.describe())
         committer.start()
         worker = _Worker(sock, store, committer)
         poller = zmq.Poller()
