@@ -14,6 +14,7 @@ from trees import MiB, fill, make_awkward_tree, read_tree
 
 from ingest.keep.client import rendezvous_order, static_services
 from ingest.keep.locator import Locator
+from ingest.journal import iter_records
 from ingest.manifest import parse_manifest
 
 pytest.importorskip("arvados")
@@ -113,3 +114,18 @@ def test_all_services_down_fails_naming_them(cli, keepstores3, tmp_path, fast_re
         assert url.rstrip("/") in proc.stderr
     assert proc.stdout == ""
     assert time.monotonic() - started < 60
+    # nothing is recorded as stored
+    journals = list((tmp_path / "xdg-state").rglob("journal"))
+    assert journals and not [r for j in journals for r in iter_records(str(j)) if r["t"] == "block"]
+
+
+def test_token_is_never_logged_nor_written_to_state(cli, keepstore_factory, tmp_path):
+    ks = keepstore_factory(signing_key=SIGNING_KEY)
+    src = tmp_path / "src"
+    fill(src / "f", 3 * MiB, "f")
+    proc = cli("put", "-vv", "--keep", ks.url, "--replication", "1", "--block-size", str(MiB), str(src),
+               env={"ARVADOS_API_TOKEN": TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    assert "+A" in proc.stdout and TOKEN not in proc.stderr
+    state_files = [p for p in (tmp_path / "xdg-state").rglob("*") if p.is_file()]
+    assert state_files and not [p for p in state_files if TOKEN.encode() in p.read_bytes()]
