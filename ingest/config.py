@@ -55,6 +55,8 @@ class PutSettings:
     exclude: list[str] = field(default_factory=list)
     listen: str = ""                 # ZeroMQ endpoint for workers; empty: a private ipc socket
     worker_timeout: int = 120        # seconds without any connected worker before giving up
+    heartbeat_timeout: int = 10      # seconds of silence after which a worker (or coordinator) is lost
+    skip_unreadable: bool = False    # finish without files that cannot be read (exit 3) instead of failing
     resume: bool = True              # reuse blocks earlier runs stored (false: start afresh)
     change_retries: int = 3          # re-walks when files change while being read
     signature_margin: int = 172800   # store again blocks whose signatures expire sooner (s)
@@ -123,6 +125,7 @@ _CHECKS: dict[str, _Check] = {
                     'must be "auto" (one per CPU) or a number of processes (0: remote workers only)'),
     "put.worker_timeout": (lambda v: v >= 1, "must be 1 or more"),
     "put.change_retries": (lambda v: v >= 0, "must be 0 or more"),
+    "put.heartbeat_timeout": (lambda v: v >= 1, "must be 1 or more"),
     "put.signature_margin": (lambda v: v >= 0, "must be 0 or more"),
     "put.chunk_size": (lambda v: 4096 <= v <= BLOCK_SIZE_MAX, f"must be 4096 to {BLOCK_SIZE_MAX}"),
     "put.block_size": (lambda v: 1 <= v <= BLOCK_SIZE_MAX, f"must be 1 to {BLOCK_SIZE_MAX}"),

@@ -1,11 +1,17 @@
 """ZeroMQ dispatch: stream each block's chunks to one worker, collect locators.
 
-The coordinator binds a ROUTER socket (a private ipc socket by default, or
-``--listen`` for remote workers), starts local worker processes, and streams block
-plans to whichever worker has room. Flow control is by credit: a worker holds at
-most ``blocks_per_worker`` unfinished blocks and ``window_chunks`` chunks not yet
-consumed, so memory is bounded whatever the tree size. Chunks are sent without
-copies (``copy=False``); every chunk of a block goes to the same worker.
+The coordinator binds a ROUTER socket (a private abstract-namespace ipc socket by
+default, so nothing is left on disk, or ``--listen`` for remote workers), starts
+local worker processes, and streams block plans to whichever worker has room. Flow
+control is by credit: a worker holds at most ``blocks_per_worker`` unfinished blocks
+and ``window_chunks`` chunks not yet consumed, so memory is bounded whatever the tree
+size. Chunks are sent without copies (``copy=False``); every chunk of a block goes to
+the same worker.
+
+Liveness: both sides send a HEARTBEAT when they have had nothing else to say for a
+while. A worker that goes silent, disconnects or (when local) exits loses its
+unfinished blocks to the others, and a local one is replaced. A file that cannot be
+read costs only its block: the others go on, and the caller decides what to do.
 """
 
 from __future__ import annotations
@@ -13,9 +19,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import shutil
+import secrets
 import signal
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,7 +34,7 @@ from ingest.config import Settings
 from ingest.errors import IngestError, StoreError
 from ingest.keep.store import StoredBlock
 from ingest.plan import Plan
-from ingest.reader import BlockReader
+from ingest.reader import BlockReader, FileChanged, Unreadable
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +50,15 @@ class _Peer:
     pid: int
     name: str
     credit: int
+    last_heard: float
+    last_sent: float = 0.0
     open_blocks: set[int] = field(default_factory=set)
     stream: Iterator[tuple[bytearray, bool]] | None = None
     stream_block: int = -1
+
+
+class _PeerLost(Exception):
+    """Sending to a worker failed: it is gone."""
 
 
 def _local_worker_main(address: str, parent_pid: int) -> None:
@@ -73,163 +84,186 @@ class Coordinator:
         self.chunk_size = settings.put.chunk_size
         self.window = settings.put.window_chunks * settings.put.chunk_size
         self.max_blocks = settings.put.blocks_per_worker
+        self.heartbeat_timeout = float(settings.put.heartbeat_timeout)
+        self.heartbeat_interval = self.heartbeat_timeout / 5
         self.peers: dict[bytes, _Peer] = {}
+        self.processes: dict[int, multiprocessing.Process] = {}
+        self.restarts_left = 2 * settings.local_worker_count + 2
+        self.unreadable: dict[str, str] = {}  # path -> why it could not be read
         self._digests: dict[int, list[int]] = {}
-        self.processes: list[multiprocessing.Process] = []
-        self._tmpdir: str | None = None
-        self._mp_logging = False
+        self._pending: deque[int] = deque()
+        self._remaining = 0
+        self._address = ""
 
     # -- lifecycle -------------------------------------------------------
 
-    def _address(self) -> str:
-        if self.settings.put.listen:
-            return self.settings.put.listen
-        self._tmpdir = tempfile.mkdtemp(prefix="keep-ingest-")
-        return f"ipc://{self._tmpdir}/coordinator.sock"
-
-    def _start_local_workers(self, address: str, count: int) -> None:
-        if multiprocessing.get_start_method(allow_none=True) != "fork":
-            multiprocessing.set_start_method("fork", force=True)
-        multiprocessing_logging.install_mp_handler()
-        self._mp_logging = True
-        for _ in range(count):
-            proc = multiprocessing.Process(target=_local_worker_main, args=(address, os.getpid()),
-                                           name="keep-ingest-worker", daemon=True)
-            proc.start()
-            self.processes.append(proc)
-        log.debug("started %d local workers: %s", count, [p.pid for p in self.processes])
+    def _start_local_worker(self) -> None:
+        proc = multiprocessing.get_context("fork").Process(
+            target=_local_worker_main, args=(self._address, os.getpid()),
+            name="keep-ingest-worker", daemon=True)
+        proc.start()
+        self.processes[proc.pid] = proc
 
     def _stop_local_workers(self) -> None:
         """Wait for local workers to exit; those that never connected hold no work."""
         connected = {peer.pid for peer in self.peers.values()}
-        for proc in self.processes:
-            if proc.pid not in connected:
+        for pid, proc in self.processes.items():
+            if pid not in connected:
                 proc.terminate()
         deadline = time.monotonic() + STOP_GRACE_S
-        for proc in self.processes:
+        for proc in self.processes.values():
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 log.warning("worker %d did not stop; killing it", proc.pid)
                 proc.kill()
                 proc.join()
         self.processes.clear()
-        if self._mp_logging:
-            multiprocessing_logging.uninstall_mp_handler()
-            self._mp_logging = False
 
     def run(self, block_indexes: list[int]) -> None:
-        """Store every listed block; return when all are stored, raise on failure."""
+        """Store every listed block, except those whose files cannot be read (see
+        ``unreadable``); raise on a store failure, a changing file or no workers."""
         if not block_indexes:
             return
-        address = self._address()
-        local = self.settings.local_worker_count
-        # Fork before creating this process's ZeroMQ context: a context must not cross a fork.
-        self._start_local_workers(address, local)
+        self._address = self.settings.put.listen or f"ipc://@keep-ingest-{os.getpid()}-{secrets.token_hex(6)}"
+        self._pending = deque(block_indexes)
+        self._remaining = len(block_indexes)
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 1000)
+        if multiprocessing.get_start_method(allow_none=True) != "fork":
+            multiprocessing.set_start_method("fork", force=True)  # multiprocessing-logging needs it
+        multiprocessing_logging.install_mp_handler()
         try:
             try:
-                sock.bind(address)
+                sock.bind(self._address)
             except zmq.ZMQError as exc:
-                raise IngestError(f"cannot listen for workers on {address}: {exc}") from None
+                raise IngestError(f"cannot listen for workers on {self._address}: {exc}") from None
             if self.settings.put.listen:
-                log.info("accepting workers on %s", address)
-            self._dispatch(sock, deque(block_indexes))
+                log.info("accepting workers on %s", self._address)
+            for _ in range(self.settings.local_worker_count):
+                self._start_local_worker()
+            self._dispatch(sock)
         finally:
             self._turn_away_latecomers(sock)
             for peer in self.peers.values():
-                try:
-                    sock.send_multipart([peer.identity, protocol.encode(protocol.STOP)], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            for peer in self.peers.values():
+                self._send(sock, peer, [protocol.encode(protocol.STOP)], quiet=True)
                 if peer.stream is not None:
                     peer.stream.close()  # closes the file that stream has open
             self._stop_local_workers()
+            multiprocessing_logging.uninstall_mp_handler()
             sock.close()
             ctx.term()
-            if self._tmpdir:
-                shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     # -- the dispatch loop ----------------------------------------------------
 
-    def _dispatch(self, sock: zmq.Socket, pending: deque[int]) -> None:
-        remaining = len(pending)
+    def _dispatch(self, sock: zmq.Socket) -> None:
         timeout_s = self.settings.put.worker_timeout
         last_worker_seen = time.monotonic()
-        while remaining:
-            sent = self._send_round(sock, pending)
+        while self._remaining:
+            sent = self._send_round(sock)
             events = sock.poll(0 if sent else POLL_MS)
             while events:
-                remaining -= self._handle(sock, sock.recv_multipart())
+                self._handle(sock, sock.recv_multipart())
                 events = sock.poll(0)
+            self._keep_alive(sock)
             self._check_local_workers()
             if self.peers:
                 last_worker_seen = time.monotonic()
+            elif not self.processes and self.settings.local_worker_count:
+                raise IngestError("every worker process died and none could be restarted; "
+                                  "see the messages above")
             elif time.monotonic() - last_worker_seen > timeout_s:
                 raise IngestError(f"no worker connected within {timeout_s:g} s "
                                   f"(listening on {self.settings.put.listen or 'a local socket'})")
 
-    def _send_round(self, sock: zmq.Socket, pending: deque[int]) -> bool:
+    def _send(self, sock: zmq.Socket, peer: _Peer, frames: list, quiet: bool = False) -> None:
+        try:
+            sock.send_multipart([peer.identity, *frames], zmq.NOBLOCK, copy=False)
+            peer.last_sent = time.monotonic()
+        except zmq.ZMQError as exc:
+            if not quiet:
+                raise _PeerLost(f"cannot reach it ({exc})") from None
+
+    def _send_round(self, sock: zmq.Socket) -> bool:
         """Send at most one chunk to each worker that has credit; True if any was sent."""
         sent = False
-        for peer in self.peers.values():
+        for peer in list(self.peers.values()):
             if peer.credit < self.chunk_size:
                 continue
             if peer.stream is None:
-                if not pending or len(peer.open_blocks) >= self.max_blocks:
+                if not self._pending or len(peer.open_blocks) >= self.max_blocks:
                     continue
-                index = pending.popleft()
+                index = self._pending.popleft()
                 peer.open_blocks.add(index)
                 self._digests[index] = []
                 peer.stream = self.reader.chunks(self.plan.block(index), self._digests[index])
                 peer.stream_block = index
             try:
-                data, last = next(peer.stream)
-            except IngestError:
-                sock.send_multipart([peer.identity, protocol.encode(protocol.ABORT, block=peer.stream_block)])
-                raise
-            header = protocol.encode(protocol.CHUNK, block=peer.stream_block, last=last)
-            sock.send_multipart([peer.identity, header, data], copy=False)
+                try:
+                    data, last = next(peer.stream)
+                except Unreadable as exc:
+                    self._skip_block(sock, peer, exc)
+                    continue
+                except FileChanged:
+                    self._send(sock, peer, [protocol.encode(protocol.ABORT, block=peer.stream_block)], quiet=True)
+                    raise
+                header = protocol.encode(protocol.CHUNK, block=peer.stream_block, last=last)
+                self._send(sock, peer, [header, data])
+            except _PeerLost as exc:
+                self._lose(peer, str(exc))
+                continue
             peer.credit -= len(data)
             if last:
                 peer.stream = None
             sent = True
         return sent
 
-    def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> int:
-        """Handle one worker message; return how many blocks it completed."""
+    def _skip_block(self, sock: zmq.Socket, peer: _Peer, exc: Unreadable) -> None:
+        """A file of this block cannot be read: drop the block, note the file, go on."""
+        index = peer.stream_block
+        log.error("%s", exc)
+        self.unreadable[exc.path] = exc.reason
+        self._send(sock, peer, [protocol.encode(protocol.ABORT, block=index)], quiet=True)
+        peer.open_blocks.discard(index)
+        peer.stream = None
+        self._digests.pop(index, None)
+        self._remaining -= 1
+
+    def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        """Handle one worker message."""
         identity, msg = frames[0], protocol.decode(frames[1])
         kind = msg["t"]
         if kind == protocol.HELLO:
             self._welcome(sock, identity, msg)
-            return 0
+            return
         peer = self.peers.get(identity)
         if peer is None:
-            log.warning("ignoring %r from an unknown worker", kind)
-            return 0
+            log.debug("ignoring %r from a worker no longer counted", kind)
+            return
+        peer.last_heard = time.monotonic()
         if kind == protocol.CREDIT:
             peer.credit += msg["bytes"]
         elif kind == protocol.STORED:
             index = msg["block"]
-            peer.open_blocks.discard(index)
-            self.on_stored(index, StoredBlock(msg["locator"], msg["replicas"]), self._digests.pop(index))
-            return 1
+            if index in peer.open_blocks:
+                peer.open_blocks.discard(index)
+                self._remaining -= 1
+                self.on_stored(index, StoredBlock(msg["locator"], msg["replicas"]), self._digests.pop(index))
         elif kind == protocol.FAILED:
             raise StoreError(f"{peer.name}: {msg['error']}")
-        return 0
 
     def _welcome(self, sock: zmq.Socket, identity: bytes, msg: dict) -> None:
         name = f"worker {msg.get('pid')}@{msg.get('host')}"
+        peer = _Peer(identity, msg.get("pid", -1), name, credit=self.window, last_heard=time.monotonic())
         if msg.get("version") != protocol.PROTOCOL_VERSION:
             log.warning("refusing %s: protocol version %s, expected %s",
                         name, msg.get("version"), protocol.PROTOCOL_VERSION)
-            sock.send_multipart([identity, protocol.encode(protocol.STOP, error="protocol version mismatch")])
+            self._send(sock, peer, [protocol.encode(protocol.STOP, error="protocol version mismatch")], quiet=True)
             return
-        self.peers[identity] = _Peer(identity, msg.get("pid", -1), name, credit=self.window)
-        sock.send_multipart([identity, protocol.encode(protocol.WELCOME, store=self.settings.store_spec())])
+        self.peers[identity] = peer
+        self._send(sock, peer, [protocol.encode(protocol.WELCOME, store=self.settings.store_spec(),
+                                                heartbeat_timeout=self.heartbeat_timeout)], quiet=True)
         log.debug("%s connected", name)
 
     def _turn_away_latecomers(self, sock: zmq.Socket) -> None:
@@ -237,10 +271,47 @@ class Coordinator:
         while sock.poll(0):
             identity, header = sock.recv_multipart()[:2]
             if protocol.decode(header)["t"] == protocol.HELLO:
-                sock.send_multipart([identity, protocol.encode(protocol.STOP)], zmq.NOBLOCK)
+                try:
+                    sock.send_multipart([identity, protocol.encode(protocol.STOP)], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+    # -- liveness -----------------------------------------------------------------
+
+    def _lose(self, peer: _Peer, why: str) -> None:
+        """Forget a worker; its unfinished blocks go back to the queue for the others."""
+        self.peers.pop(peer.identity, None)
+        if peer.stream is not None:
+            peer.stream.close()
+        for index in sorted(peer.open_blocks, reverse=True):
+            self._digests.pop(index, None)
+            self._pending.appendleft(index)
+        log.warning("%s lost (%s); %d unfinished blocks go to other workers",
+                    peer.name, why, len(peer.open_blocks))
+
+    def _keep_alive(self, sock: zmq.Socket) -> None:
+        now = time.monotonic()
+        for peer in list(self.peers.values()):
+            if now - peer.last_heard > self.heartbeat_timeout:
+                self._lose(peer, f"silent for {self.heartbeat_timeout:g} s")
+            elif now - peer.last_sent > self.heartbeat_interval:
+                try:
+                    self._send(sock, peer, [protocol.encode(protocol.HEARTBEAT)])
+                except _PeerLost as exc:
+                    self._lose(peer, str(exc))
 
     def _check_local_workers(self) -> None:
-        for proc in self.processes:
-            if not proc.is_alive():
-                raise IngestError(f"worker process {proc.pid} died unexpectedly "
-                                  f"(exit code {proc.exitcode}); see the messages above")
+        for pid, proc in list(self.processes.items()):
+            if proc.is_alive():
+                continue
+            del self.processes[pid]
+            proc.join()
+            for peer in [p for p in self.peers.values() if p.pid == pid]:
+                self._lose(peer, f"process exited with code {proc.exitcode}")
+            if self.restarts_left > 0:
+                self.restarts_left -= 1
+                self._start_local_worker()
+                log.warning("worker process %d died (exit code %s); started a replacement",
+                            pid, proc.exitcode)
+            else:
+                log.error("worker process %d died (exit code %s); no restarts left", pid, proc.exitcode)

@@ -10,11 +10,14 @@ Worker -> coordinator:
   CREDIT  {bytes}                            a chunk was consumed: that many bytes of window free
   STORED  {block, locator, replicas, size}   a block is durable in the store
   FAILED  {block, error}                     a block could not be stored (error names the store)
+  HEARTBEAT {}                               nothing else to say lately: still alive
 Coordinator -> worker:
-  WELCOME {store}                            how to open the store
+  WELCOME {store, heartbeat_timeout}         how to open the store; when to give up on us
   CHUNK   {block, last} + data frame         the next bytes of a block, in order
   ABORT   {block}                            drop a block whose source changed while read
   STOP    {}                                 no more work: exit
+  HEARTBEAT {}                               as above; a worker that hears nothing for
+                                             heartbeat_timeout seconds exits
 
 Flow control is the coordinator's: it gives a worker at most ``blocks_per_worker``
 unfinished blocks and at most ``window_chunks`` chunks it has not yet consumed
@@ -37,6 +40,7 @@ WELCOME = "welcome"
 CHUNK = "chunk"
 ABORT = "abort"
 STOP = "stop"
+HEARTBEAT = "heartbeat"
 
 
 def encode(msg_type: str, **fields: Any) -> bytes:

@@ -45,6 +45,7 @@ class PutResult:
     seconds: float
     changed: dict[str, list[str]] = field(default_factory=dict)  # path -> reasons it is uploaded
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)     # left out (--skip-unreadable)
     state_dir: str = ""
 
 
@@ -85,9 +86,11 @@ class _Run:
     """One attempt at the tree: plan it, decide what to reuse, upload the rest."""
 
     def __init__(self, settings: Settings, sources: list[str], index: ResumeIndex,
-                 verify_content: bool):
+                 verify_content: bool, leave_out: dict[str, str]):
         self.settings = settings
-        self.walk = walk_sources(sources, settings.put.follow_links, Excludes(settings.put.exclude))
+        self.walk = walk_sources(sources, settings.put.follow_links, Excludes(settings.put.exclude),
+                                 leave_out)
+        self.unreadable = {**leave_out, **self.walk.unreadable}
         self.plan = Plan([f.size for f in self.walk.files], settings.put.block_size)
         self.reader = BlockReader(self.walk.files, settings.put.chunk_size)
         self.index = index
@@ -121,7 +124,8 @@ class _Run:
             else:
                 self.todo.append(b)
 
-    def upload(self, journal: JournalWriter) -> None:
+    def upload(self, journal: JournalWriter) -> dict[str, str]:
+        """Store the blocks to upload; return the files that could not be read."""
         def on_stored(b: int, stored: StoredBlock, digests: list[int]) -> None:
             record = block_record(piece_rows(self.plan.block(b), self.walk.files), stored.locator, digests)
             journal.append(record)
@@ -129,7 +133,9 @@ class _Run:
             self.locators[b] = stored.locator
             self.bytes_uploaded += self.plan.block_size_of(b)
 
-        Coordinator(self.settings, self.plan, self.reader, on_stored).run(self.todo)
+        coordinator = Coordinator(self.settings, self.plan, self.reader, on_stored)
+        coordinator.run(self.todo)
+        return coordinator.unreadable
 
     def result(self, started: float, state_dir: str, with_manifest: bool = True) -> PutResult:
         return PutResult(
@@ -138,7 +144,7 @@ class _Run:
             blocks_uploaded=len(self.todo), bytes_uploaded=self.bytes_uploaded,
             bytes_reused=self.bytes_reused, bytes_read=self.reader.bytes_read,
             seconds=time.monotonic() - started, changed=self.changed, skipped=self.walk.skipped,
-            state_dir=state_dir)
+            unreadable=self.unreadable, state_dir=state_dir)
 
 
 def _run_record(identity: RunIdentity) -> dict[str, Any]:
@@ -151,7 +157,8 @@ def dry_run(settings: Settings, sources: list[str]) -> PutResult:
     started = time.monotonic()
     state = RunState(settings.state_dir, RunIdentity.of(settings, sources))
     index = state.load()[0] if settings.put.resume else ResumeIndex()
-    return _Run(settings, sources, index, verify_content=False).result(started, state.dir, with_manifest=False)
+    run = _Run(settings, sources, index, verify_content=False, leave_out={})
+    return run.result(started, state.dir, with_manifest=False)
 
 
 def run_put(settings: Settings, sources: list[str], verify_content: bool = False,
@@ -187,19 +194,35 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
 
 def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_content: bool,
              journal: JournalWriter) -> _Run:
-    """Walk and upload, walking again when files change under the reader."""
+    """Walk and upload; walk again when files change under the reader, or to leave out
+    unreadable files (--skip-unreadable). Without that option an unreadable file fails
+    the run once everything else is stored and checkpointed."""
     tries = settings.put.change_retries + 1
-    for attempt in range(1, tries + 1):
-        run = _Run(settings, sources, index, verify_content)
+    changes = 0
+    leave_out: dict[str, str] = {}
+    while True:
+        run = _Run(settings, sources, index, verify_content, leave_out)
         log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",
                  len(run.walk.files), run.walk.total_bytes, run.plan.block_count, len(run.todo),
                  settings.describe_store(), run.plan.block_count - len(run.todo))
         try:
-            run.upload(journal)
-            return run
+            unreadable = {**run.walk.unreadable, **run.upload(journal)}
         except FileChanged as exc:
-            if attempt == tries:
+            changes += 1
+            if changes == tries:
                 raise IngestError(f"{exc}; still changing after {tries} attempts, giving up "
                                   "(blocks stored so far are checkpointed)") from None
-            log.warning("%s; walking the tree again (attempt %d of %d)", exc, attempt + 1, tries)
-    raise AssertionError("unreachable")
+            log.warning("%s; walking the tree again (attempt %d of %d)", exc, changes + 1, tries)
+            continue
+        if not unreadable:
+            return run
+        if not settings.put.skip_unreadable:
+            listed = "\n  ".join(f"{path}: {why}" for path, why in sorted(unreadable.items()))
+            raise IngestError(f"{len(unreadable)} path(s) could not be read; everything else is "
+                              f"stored and checkpointed. Fix them and run again, or use "
+                              f"--skip-unreadable to finish without them:\n  {listed}")
+        new = {p: why for p, why in unreadable.items() if p not in leave_out}
+        if not new:
+            return run
+        leave_out.update(new)
+        log.warning("leaving out %d unreadable path(s) and packing the tree again", len(new))

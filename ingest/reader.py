@@ -21,6 +21,15 @@ from ingest.walk import Fingerprint, SourceFile
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
 
 
+class Unreadable(SourceError):
+    """A source file could not be opened or read (permission, vanished, I/O error)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class FileChanged(SourceError):
     """A source file changed between the walk and the end of its read."""
 
@@ -65,9 +74,9 @@ class BlockReader:
                 self._open_flags &= ~os.O_NOATIME
                 return os.open(path, self._open_flags)
         except FileNotFoundError:
-            raise SourceError(f"file vanished before it was read: {path}") from None
+            raise Unreadable(path, "vanished before it was read") from None
         except OSError as exc:
-            raise SourceError(f"cannot read {path}: {exc.strerror}") from None
+            raise Unreadable(path, exc.strerror or str(exc)) from None
 
     def _check_unchanged(self, index: int, fd: int) -> None:
         source = self.files[index]
@@ -79,7 +88,7 @@ class BlockReader:
         try:
             got = os.preadv(fd, [view], offset)
         except OSError as exc:
-            raise SourceError(f"cannot read {self.files[index].path}: {exc.strerror}") from None
+            raise Unreadable(self.files[index].path, exc.strerror or str(exc)) from None
         if got == 0:
             self._check_unchanged(index, fd)
             raise FileChanged(self.files[index].path, "shorter than when walked")

@@ -58,6 +58,7 @@ class WalkResult:
     files: list[SourceFile] = field(default_factory=list)
     directories: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    unreadable: dict[str, str] = field(default_factory=dict)      # directory path -> reason
 
     @property
     def total_bytes(self) -> int:
@@ -131,9 +132,10 @@ def _storable(path: str, bad: list[str]) -> bool:
 
 
 class _Walker:
-    def __init__(self, follow_links: bool, excludes: Excludes):
+    def __init__(self, follow_links: bool, excludes: Excludes, leave_out: frozenset[str]):
         self.follow_links = follow_links
         self.excludes = excludes
+        self.leave_out = leave_out
         self.result = WalkResult()
         self.bad_names: list[str] = []
         self.seen: dict[str, tuple[str, bool]] = {}  # manifest path -> (source path, is_dir)
@@ -161,10 +163,8 @@ class _Walker:
         try:
             return os.stat(path) if is_link else os.lstat(path)
         except FileNotFoundError:
-            if is_link:
-                self.skip(path, "dangling symlink")
-                return None
-            raise SourceError(f"file vanished during the walk: {path}") from None
+            self.skip(path, "dangling symlink" if is_link else "vanished during the walk")
+            return None
         except OSError as exc:
             raise SourceError(f"cannot stat {path}: {exc.strerror}") from None
 
@@ -176,6 +176,8 @@ class _Walker:
         if st is None:
             return
         path = os.path.abspath(source)
+        if path in self.leave_out:
+            return
         if stat.S_ISDIR(st.st_mode):
             prefix = "" if source.endswith(os.sep) else os.path.basename(path)
             if prefix and not _storable(prefix, self.bad_names):
@@ -195,18 +197,22 @@ class _Walker:
         stack = [(top, prefix, "", frozenset({(top_st.st_dev, top_st.st_ino)}))]
         while stack:
             dirpath, manifest_dir, relbase, ancestors = stack.pop()
-            if manifest_dir:
-                self.claim(manifest_dir, dirpath, True)
-                self.result.directories.append(manifest_dir)
             try:
                 with os.scandir(dirpath) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as exc:
-                raise SourceError(f"cannot read directory {dirpath}: {exc.strerror}") from None
+                log.error("cannot read directory %s: %s", dirpath, exc.strerror)
+                self.result.unreadable[dirpath] = exc.strerror or str(exc)
+                continue
+            if manifest_dir:
+                self.claim(manifest_dir, dirpath, True)
+                self.result.directories.append(manifest_dir)
             subdirs = []
             for entry in entries:
                 relpath = f"{relbase}/{entry.name}" if relbase else entry.name
                 if self.excludes and self.excludes.excluded(relpath, entry.name):
+                    continue
+                if entry.path in self.leave_out:
                     continue
                 if not _storable(entry.path, self.bad_names):
                     continue
@@ -228,9 +234,13 @@ class _Walker:
 
 
 def walk_sources(sources: Iterable[str], follow_links: bool = True,
-                 excludes: Excludes | None = None) -> WalkResult:
-    """Walk every source in order; raise SourceError naming the path on bad input."""
-    walker = _Walker(follow_links, excludes or Excludes(()))
+                 excludes: Excludes | None = None, leave_out: Iterable[str] = ()) -> WalkResult:
+    """Walk every source in order; raise SourceError naming the path on bad input.
+
+    Directories that cannot be read are listed in ``unreadable`` (the caller decides);
+    paths in ``leave_out`` (e.g. unreadable files the user agreed to skip) are omitted.
+    """
+    walker = _Walker(follow_links, excludes or Excludes(()), frozenset(leave_out))
     for source in sources:
         walker.walk_source(source)
     if walker.bad_names:

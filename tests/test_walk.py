@@ -121,15 +121,21 @@ def test_non_utf8_names_are_refused_before_anything_moves(tree):
         walk_sources([str(tree) + "/"])
 
 
-def test_unreadable_directory_names_the_path(tree):
+def test_unreadable_directory_is_listed_and_left_out(tree):
     if os.geteuid() == 0:
-        pytest.skip("root reads any directory")
+        pytest.skip("root reads any directory (the CLI tests drop privileges for this)")
     os.chmod(tree / "z", 0)
     try:
-        with pytest.raises(SourceError, match="cannot read directory .*z"):
-            walk_sources([str(tree) + "/"])
+        result = walk_sources([str(tree) + "/"])
     finally:
         os.chmod(tree / "z", 0o755)
+    assert list(result.unreadable) == [str(tree / "z")]
+    assert "z" not in result.directories and "z/1" not in names(result)
+
+
+def test_leave_out_omits_paths(tree):
+    result = walk_sources([str(tree) + "/"], leave_out=[str(tree / "a.txt"), str(tree / "z")])
+    assert "a.txt" not in names(result) and "z/1" not in names(result) and "z" not in result.directories
 
 
 def test_deep_tree_does_not_recurse(tmp_path):

@@ -62,16 +62,21 @@ class _Worker:
         self.sock = sock
         self.store = store
         self.committer = committer
+        self.last_sent = time.monotonic()
         self.block: int | None = None      # block being received
         self.writer: BlockWriter | None = None
         self.md5: Any = None
         self.size = 0
         self.failed_block: int | None = None  # ignore further chunks of this block
 
+    def send(self, frame: bytes) -> None:
+        self.sock.send(frame)
+        self.last_sent = time.monotonic()
+
     def on_chunk(self, header: dict, data: zmq.Frame) -> None:
         block = header["block"]
         view = data.buffer
-        self.sock.send(protocol.encode(protocol.CREDIT, bytes=len(view)))
+        self.send(protocol.encode(protocol.CREDIT, bytes=len(view)))
         if block == self.failed_block:
             return
         try:
@@ -102,7 +107,7 @@ class _Worker:
     def fail(self, block: int, error: str) -> None:
         self.drop_current()
         self.failed_block = block
-        self.sock.send(protocol.encode(protocol.FAILED, block=block, error=error))
+        self.send(protocol.encode(protocol.FAILED, block=block, error=error))
 
 
 def _parent_gone(parent_pid: int | None) -> bool:
@@ -156,11 +161,17 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
+        silence_limit = float(welcome["heartbeat_timeout"])
+        last_heard = time.monotonic()
         while True:
             events = dict(poller.poll(POLL_MS))
             if results in events:
-                sock.send(results.recv())
+                worker.send(results.recv())
+            now = time.monotonic()
+            if now - worker.last_sent > silence_limit / 5:
+                worker.send(protocol.encode(protocol.HEARTBEAT))
             if sock in events:
+                last_heard = now
                 frames = sock.recv_multipart(copy=False)
                 header = protocol.decode(frames[0].buffer)
                 kind = header["t"]
@@ -171,8 +182,8 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
                 elif kind == protocol.STOP:
                     worker.drop_current()
                     break
-            if _parent_gone(parent_pid):
-                log.error("coordinator (pid %d) is gone; worker %d exiting", parent_pid, os.getpid())
+            if _parent_gone(parent_pid) or now - last_heard > silence_limit:
+                log.error("coordinator at %s is gone; worker %d exiting", address, os.getpid())
                 worker.drop_current()
                 return 1
         return 0

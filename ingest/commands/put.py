@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from ingest.commands.common import add_store_arguments, settings_from
-from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_USAGE as EXIT_PENDING, IngestError
+from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE as EXIT_PENDING, IngestError
 from ingest.put import PutResult, dry_run, run_put
 
 
@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     resume.add_argument("--dry-run", action="store_true",
                         help="read no data, upload nothing: list what would be uploaded and why; "
                              "exit 2 if anything would be, 0 if not")
+    resume.add_argument("--skip-unreadable", action="store_true", default=None,
+                        help="finish without files and directories that cannot be read, list "
+                             "them and exit 3 (default: fail, after storing everything else)")
     resume.add_argument("--verify-content", action="store_true",
                         help="re-read files that look unchanged and compare their xxh3 digests, "
                              "to catch edits that keep size and mtime")
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         "put.exclude": (args.exclude, "--exclude"),
         "put.follow_links": (args.follow_links, "--follow-links/--no-follow-links"),
         "state.dir": (args.state_dir, "--state-dir"),
+        "put.skip_unreadable": (args.skip_unreadable, "--skip-unreadable"),
     })
     if args.dry_run:
         return _report_dry_run(args, dry_run(settings, args.sources))
@@ -128,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"pdh": pdh, **_counters(result), "seconds": round(result.seconds, 3),
                    "store": settings.describe_store(), "state": result.state_dir,
                    "manifest_out": args.manifest_out, "changed": _changed(result),
+                   "unreadable": [{"path": p, "reason": r} for p, r in sorted(result.unreadable.items())],
                    "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
                   sys.stdout)
         sys.stdout.write("\n")
@@ -137,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     if not args.quiet:
         print(_summary(result, pdh), file=sys.stderr)
+    if result.unreadable:
+        listed = "\n  ".join(f"{p}: {r}" for p, r in sorted(result.unreadable.items()))
+        print(f"keep-ingest: partial: left out {len(result.unreadable)} unreadable path(s):\n  {listed}",
+              file=sys.stderr)
+        return EXIT_PARTIAL
     return EXIT_OK
 
 
