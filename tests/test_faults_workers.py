@@ -1,0 +1,228 @@
+"""Worker and coordinator deaths, unreadable and changing files: the run's own faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import cli_env
+from trees import MiB, fill
+
+from ingest.journal import iter_records
+
+pytestmark = pytest.mark.fault
+
+SETPRIV = shutil.which("setpriv")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(tmp_path: Path, *args: str, env: dict[str, str] | None = None, unprivileged: bool = False):
+    prefix = [SETPRIV, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"] if unprivileged else []
+    return subprocess.Popen([*prefix, sys.executable, "-m", "ingest", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path, env))
+
+
+def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def tagged(tag: str) -> list[int]:
+    pids = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("KEEP_INGEST_TEST_TAG") == tag:
+                pids.append(p.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def wait_for(condition, timeout: float, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
+def journaled(base: Path) -> int:
+    """Blocks the run has checkpointed so far."""
+    return sum(1 for j in (base / "state" / "runs").glob("*/journal")
+               for r in iter_records(str(j)) if r["t"] == "block")
+
+
+@pytest.fixture
+def src(tmp_path):
+    for i in range(6):
+        fill(tmp_path / "src" / f"big{i}", 6 * MiB + i, f"big{i}")
+    for i in range(40):
+        fill(tmp_path / "src" / "small" / f"s{i}", 3000 + i, f"s{i}")
+    return tmp_path / "src"
+
+
+def put_args(base: Path, *extra: str) -> list[str]:
+    return ["put", "--store", str(base / "store"), "--state-dir", str(base / "state"),
+            "--block-size", str(MiB), "--chunk-size", "65536", *extra]
+
+
+def reference(cli, tmp_path: Path, src: Path) -> str:
+    base = tmp_path / "ref"
+    proc = cli(*put_args(base), str(src))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_a_worker_killed_mid_block_is_replaced_and_the_manifest_is_unchanged(cli, tmp_path, src):
+    expected = reference(cli, tmp_path, src)
+    base = tmp_path / "run"
+    proc = spawn(base, *put_args(base, "--workers", "2", "-v"), str(src))
+    try:
+        assert wait_for(lambda: len(psutil.Process(proc.pid).children()) >= 2, 30)
+        # wait until some blocks are stored, then kill one worker in the middle of its work
+        assert wait_for(lambda: journaled(base) >= 3, 30)
+        victim = psutil.Process(proc.pid).children()[0]
+        victim.kill()
+        code, out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert out == expected
+    assert f"worker process {victim.pid} died" in err and "started a replacement" in err
+
+
+def test_when_every_worker_is_gone_the_run_fails_clearly_with_a_valid_journal(cli, tmp_path, src):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    profile = tmp_path / "p.toml"
+    profile.write_text("[put]\nworker_timeout = 3\nheartbeat_timeout = 2\n")
+    base = tmp_path / "run"
+    coordinator = spawn(base, *put_args(base, "--config", str(profile), "--workers", "0",
+                                        "--listen", endpoint), str(src))
+    worker = spawn(base, "worker", "--connect", endpoint)
+    try:
+        assert wait_for(lambda: journaled(base) >= 2, 30)
+        worker.kill()
+        code, _, err = finish(coordinator, timeout=60)
+    finally:
+        for p in (coordinator, worker):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert code == 1
+    assert "lost (" in err and "no worker connected within 3 s" in err
+    # the journal is valid and only holds stored blocks: a local run resumes from it
+    journal = next((base / "state" / "runs").glob("*/journal"))
+    for record in iter_records(str(journal)):
+        if record["t"] == "block":
+            md5 = record["loc"][:32]
+            assert (base / "store" / md5[:3] / md5).is_file()
+    resumed = cli(*put_args(base, "--json", "-q"), str(src))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["bytes_reused"] > 0
+
+
+def test_local_workers_exit_by_themselves_when_the_coordinator_dies(tmp_path, src):
+    tag = f"run-{uuid.uuid4()}"
+    base = tmp_path / "run"
+    proc = spawn(base, *put_args(base, "--workers", "2"), str(src), env={"KEEP_INGEST_TEST_TAG": tag})
+    try:
+        assert wait_for(lambda: len(tagged(tag)) >= 3, 30)
+        proc.kill()
+        proc.wait()
+        assert wait_for(lambda: tagged(tag) == [], 10), "orphan workers"
+    finally:
+        for pid in tagged(tag):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_remote_worker_exits_when_its_coordinator_goes_silent(tmp_path, src):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    profile = tmp_path / "p.toml"
+    profile.write_text("[put]\nheartbeat_timeout = 2\n")
+    base = tmp_path / "run"
+    worker = spawn(base, "worker", "--connect", endpoint)
+    coordinator = spawn(base, *put_args(base, "--config", str(profile), "--workers", "0",
+                                        "--listen", endpoint), str(src))
+    try:
+        assert wait_for(lambda: journaled(base) >= 1, 30)  # the worker is at work
+        coordinator.kill()
+        coordinator.wait()
+        started = time.monotonic()
+        code, _, err = finish(worker, timeout=30)
+        assert code == 1 and "is gone" in err
+        assert time.monotonic() - started < 10
+    finally:
+        for p in (coordinator, worker):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="needs setpriv to drop root's capabilities")
+def test_unreadable_file_fails_after_the_rest_is_stored_or_is_skipped_with_exit_3(tmp_path, src):
+    locked = src / "small" / "s7"
+    locked_dir = src / "closed"
+    fill(locked_dir / "x", 10, "x")
+    locked.chmod(0)
+    locked_dir.chmod(0)
+    base = tmp_path / "run"
+    code, out, err = finish(spawn(base, *put_args(base), str(src), unprivileged=True))
+    assert code == 1 and out == ""
+    assert f"{locked}: Permission denied" in err and f"{locked_dir}: Permission denied" in err
+    assert "everything else is stored and checkpointed" in err
+    code, out, err = finish(spawn(base, *put_args(base, "--skip-unreadable", "--json", "-q"), str(src),
+                                  unprivileged=True))
+    assert code == 3, err
+    result = json.loads(out)
+    assert {u["path"] for u in result["unreadable"]} == {str(locked), str(locked_dir)}
+    assert result["bytes_reused"] > 0  # the first run's blocks were checkpointed
+    manifest = finish(spawn(base, *put_args(base, "--skip-unreadable", "-q"), str(src),
+                            unprivileged=True))[1]
+    assert ":s7" not in manifest and "closed" not in manifest and ":s8" in manifest
+
+
+def test_a_file_that_keeps_changing_fails_after_bounded_retries(tmp_path, src):
+    growing = src / "big0"
+    stop = threading.Event()
+
+    def grow():
+        with open(growing, "ab") as f:
+            while not stop.is_set():
+                f.write(b"x" * 4096)
+                f.flush()
+                time.sleep(0.002)
+
+    writer = threading.Thread(target=grow)
+    writer.start()
+    try:
+        base = tmp_path / "run"
+        code, out, err = finish(spawn(base, *put_args(base), str(src)), timeout=120)
+    finally:
+        stop.set()
+        writer.join()
+    assert code == 1 and out == ""
+    assert f"file changed while being read: {growing}" in err and "still changing after 4 attempts" in err
