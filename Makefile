@@ -6,11 +6,16 @@ CONFIG ?= configs/default.toml
 SRC    ?=
 ARGS   ?=
 
-.PHONY: help install ingest test clean
+LISTEN ?= 127.0.0.1:25107
+VOLUME ?= $(HOME)/.local/share/keep-ingest/keepstore
+
+.PHONY: help install ingest keepstore test lint clean
 
 help:
 	@echo "make ingest SRC=path [CONFIG=configs/default.toml] [ARGS=...]  upload a tree, print its manifest"
+	@echo "make keepstore [LISTEN=127.0.0.1:25107] [VOLUME=dir]           run a local Keep server"
 	@echo "make test                                                      run the test suite"
+	@echo "make lint                                                      check the code with ruff"
 	@echo "make clean                                                     remove the virtualenv and caches"
 
 $(BIN)/python:
@@ -32,8 +37,19 @@ ingest: $(VENV)/.runtime
 	@if [ -z "$(SRC)" ]; then echo "usage: make ingest SRC=path [CONFIG=...]" >&2; exit 2; fi
 	$(BIN)/keep-ingest put --config $(CONFIG) $(ARGS) $(SRC)
 
+keepstore: $(VENV)/.runtime
+	mkdir -p $(VOLUME)
+	$(BIN)/keep-ingest keepstore --listen $(LISTEN) --volume $(VOLUME)
+
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
+
+$(VENV)/.lint: | $(BIN)/python
+	$(BIN)/python -m pip install -q ruff
+	touch $@
+
+lint: $(VENV)/.lint
+	$(BIN)/python -m ruff check ingest workers tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

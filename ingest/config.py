@@ -12,8 +12,9 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ingest.errors import ConfigError
 from ingest.keep.locator import BLOCK_SIZE_MAX
@@ -57,6 +58,9 @@ class PutSettings:
     worker_timeout: int = 120        # seconds without any connected worker before giving up
     heartbeat_timeout: int = 10      # seconds of silence after which a worker (or coordinator) is lost
     skip_unreadable: bool = False    # finish without files that cannot be read (exit 3) instead of failing
+    progress: str = "auto"           # auto (a live display on a terminal), tty, json, batch, none
+    progress_file: str = ""          # json/batch progress lines go here (appended); empty: stderr
+    progress_interval: float = 1.0   # seconds between progress lines
     resume: bool = True              # reuse blocks earlier runs stored (false: start afresh)
     change_retries: int = 3          # re-walks when files change while being read
     signature_margin: int = 172800   # store again blocks whose signatures expire sooner (s)
@@ -126,6 +130,9 @@ _CHECKS: dict[str, _Check] = {
     "put.worker_timeout": (lambda v: v >= 1, "must be 1 or more"),
     "put.change_retries": (lambda v: v >= 0, "must be 0 or more"),
     "put.heartbeat_timeout": (lambda v: v >= 1, "must be 1 or more"),
+    "put.progress": (lambda v: v in ("auto", "tty", "json", "batch", "none"),
+                     "must be auto, tty, json, batch or none"),
+    "put.progress_interval": (lambda v: v > 0, "must be more than 0"),
     "put.signature_margin": (lambda v: v >= 0, "must be 0 or more"),
     "put.chunk_size": (lambda v: 4096 <= v <= BLOCK_SIZE_MAX, f"must be 4096 to {BLOCK_SIZE_MAX}"),
     "put.block_size": (lambda v: 1 <= v <= BLOCK_SIZE_MAX, f"must be 1 to {BLOCK_SIZE_MAX}"),

@@ -23,8 +23,8 @@ import secrets
 import signal
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import multiprocessing_logging
 import zmq
@@ -34,6 +34,7 @@ from ingest.config import Settings
 from ingest.errors import IngestError, StoreError
 from ingest.keep.store import StoredBlock
 from ingest.plan import Plan
+from ingest.progress import Tracker
 from ingest.reader import BlockReader, FileChanged, Unreadable
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,15 @@ class Coordinator:
     """Runs one dispatch of a plan's blocks through local and/or remote workers."""
 
     def __init__(self, settings: Settings, plan: Plan, reader: BlockReader,
-                 on_stored: Callable[[int, StoredBlock, list[int]], None]):
+                 on_stored: Callable[[int, StoredBlock, list[int]], None], progress: Tracker):
         """``on_stored(block index, stored block, xxh3 digests of its pieces)`` is called
-        for each block as the store confirms it."""
+        for each block as the store confirms it; ``progress`` hears of every worker's
+        bytes and is ticked on each turn of the loop."""
         self.settings = settings
         self.plan = plan
         self.reader = reader
         self.on_stored = on_stored
+        self.progress = progress
         self.chunk_size = settings.put.chunk_size
         self.window = settings.put.window_chunks * settings.put.chunk_size
         self.max_blocks = settings.put.blocks_per_worker
@@ -168,6 +171,7 @@ class Coordinator:
                 events = sock.poll(0)
             self._keep_alive(sock)
             self._check_local_workers()
+            self.progress.tick()
             if self.peers:
                 last_worker_seen = time.monotonic()
             elif not self.processes and self.settings.local_worker_count:
@@ -244,6 +248,7 @@ class Coordinator:
         peer.last_heard = time.monotonic()
         if kind == protocol.CREDIT:
             peer.credit += msg["bytes"]
+            self.progress.worker_bytes(peer.name, msg["bytes"])
         elif kind == protocol.STORED:
             index = msg["block"]
             if index in peer.open_blocks:

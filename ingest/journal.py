@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import xxhash

@@ -13,8 +13,8 @@ The plan is compact (a few integers per file) so that very large trees stay chea
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 from ingest.keep.locator import BLOCK_SIZE_MAX
 

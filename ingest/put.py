@@ -22,9 +22,9 @@ from ingest.journal import JournalWriter
 from ingest.keep.store import StoredBlock, open_store
 from ingest.manifest import Manifest, Segment
 from ingest.plan import Plan
+from ingest.progress import Display, NoDisplay, Tracker
 from ingest.reader import BlockReader, FileChanged
-from ingest.state import (ResumeIndex, RunIdentity, RunState, StoredRecord, block_key, block_record,
-                          piece_rows)
+from ingest.state import ResumeIndex, RunIdentity, RunState, StoredRecord, block_key, block_record, piece_rows
 from ingest.walk import Excludes, WalkResult, walk_sources
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def _file_reasons(walk: WalkResult, plan: Plan, todo: list[int], index: ResumeIn
                 continue
             fp = f.fingerprint
             now = (fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode)
-            diff = [name for name, old, new in zip(("size", "mtime", "ctime", "inode"), before, now)
+            diff = [name for name, old, new in zip(("size", "mtime", "ctime", "inode"), before, now, strict=True)
                     if old != new]
             reasons[f.name] = diff or [block_reason.get(b, "repacked")]
     return reasons
@@ -86,7 +86,7 @@ class _Run:
     """One attempt at the tree: plan it, decide what to reuse, upload the rest."""
 
     def __init__(self, settings: Settings, sources: list[str], index: ResumeIndex,
-                 verify_content: bool, leave_out: dict[str, str]):
+                 verify_content: bool, leave_out: dict[str, str], display: Display):
         self.settings = settings
         self.walk = walk_sources(sources, settings.put.follow_links, Excludes(settings.put.exclude),
                                  leave_out)
@@ -102,6 +102,21 @@ class _Run:
         self.bytes_reused = self.bytes_uploaded = 0
         self._decide(verify_content)
         self.changed = _file_reasons(self.walk, self.plan, self.todo, index, self.block_reason)
+        self.tracker = Tracker(display, len(self.walk.files), self.walk.total_bytes, self.plan.block_count,
+                               self._files_ending(), settings.put.progress_interval)
+        todo = set(self.todo)
+        for b in range(self.plan.block_count):
+            if b not in todo:
+                self.tracker.block_done(b, self.plan.block_size_of(b), reused=True)
+
+    def _files_ending(self) -> list[int]:
+        """Per block, how many files have their last byte in it."""
+        ending = [0] * self.plan.block_count
+        for i in range(len(self.walk.files)):
+            parts = self.plan.placement(i).parts
+            if parts:
+                ending[parts[-1][0]] += 1
+        return ending
 
     def _reusable(self, b: int, record: StoredRecord | None, verify_content: bool) -> bool:
         if record is None:
@@ -132,8 +147,9 @@ class _Run:
             self.index.add(record)
             self.locators[b] = stored.locator
             self.bytes_uploaded += self.plan.block_size_of(b)
+            self.tracker.block_done(b, self.plan.block_size_of(b), reused=False)
 
-        coordinator = Coordinator(self.settings, self.plan, self.reader, on_stored)
+        coordinator = Coordinator(self.settings, self.plan, self.reader, on_stored, self.tracker)
         coordinator.run(self.todo)
         return coordinator.unreadable
 
@@ -157,13 +173,17 @@ def dry_run(settings: Settings, sources: list[str]) -> PutResult:
     started = time.monotonic()
     state = RunState(settings.state_dir, RunIdentity.of(settings, sources))
     index = state.load()[0] if settings.put.resume else ResumeIndex()
-    run = _Run(settings, sources, index, verify_content=False, leave_out={})
+    run = _Run(settings, sources, index, verify_content=False, leave_out={}, display=NoDisplay())
     return run.result(started, state.dir, with_manifest=False)
 
 
 def run_put(settings: Settings, sources: list[str], verify_content: bool = False,
-            reset: bool = False) -> PutResult:
-    """Upload the sources, resuming from the run's journal; return the result."""
+            reset: bool = False, display: Display | None = None) -> PutResult:
+    """Upload the sources, resuming from the run's journal; return the result.
+
+    ``display`` shows progress (see ingest.progress); it is closed before returning.
+    """
+    display = display or NoDisplay()
     started = time.monotonic()
     identity = RunIdentity.of(settings, sources)
     state = RunState(settings.state_dir, identity)
@@ -177,7 +197,8 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
         journal = state.open_writer(valid)
         try:
             journal.append(_run_record(identity))
-            run = _attempt(settings, sources, index, verify_content, journal)
+            run = _attempt(settings, sources, index, verify_content, journal, display)
+            run.tracker.close()
             result = run.result(started, state.dir)
             journal.append({"t": "done", "pdh": result.manifest.portable_data_hash(),
                             "files": result.files, "bytes": result.bytes, "finished": time.time()})
@@ -186,6 +207,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
                               "run the same command again to resume", EXIT_INTERRUPTED) from None
         finally:
             journal.close()
+            display.close_quietly()
         state.compact(set(run.keys), index)
         return result
     finally:
@@ -193,7 +215,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
 
 
 def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_content: bool,
-             journal: JournalWriter) -> _Run:
+             journal: JournalWriter, display: Display) -> _Run:
     """Walk and upload; walk again when files change under the reader, or to leave out
     unreadable files (--skip-unreadable). Without that option an unreadable file fails
     the run once everything else is stored and checkpointed."""
@@ -201,7 +223,7 @@ def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_
     changes = 0
     leave_out: dict[str, str] = {}
     while True:
-        run = _Run(settings, sources, index, verify_content, leave_out)
+        run = _Run(settings, sources, index, verify_content, leave_out, display)
         log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",
                  len(run.walk.files), run.walk.total_bytes, run.plan.block_count, len(run.todo),
                  settings.describe_store(), run.plan.block_count - len(run.todo))

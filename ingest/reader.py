@@ -10,7 +10,7 @@ pieces; small files cost one open, read, fstat and close each.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import xxhash
 

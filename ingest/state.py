@@ -14,8 +14,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import msgpack
 import xxhash
@@ -51,7 +52,7 @@ class RunIdentity:
     store: str
 
     @classmethod
-    def of(cls, settings: Settings, sources: Iterable[str]) -> "RunIdentity":
+    def of(cls, settings: Settings, sources: Iterable[str]) -> RunIdentity:
         return cls(tuple(source_forms(sources)), settings.put.block_size, store_identity(settings))
 
     @property

@@ -15,8 +15,8 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from ingest.errors import SourceError, UsageError
 
@@ -34,7 +34,7 @@ class Fingerprint:
     device: int
 
     @classmethod
-    def of(cls, st: os.stat_result) -> "Fingerprint":
+    def of(cls, st: os.stat_result) -> Fingerprint:
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
@@ -98,7 +98,7 @@ class Excludes:
             parts = relpath.split("/")
             for pat in self._paths:
                 if len(pat) == len(parts) and all(
-                        fnmatch.fnmatchcase(n, p) for n, p in zip(parts, pat)):
+                        fnmatch.fnmatchcase(n, p) for n, p in zip(parts, pat, strict=True)):
                     return True
         return False
 

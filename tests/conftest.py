@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from keepstore_fixture import keepstore, keepstore_factory, keepstore_signed, keepstores3  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

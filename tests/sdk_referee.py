@@ -9,9 +9,9 @@ default replication. Import this module only after ``pytest.importorskip("arvado
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import contextlib
 import tempfile
 import types
 from collections.abc import Iterable, Iterator, Sequence

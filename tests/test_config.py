@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from ingest.config import Settings, default_store_path, load_settings
 from ingest.errors import ConfigError
 

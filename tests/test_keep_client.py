@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable
 
 import pytest
+from keepstore_fixture import SIGNING_KEY, TOKEN
 
 from ingest.errors import BlockNotFound, ConfigError, StoreError
 from ingest.keep.client import KeepClient, rendezvous_order, static_services
 from ingest.keep.signing import verify_signature
 from ingest.keep.store import StoredBlock, open_store
-from keepstore_fixture import SIGNING_KEY, TOKEN
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,7 +86,7 @@ class FakeKeep:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d/" % self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
         self.thread.start()

@@ -14,9 +14,9 @@ import time
 
 import pytest
 import urllib3
+from keepstore_fixture import ROOT_TOKEN, SIGNING_KEY, TOKEN
 
 from ingest.keep.signing import sign_locator, verify_signature
-from keepstore_fixture import ROOT_TOKEN, SIGNING_KEY, TOKEN
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,7 +145,7 @@ def test_put_chunked_over_64mib_is_413(keepstore):
     assert status in (413, None)
     # The access log line is written once the connection is done with.
     deadline = time.monotonic() + 5
-    while "PUT /%s 413" % md5 not in keepstore.log():
+    while f"PUT /{md5} 413" not in keepstore.log():
         assert time.monotonic() < deadline, keepstore.log()
         time.sleep(0.05)
 

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-arvados = pytest.importorskip("arvados")
+pytest.importorskip("arvados")
 import arvados.config  # noqa: E402
 import arvados.errors  # noqa: E402
 import arvados.keep  # noqa: E402
+from keepstore_fixture import SIGNING_KEY, TOKEN  # noqa: E402
 
 from ingest.keep.client import KeepClient  # noqa: E402
 from ingest.keep.signing import sign_locator, verify_signature  # noqa: E402
-from keepstore_fixture import SIGNING_KEY, TOKEN  # noqa: E402
 
 pytestmark = [pytest.mark.sdk, pytest.mark.timeout(60)]
 

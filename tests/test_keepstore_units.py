@@ -15,9 +15,18 @@ from multidict import MultiDict
 from ingest.errors import StoreFull
 from ingest.keep.dirstore import DirectoryBlockWriter
 from ingest.keep.locator import BLOCK_SIZE_MAX
-from ingest.keep.server import (KeepstoreServer, LocatorInfo, MemoryBudget, ServerConfig, Volume, mount_order,
-                                parse_listen, parse_locator_info, parse_storage_classes,
-                                request_tokens)
+from ingest.keep.server import (
+    KeepstoreServer,
+    LocatorInfo,
+    MemoryBudget,
+    ServerConfig,
+    Volume,
+    mount_order,
+    parse_listen,
+    parse_locator_info,
+    parse_storage_classes,
+    request_tokens,
+)
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -93,7 +93,7 @@ PARSE_ERRORS = [
     (f". {A} 0:3:f\n\n", 2, ""),  # empty line
     (f". {A}  0:3:f\n", 1, ""),  # double space
     (f". {A} 0:3:f\t\n", 1, "0:3:f\t"),  # raw control character
-    (f". 0:3:f\n", 1, "."),  # no locators
+    (". 0:3:f\n", 1, "."),  # no locators
     (f"./d {A}\n", 1, "./d"),  # no file tokens
     (f"d {A} 0:3:f\n", 1, "d"),  # stream name must start with ./
     (f"./ {A} 0:3:f\n", 1, "./"),

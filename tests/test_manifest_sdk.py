@@ -156,9 +156,9 @@ def messy_manifest(draw: st.DrawFn, tree: Tree) -> str:
         n_chunks = draw(st.integers(1, max(1, len(segs))))
         bounds = sorted(draw(st.lists(st.integers(1, max(1, len(segs) - 1)), min_size=n_chunks - 1,
                                       max_size=n_chunks - 1))) if len(segs) > 1 else []
-        chunks = [segs[a:b] for a, b in zip([0, *bounds], [*bounds, len(segs)])]
+        chunks = [segs[a:b] for a, b in zip([0, *bounds], [*bounds, len(segs)], strict=True)]
         keys = sorted(draw(st.lists(st.floats(0, 1), min_size=len(chunks), max_size=len(chunks))))
-        items.extend((key, stream, rel, chunk) for key, chunk in zip(keys, chunks))
+        items.extend((key, stream, rel, chunk) for key, chunk in zip(keys, chunks, strict=True))
     markers = list(tree.dirs)
     if draw(st.booleans()):
         markers.append(())  # a placeholder for the root itself

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from trees import BLOCK, make_awkward_tree, read_tree
 
 pytest.importorskip("arvados")

@@ -7,19 +7,17 @@ import sys
 import time
 
 import pytest
-
 from conftest import cli_env
 from keepstore_fixture import SIGNING_KEY, TOKEN
 from trees import MiB, fill, make_awkward_tree, read_tree
 
+from ingest.journal import iter_records
 from ingest.keep.client import rendezvous_order, static_services
 from ingest.keep.locator import Locator
-from ingest.journal import iter_records
 from ingest.manifest import parse_manifest
 
 pytest.importorskip("arvados")
 from sdk_referee import sdk_collection, sdk_keep_for_services, sdk_read_tree  # noqa: E402
-
 
 
 def block_locators(manifest_text: str) -> set[str]:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import psutil
-import pytest
-
 from conftest import cli_env
 from trees import MiB, fill
 

@@ -30,7 +30,7 @@ def test_chunks_concatenate_to_the_block_bytes(src, chunk_size):
     plan = Plan([f.size for f in files], block_size=8192)
     blocks = read_all(files, plan, chunk_size)
     assert sum(len(b) for b in blocks) == sum(f.size for f in files)
-    for plan_block, data in zip(plan.blocks(), blocks):
+    for plan_block, data in zip(plan.blocks(), blocks, strict=True):
         want = b"".join((src / files[p.file_index].name).read_bytes()[p.file_offset:p.file_offset + p.length]
                         for p in plan_block.pieces)
         assert data == want

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -12,12 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env
 from trees import MiB, fill
 
 from ingest.journal import iter_records, rewrite_journal
-from ingest.manifest import parse_manifest
 
 BLOCK = MiB
 

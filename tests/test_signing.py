@@ -4,8 +4,15 @@ import time
 
 import pytest
 
-from ingest.keep.signing import (DEFAULT_TTL, SignatureExpired, SignatureInvalid, SignatureMissing,
-                                 permission_signature, sign_locator, verify_signature)
+from ingest.keep.signing import (
+    DEFAULT_TTL,
+    SignatureExpired,
+    SignatureInvalid,
+    SignatureMissing,
+    permission_signature,
+    sign_locator,
+    verify_signature,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -13,13 +20,13 @@ pytestmark = pytest.mark.timeout(10)
 KNOWN_LOCATOR = "acbd18db4cc2f85cedef654fccc4a4d8+3"
 KNOWN_TOKEN = "hocfupkn2pjhrpgp2vxv8rsku7tvtx49arbc9s4bvu7p7wxqvk"
 KNOWN_KEY = (
-    "13u9fkuccnboeewr0ne3mvapk28epf68a3bhj9q8sb4l6e4e5mkk"
-    "p6nhj2mmpscgu1zze5h5enydxfe3j215024u16ij4hjaiqs5u4pzsl3nczmaoxnc"
-    "ljkm4875xqn4xv058koz3vkptmzhyheiy6wzevzjmdvxhvcqsvr5abhl15c2d4o4"
-    "jhl0s91lojy1mtrzqqvprqcverls0xvy9vai9t1l1lvvazpuadafm71jl4mrwq2y"
-    "gokee3eamvjy8qq1fvy238838enjmy5wzy2md7yvsitp5vztft6j4q866efym7e6"
-    "vu5wm9fpnwjyxfldw3vbo01mgjs75rgo7qioh8z8ij7jpyp8508okhgbbex3ceei"
-    "786u5rw2a9gx743dj3fgq2irk").encode()
+    b"13u9fkuccnboeewr0ne3mvapk28epf68a3bhj9q8sb4l6e4e5mkk"
+    b"p6nhj2mmpscgu1zze5h5enydxfe3j215024u16ij4hjaiqs5u4pzsl3nczmaoxnc"
+    b"ljkm4875xqn4xv058koz3vkptmzhyheiy6wzevzjmdvxhvcqsvr5abhl15c2d4o4"
+    b"jhl0s91lojy1mtrzqqvprqcverls0xvy9vai9t1l1lvvazpuadafm71jl4mrwq2y"
+    b"gokee3eamvjy8qq1fvy238838enjmy5wzy2md7yvsitp5vztft6j4q866efym7e6"
+    b"vu5wm9fpnwjyxfldw3vbo01mgjs75rgo7qioh8z8ij7jpyp8508okhgbbex3ceei"
+    b"786u5rw2a9gx743dj3fgq2irk")
 KNOWN_SIGNED = KNOWN_LOCATOR + "+A89118b78732c33104a4d6231e8b5a5fa1e4301e3@7fffffff"
 
 

@@ -9,4 +9,5 @@ COMMANDS: tuple[str, ...] = (
     "worker",
     "keepstore",
     "status",
+    "config",
 )

@@ -8,8 +8,14 @@ import sys
 
 from ingest.errors import EXIT_OK, ConfigError, UsageError
 from ingest.keep.locator import BLOCK_SIZE_MAX
-from ingest.keep.server import (DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT,
-                                DEFAULT_SHUTDOWN_TIMEOUT, ServerConfig, parse_listen, run_server)
+from ingest.keep.server import (
+    DEFAULT_MAX_BUFFERS,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    ServerConfig,
+    parse_listen,
+    run_server,
+)
 from ingest.keep.signing import DEFAULT_TTL
 
 log = logging.getLogger("keep-ingest.keepstore")

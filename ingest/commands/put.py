@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
+from typing import IO
 
 from ingest.commands.common import add_store_arguments, settings_from
-from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE as EXIT_PENDING, IngestError
+from ingest.config import Settings
+from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
+from ingest.errors import EXIT_USAGE as EXIT_PENDING
+from ingest.progress import MODES, make_display
 from ingest.put import PutResult, dry_run, run_put
 
 
@@ -61,6 +67,16 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     resume.add_argument("--verify-content", action="store_true",
                         help="re-read files that look unchanged and compare their xxh3 digests, "
                              "to catch edits that keep size and mtime")
+    prog = p.add_argument_group("progress")
+    prog.add_argument("--progress", choices=MODES, metavar="MODE",
+                      help="auto (default: a live display when stderr is a terminal), tty, json "
+                           "(JSON lines at a fixed interval), batch (arv-put's lines), none")
+    prog.add_argument("--batch-progress", dest="progress", action="store_const", const="batch",
+                      help="arv-put's machine-readable progress lines")
+    prog.add_argument("--no-progress", dest="progress", action="store_const", const="none",
+                      help="no progress display")
+    prog.add_argument("--progress-file", metavar="FILE",
+                      help="append json/batch progress lines to FILE instead of stderr")
     out = p.add_argument_group("output")
     out.add_argument("--manifest-out", metavar="FILE", help="also write the manifest to FILE (atomically)")
     out.add_argument("--portable-data-hash", action="store_true",
@@ -119,11 +135,16 @@ def run(args: argparse.Namespace) -> int:
         "put.follow_links": (args.follow_links, "--follow-links/--no-follow-links"),
         "state.dir": (args.state_dir, "--state-dir"),
         "put.skip_unreadable": (args.skip_unreadable, "--skip-unreadable"),
+        "put.progress": (args.progress, "--progress"),
+        "put.progress_file": (args.progress_file, "--progress-file"),
     })
     if args.dry_run:
         return _report_dry_run(args, dry_run(settings, args.sources))
     signal.signal(signal.SIGTERM, _interrupt)
-    result = run_put(settings, args.sources, verify_content=args.verify_content, reset=args.reset_state)
+    with _progress_stream(settings) as stream:
+        display = make_display(settings.put.progress, quiet=args.quiet > 0, stream=stream)
+        result = run_put(settings, args.sources, verify_content=args.verify_content,
+                         reset=args.reset_state, display=display)
     text = result.manifest.text()
     pdh = result.manifest.portable_data_hash()
     if args.manifest_out:
@@ -148,6 +169,21 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _progress_stream(settings: Settings) -> Iterator[IO[str]]:
+    """stderr, or the progress file opened for appending."""
+    if not settings.put.progress_file:
+        yield sys.stderr
+        return
+    path = os.path.expanduser(settings.put.progress_file)
+    try:
+        f = open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise IngestError(f"cannot open progress file {path}: {exc.strerror}") from None
+    with f:
+        yield f
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -33,15 +33,15 @@ import secrets
 import string
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import urllib3
 
 from ingest.errors import BlockNotFound, ConfigError, StoreError
-from ingest.keep.locator import (BLOCK_SIZE_MAX, EMPTY_BLOCK_LOCATOR, EMPTY_BLOCK_MD5,
-                                 Locator, LocatorError, is_md5_hex)
+from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_LOCATOR, EMPTY_BLOCK_MD5, Locator, LocatorError, is_md5_hex
 from ingest.keep.store import StoredBlock
 
 log = logging.getLogger("keep-ingest.keep")
@@ -73,7 +73,7 @@ def static_services(urls: Sequence[str], service_type: str = "disk",
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError(f"keep store: service URL {url!r} must start with http:// or https://")
         root = url if url.endswith("/") else url + "/"
-        uuid = uuids[idx] if uuids is not None else "00000-bi6l4-%015d" % idx
+        uuid = uuids[idx] if uuids is not None else f"00000-bi6l4-{idx:015d}"
         out.append(KeepService(root, uuid, service_type))
     return out
 
@@ -173,7 +173,7 @@ class KeepClient:
         self._closed = False
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "KeepClient":
+    def from_spec(cls, spec: dict[str, Any]) -> KeepClient:
         """Build from a store spec: ``{"type": "keep", "services": [...], ...}``."""
         unknown = set(spec) - cls.SPEC_KEYS
         if unknown:
@@ -190,7 +190,7 @@ class KeepClient:
 
     # ---- BlockStore protocol
 
-    def open_block(self) -> "KeepBlockWriter":
+    def open_block(self) -> KeepBlockWriter:
         self._check_open()
         return KeepBlockWriter(self)
 
@@ -205,7 +205,7 @@ class KeepClient:
                 self._executor = None
         self._http.clear()
 
-    def __enter__(self) -> "KeepClient":
+    def __enter__(self) -> KeepClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -78,7 +78,7 @@ class DirectoryStore:
         """Final path of a block: ``ROOT/<md5[:3]>/<md5>``."""
         return os.path.join(self.root, md5_hex[:3], md5_hex)
 
-    def open_block(self) -> "DirectoryBlockWriter":
+    def open_block(self) -> DirectoryBlockWriter:
         return DirectoryBlockWriter(self)
 
     def contains(self, md5_hex: str, size: int) -> bool:

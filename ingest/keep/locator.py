@@ -32,7 +32,7 @@ class Locator:
     hints: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "Locator":
+    def parse(cls, text: str) -> Locator:
         """Parse ``md5+size[+hints]``; raise LocatorError naming the text if invalid."""
         m = _LOCATOR_RE.match(text)
         if not m:

@@ -48,8 +48,7 @@ from aiohttp.abc import AbstractAccessLogger
 from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
 from ingest.keep.dirstore import DirectoryStore
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5
-from ingest.keep.signing import (DEFAULT_TTL, SignatureExpired, SignatureError,
-                                 sign_locator, verify_signature)
+from ingest.keep.signing import DEFAULT_TTL, SignatureError, SignatureExpired, sign_locator, verify_signature
 
 log = logging.getLogger("keep-ingest.keepstore")
 
@@ -182,7 +181,7 @@ class MemoryBudget:
         self.peak = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
 
-    async def acquire(self, n: int) -> "Lease":
+    async def acquire(self, n: int) -> Lease:
         n = min(max(n, 0), self.capacity)
         if not self._waiters and self.in_use + n <= self.capacity:
             self._take(n)
@@ -250,7 +249,7 @@ class Lease:
         self._released = True
         self._budget._give(self._n)
 
-    async def __aenter__(self) -> "Lease":
+    async def __aenter__(self) -> Lease:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -272,7 +271,7 @@ class Volume:
     writable: bool = True
 
     @classmethod
-    def for_directory(cls, path: str, fsync: bool = True) -> "Volume":
+    def for_directory(cls, path: str, fsync: bool = True) -> Volume:
         store = DirectoryStore(path, fsync=fsync)
         real = os.path.realpath(store.root)
         uuid = "zzzzz-nyw5e-" + hashlib.md5(real.encode()).hexdigest()[:15]
@@ -427,7 +426,7 @@ class KeepstoreServer:
                 assert self._idle is not None
                 try:
                     await asyncio.wait_for(self._idle.wait(), self.config.shutdown_timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     log.warning("%d request(s) still running after %.0fs; closing anyway",
                                 self._active, self.config.shutdown_timeout)
             await self._runner.cleanup()
