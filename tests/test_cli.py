@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyte
 import pytest
-
 from conftest import REPO_ROOT, cli_env
 from trees import MiB, fill
 
