@@ -87,7 +87,8 @@ class BatchLines(JsonLines):
         self.stream.flush()
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """``1.5 MiB`` style sizes for people."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -108,9 +109,9 @@ class Terminal:
 
     def show(self, snap: Snapshot) -> None:
         eta = f"ETA {snap.eta:.0f} s" if snap.eta is not None else "ETA -"
-        workers = "  ".join(f"{name.split('@')[0]} {_human(rate)}/s" for name, rate in sorted(snap.workers.items()))
-        detail = (f"{_human(snap.bytes_done)}/{_human(snap.bytes_total)}  "
-                  f"files {snap.files_done}/{snap.files_total}  {_human(snap.rate)}/s  {eta}"
+        workers = "  ".join(f"{name.split('@')[0]} {human_bytes(rate)}/s" for name, rate in sorted(snap.workers.items()))
+        detail = (f"{human_bytes(snap.bytes_done)}/{human_bytes(snap.bytes_total)}  "
+                  f"files {snap.files_done}/{snap.files_total}  {human_bytes(snap.rate)}/s  {eta}"
                   + (f"\n  {workers}" if workers else ""))
         self.progress.update(self.task, total=max(snap.bytes_total, 1), completed=snap.bytes_done, detail=detail)
         self.progress.refresh()

@@ -16,7 +16,7 @@ from ingest.commands.common import add_store_arguments, settings_from
 from ingest.config import Settings
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
 from ingest.errors import EXIT_USAGE as EXIT_PENDING
-from ingest.progress import MODES, make_display
+from ingest.progress import MODES, human_bytes, make_display
 from ingest.put import PutResult, dry_run, run_put
 
 
@@ -100,22 +100,14 @@ def _write_atomically(path: str, text: str) -> None:
         raise IngestError(f"cannot write manifest to {path}: {exc.strerror}") from None
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 SHOWN_CHANGES = 20
 
 
 def _summary(result: PutResult, pdh: str) -> str:
     rate = result.bytes_uploaded / result.seconds if result.seconds > 0 else 0.0
-    lines = [f"keep-ingest: {result.files} files, {_human(result.bytes)} in {result.blocks} blocks; "
-             f"uploaded {_human(result.bytes_uploaded)} ({result.blocks_uploaded} blocks) in "
-             f"{result.seconds:.2f} s ({_human(rate)}/s), reused {_human(result.bytes_reused)}; "
+    lines = [f"keep-ingest: {result.files} files, {human_bytes(result.bytes)} in {result.blocks} blocks; "
+             f"uploaded {human_bytes(result.bytes_uploaded)} ({result.blocks_uploaded} blocks) in "
+             f"{result.seconds:.2f} s ({human_bytes(rate)}/s), reused {human_bytes(result.bytes_reused)}; "
              f"portable data hash {pdh}"]
     if result.bytes_reused and result.changed:
         items = list(result.changed.items())
@@ -211,6 +203,6 @@ def _report_dry_run(args: argparse.Namespace, result: PutResult) -> int:
             print(f"{path}\t{', '.join(reasons)}")
     if not args.quiet:
         print(f"keep-ingest: dry run: {len(result.changed)} files in {result.blocks_uploaded} blocks "
-              f"({_human(result.bytes - result.bytes_reused)}) "
-              f"would be uploaded; {_human(result.bytes_reused)} already stored", file=sys.stderr)
+              f"({human_bytes(result.bytes - result.bytes_reused)}) "
+              f"would be uploaded; {human_bytes(result.bytes_reused)} already stored", file=sys.stderr)
     return EXIT_PENDING if result.blocks_uploaded else EXIT_OK
