@@ -8,4 +8,6 @@ COMMANDS: tuple[str, ...] = (
     "put",
     "worker",
     "keepstore",
+    "ls",
+    "cat",
 )
