@@ -10,4 +10,5 @@ COMMANDS: tuple[str, ...] = (
     "keepstore",
     "ls",
     "cat",
+    "get",
 )
