@@ -11,4 +11,5 @@ COMMANDS: tuple[str, ...] = (
     "ls",
     "cat",
     "get",
+    "verify",
 )
