@@ -271,3 +271,21 @@ def test_two_gets_into_one_destination_exclude_each_other(cli, tmp_path, monkeyp
         proc = cli("get", "--store", str(tmp_path / "store"), str(manifest), str(tmp_path / "dest"))
     assert proc.returncode == EXIT_LOCKED
     assert f"another keep-ingest get is writing into {tmp_path / 'dest'}" in proc.stderr
+
+
+def test_a_manifest_file_named_like_a_temporary_file_survives_a_resume(tmp_path, monkeypatch):
+    from ingest.read.get import run_get
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    store = DirectoryStore(str(tmp_path / "store"), fsync=False)
+    w = store.open_block()
+    w.write(b"abc")
+    locator = w.commit(hashlib.md5(b"abc").hexdigest()).locator
+    name = ".keep-ingest-get-0123456789abcdef.tmp"
+    manifest = parse_manifest(f". {locator} 0:3:{name}\n")
+    spec = {"type": "directory", "path": str(tmp_path / "store"), "fsync": False}
+    dest = tmp_path / "dest"
+    assert run_get(manifest, str(dest), "", spec, 1).written == 1
+    again = run_get(manifest, str(dest), "", spec, 1)
+    assert (again.written, again.already) == (0, 1)
+    assert (dest / name).read_bytes() == b"abc"

@@ -230,14 +230,18 @@ class _Getter:
                 raise IngestError(f"cannot create directory {path}: {exc.strerror}") from None
         return existed
 
-    @staticmethod
-    def clean_stale(dirs: list[str]) -> int:
-        """Remove temporary files an interrupted get left (we hold the lock: none is live)."""
+    def clean_stale(self, dirs: list[str]) -> int:
+        """Remove temporary files an interrupted get left (we hold the lock: none is live).
+
+        A file of the manifest that happens to have such a name is not one of them.
+        """
+        finals = {t.final for t in self.targets}
         removed = 0
         for d in dirs:
             try:
                 with os.scandir(d) as it:
-                    stale = [e.path for e in it if TMP_RE.match(e.name) and e.is_file(follow_symlinks=False)]
+                    stale = [e.path for e in it if TMP_RE.match(e.name) and e.path not in finals
+                             and e.is_file(follow_symlinks=False)]
             except OSError:
                 continue
             for path in stale:
