@@ -123,6 +123,19 @@ def test_get_a_subtree_or_one_file(cli, tmp_path, stored):
     assert proc.returncode == 1 and "'no/such': no such file or directory in the manifest" in proc.stderr
 
 
+def test_get_and_ls_a_manifest_stored_in_keep_by_its_portable_data_hash(cli, tmp_path, stored):
+    from ingest.keep.dirstore import DirectoryStore
+    from ingest.manifest import parse_manifest
+    from ingest.read.source import save_manifest
+
+    src, manifest, store = stored
+    pdh = save_manifest(DirectoryStore(store[1], fsync=False), parse_manifest(manifest.read_text()))
+    assert pdh == ok(cli("put", "-q", *store, "--block-size", str(SMALL_BLOCK), "--portable-data-hash",
+                         str(src) + "/")).stdout.strip()
+    ok(cli("get", *store, pdh, str(tmp_path / "dest"), "dir one"))
+    assert tree_state(tmp_path / "dest") == tree_state(src / "dir one")
+
+
 # -- ls and cat ---------------------------------------------------------------------
 
 
