@@ -44,6 +44,12 @@ def sdk_collection(manifest_text: str = "") -> arvados.collection.Collection:
     )
 
 
+def sdk_collection_in(local_store: str) -> arvados.collection.Collection:
+    """An empty SDK Collection whose blocks the SDK writes into ``local_store`` (flat ``<md5>`` files)."""
+    keep = arvados.keep.KeepClient(api_client=_STUB_API, local_store=local_store)
+    return arvados.collection.Collection(None, api_client=_STUB_API, keep_client=keep, replication_desired=1)
+
+
 def sdk_forms(manifest_text: str) -> tuple[str, str, str]:
     """The SDK's (normalized text, portable text, portable data hash) for a manifest."""
     coll = sdk_collection(manifest_text)

@@ -8,6 +8,10 @@ COMMANDS: tuple[str, ...] = (
     "put",
     "worker",
     "keepstore",
+    "ls",
+    "cat",
+    "get",
+    "verify",
     "status",
     "config",
 )

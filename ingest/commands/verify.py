@@ -1,0 +1,101 @@
+"""``keep-ingest verify``: compare the files of a manifest with a source tree."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ingest.commands.common import add_store_arguments, settings_from
+from ingest.commands.reading import add_manifest_argument, add_workers_argument, worker_count
+from ingest.errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_OK
+from ingest.read.names import display
+from ingest.read.source import load_manifest
+from ingest.read.verify import Difference, VerifyReport, run_verify
+from ingest.walk import Excludes
+
+DESCRIPTION = """\
+Compare every file of a manifest with the directory SRC, as 'put SRC/' would have
+stored it (the same symlink and --exclude rules), byte for byte: worker processes
+fetch each block once (its MD5 checked) and compare it with the source files,
+without holding whole files in memory.
+
+The report (stdout) has one line per difference, in tree order:
+  missing: PATH     in the manifest, not in SRC (a directory ends with '/')
+  extra: PATH       in SRC, not in the manifest
+  differs: PATH: first difference at byte N (manifest M bytes, source S bytes)
+Exit status: 0 when the tree is identical, 1 when there are differences (or when
+verification failed, e.g. a block is missing or corrupt; the message says so)."""
+
+
+def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("verify", parents=[common], help="compare a manifest with a source tree",
+                              description=DESCRIPTION, epilog=EXIT_CODES_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_manifest_argument(p)
+    p.add_argument("src", metavar="SRC", help="the source directory")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: identical, files, compared, missing, extra, differs")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="ignore source files and directories matching PATTERN (as put --exclude)")
+    links = p.add_mutually_exclusive_group()
+    links.add_argument("--follow-links", dest="follow_links", action="store_true", default=None,
+                       help="follow symlinks in SRC (default), as put does")
+    links.add_argument("--no-follow-links", dest="follow_links", action="store_false",
+                       help="ignore every symlink in SRC")
+    add_workers_argument(p)
+    add_store_arguments(p)
+    p.set_defaults(func=run)
+
+
+def line(diff: Difference) -> str:
+    if diff.kind != "differs":
+        return f"{diff.kind}: {display(diff.path)}"
+    if diff.detail:
+        return f"differs: {display(diff.path)}: {diff.detail}"
+    return (f"differs: {display(diff.path)}: first difference at byte {diff.offset} "
+            f"(manifest {diff.manifest_size} bytes, source {diff.source_size} bytes)")
+
+
+def as_json(report: VerifyReport) -> dict:
+    return {
+        "identical": report.ok,
+        "files": report.files,
+        "compared": report.compared,
+        "missing": [d.path for d in report.differences if d.kind == "missing"],
+        "extra": [d.path for d in report.differences if d.kind == "extra"],
+        "differs": [{"path": d.path, "offset": d.offset, "manifest_size": d.manifest_size,
+                     "source_size": d.source_size, "detail": d.detail or None}
+                    for d in report.differences if d.kind == "differs"],
+        "blocks_fetched": report.blocks_fetched,
+        "seconds": round(report.seconds, 3),
+    }
+
+
+def summary(report: VerifyReport) -> str:
+    if report.ok:
+        return (f"keep-ingest: verify: identical: {report.files} files "
+                f"({report.bytes_compared:,} bytes compared) in {report.seconds:.2f} s")
+    return (f"keep-ingest: verify: {len(report.differences)} difference(s): "
+            f"{report.count('missing')} missing, {report.count('extra')} extra, "
+            f"{report.count('differs')} differing; {report.identical} of {report.files} files identical")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args, {
+        "put.exclude": (args.exclude, "--exclude"),
+        "put.follow_links": (args.follow_links, "--follow-links/--no-follow-links"),
+    })
+    loaded = load_manifest(args.manifest, settings)
+    report = run_verify(loaded.manifest, args.src, settings.store_spec(), worker_count(args),
+                        follow_links=settings.put.follow_links, excludes=Excludes(settings.put.exclude))
+    if args.json:
+        json.dump(as_json(report), sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        for diff in report.differences:
+            print(line(diff))
+    sys.stdout.flush()
+    if not args.quiet:
+        print(summary(report), file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_ERROR
