@@ -320,3 +320,17 @@ def test_a_symlink_where_a_directory_goes_is_not_followed(cli, tmp_path, stored)
     ok(cli("get", *store, "--force", str(manifest), str(dest)))
     assert list(outside.iterdir()) == []
     assert tree_state(dest) == tree_state(src)
+
+
+def test_put_save_manifest_then_ls_by_portable_data_hash(cli, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.txt").write_text("hello\n")
+    store = ["--store", str(tmp_path / "store")]
+    proc = cli("put", *store, "--save-manifest", "--json", str(src))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["manifest_locator"] == summary["pdh"]  # unsigned store: the locator is the PDH
+    listing = cli("ls", *store, summary["pdh"])
+    assert listing.returncode == 0, listing.stderr
+    assert "src/hello.txt" in listing.stdout

@@ -17,7 +17,9 @@ from ingest.config import Settings
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
 from ingest.errors import EXIT_USAGE as EXIT_PENDING
 from ingest.progress import MODES, human_bytes, make_display
+from ingest.keep.store import open_store
 from ingest.put import PutResult, dry_run, run_put
+from ingest.read.source import save_manifest
 
 
 def _workers(text: str) -> int | str:
@@ -79,6 +81,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                       help="append json/batch progress lines to FILE instead of stderr")
     out = p.add_argument_group("output")
     out.add_argument("--manifest-out", metavar="FILE", help="also write the manifest to FILE (atomically)")
+    out.add_argument("--save-manifest", action="store_true",
+                     help="also store the manifest's portable text as a block in the store, so "
+                          "that ls/cat/get/verify can load it by its portable data hash")
     out.add_argument("--portable-data-hash", action="store_true",
                      help="print only the portable data hash")
     out.add_argument("--json", action="store_true",
@@ -141,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
     pdh = result.manifest.portable_data_hash()
     if args.manifest_out:
         _write_atomically(args.manifest_out, text)
+    saved = save_manifest(open_store(settings.store_spec()), result.manifest) if args.save_manifest else None
     if args.json:
         json.dump({"pdh": pdh, **_counters(result), "seconds": round(result.seconds, 3),
                    "store": settings.describe_store(), "state": result.state_dir,
-                   "manifest_out": args.manifest_out, "changed": _changed(result),
+                   "manifest_out": args.manifest_out, "manifest_locator": saved, "changed": _changed(result),
                    "unreadable": [{"path": p, "reason": r} for p, r in sorted(result.unreadable.items())],
                    "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
                   sys.stdout)
@@ -155,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     if not args.quiet:
         print(_summary(result, pdh), file=sys.stderr)
+        if saved:
+            print(f"keep-ingest: manifest stored in Keep as {saved}", file=sys.stderr)
     if result.unreadable:
         listed = "\n  ".join(f"{p}: {r}" for p, r in sorted(result.unreadable.items()))
         print(f"keep-ingest: partial: left out {len(result.unreadable)} unreadable path(s):\n  {listed}",

@@ -48,13 +48,11 @@ from aiohttp.abc import AbstractAccessLogger
 from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
 from ingest.keep.dirstore import DirectoryStore
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5
+from ingest.keep.server_defaults import DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
 from ingest.keep.signing import DEFAULT_TTL, SignatureError, SignatureExpired, sign_locator, verify_signature
 
 log = logging.getLogger("keep-ingest.keepstore")
 
-DEFAULT_MAX_BUFFERS = 4
-DEFAULT_SHUTDOWN_TIMEOUT = 60.0
-DEFAULT_READ_TIMEOUT = 60.0
 SEND_CHUNK = 256 * 1024
 READ_BUFSIZE = 256 * 1024
 LINGERING_TIME = 1.0

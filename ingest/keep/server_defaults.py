@@ -1,0 +1,5 @@
+"""Defaults of the keepstore server, importable without loading the HTTP stack."""
+
+DEFAULT_MAX_BUFFERS = 4          # 64 MiB block buffers held at once
+DEFAULT_SHUTDOWN_TIMEOUT = 60.0  # seconds SIGTERM waits for requests in flight
+DEFAULT_READ_TIMEOUT = 60.0      # seconds a stalled request body may wait before 408
