@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        log.error("interrupted")
+        log.error("interrupted; run the same command again to resume")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_ERROR
