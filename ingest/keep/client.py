@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 
 import urllib3
 
-from ingest.errors import BlockNotFound, ConfigError, StoreError
+from ingest.errors import BlockCorrupt, BlockNotFound, ConfigError, StoreError
 from ingest.keep.locator import (BLOCK_SIZE_MAX, EMPTY_BLOCK_LOCATOR, EMPTY_BLOCK_MD5,
                                  Locator, LocatorError, is_md5_hex)
 from ingest.keep.store import StoredBlock
@@ -101,8 +101,10 @@ class _ServiceState:
     tries: int = 0
     last_error: str | None = None
     done: bool = False       # stored our copy (put)
+    replicas: int = 0        # (put) replicas it confirmed
     dead: bool = False       # permanent failure for the rest of this call
     not_found: bool = False  # (get) answered 403/404/410
+    corrupt: bool = False    # (get) answered 200 with bytes that do not match the locator
 
 
 @dataclass
@@ -301,7 +303,7 @@ class KeepClient:
                 return StoredBlock(locator, stored)
         tried = [st for st in states if st.tries]
         detail = "; ".join(f"{st.service.root}: {st.last_error}" for st in tried if st.last_error)
-        ok = [st.service.root for st in states if st.done]
+        ok = [st.service.root for st in states if st.replicas]
         msg = (f"could not store block {md5_hex}+{size} with {want} replicas "
                f"(stored {stored}{' on ' + ', '.join(ok) if ok else ''}) after {rounds} "
                f"round(s) on {len(tried)} service(s): {detail or 'no service answered'}")
@@ -366,13 +368,18 @@ class KeepClient:
                 st.dead = True
                 st.last_error = self._scrub(f"HTTP {status} with an unexpected body {locator[:100]!r}")
                 return 0, None
+            header = resp.headers.get("X-Keep-Replicas-Stored", "1")
             try:
-                replicas = int(resp.headers.get("X-Keep-Replicas-Stored", "1"))
+                replicas = max(int(header), 0)
             except ValueError:
                 replicas = 1
             st.done = True
-            st.last_error = None
-            return max(replicas, 0), locator
+            st.replicas = replicas
+            # A success that confirms no replica is not retried on this service (as
+            # the SDK does), but it must show in the message if the block fails.
+            st.last_error = None if replicas else self._scrub(
+                f"HTTP {status} but X-Keep-Replicas-Stored: {header[:20]}")
+            return replicas, locator
         message = self._describe_body(body)
         if status in HASH_MISMATCH_STATUSES:
             st.last_error = self._scrub(f"HTTP {status} hash mismatch: {message}")
@@ -412,6 +419,11 @@ class KeepClient:
         detail = "; ".join(f"{st.service.root}: {st.last_error}" for st in tried)
         if tried and all(st.not_found for st in tried):
             raise BlockNotFound(self._scrub(f"block {loc.stripped()} not found: {detail}"))
+        if any(st.corrupt for st in tried):
+            # Some service has the block but served bytes that are not it, and no
+            # service served the right ones.
+            raise BlockCorrupt(self._scrub(f"block {loc.stripped()} is corrupt: no service returned "
+                                           f"its content ({len(tried)} tried): {detail}"))
         raise StoreError(self._scrub(f"could not read block {loc.stripped()} from "
                                      f"{len(tried)} service(s): {detail}"))
 
@@ -433,6 +445,7 @@ class KeepClient:
                 data = resp.read(loc.size + 1)
                 if len(data) != loc.size or hashlib.md5(data).hexdigest() != loc.md5:
                     st.dead = True
+                    st.corrupt = True
                     st.last_error = (f"HTTP {resp.status} but the {len(data)}-byte body "
                                      f"does not match {loc.stripped()}")
                     return None
