@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,11 +65,12 @@ def _reap_group(pgid: int, grace: float = 5.0) -> list[int]:
 
 
 def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
-            user: tuple[int, int] | None = None, cwd: str | None = None) -> Run:
+            user: tuple[int, int] | None = None, preexec_fn: Callable[[], None] | None = None,
+            cwd: str | None = None) -> Run:
     """Run ``keep-ingest ARGS`` (optionally as ``user`` = (uid, gid)); always cleaned up."""
-    kwargs = {}
+    kwargs: dict = {"preexec_fn": preexec_fn}
     if user is not None:
-        kwargs = {"user": user[0], "group": user[1], "extra_groups": []}
+        kwargs.update(user=user[0], group=user[1], extra_groups=[])
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "ingest", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, encoding="utf-8",
