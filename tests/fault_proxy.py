@@ -16,6 +16,9 @@ Faults (all off by default; every field of :class:`Faults`)::
                          is forwarded), or after half the response body was sent
                          ("response": the request was forwarded and took effect)
     corrupt_rate=0.0     share of GET responses (status 200) with one byte flipped
+    cut_rate=0.0         share of PUTs whose body is sent upstream only in half before
+                         the upstream connection is dropped: the keepstore sees its
+                         client vanish mid-body; the client gets a 502
     put_status=None      answer every PUT with this status without forwarding
                          (400 or 422: the keepstore "hash mismatch" answers)
     wrong_locator=False  forward PUTs, then answer 200 with a locator of another block
@@ -26,7 +29,7 @@ Faults (all off by default; every field of :class:`Faults`)::
     limit=None           inject at most this many faults (delays not counted)
 
 One seeded ``random.Random`` decides, for each matching request in arrival order,
-whether the rate-based faults (fail, then reset, then corrupt) hit it.
+whether the rate-based faults (fail, then reset, corrupt, cut) hit it.
 
 Changing faults while a run goes on: ``proxy.set(**faults)`` from the test (it
 replaces the whole fault set; ``proxy.update(**faults)`` changes only the fields
@@ -34,7 +37,7 @@ given), or over HTTP: ``POST /_fault_proxy/faults`` with a JSON object (same
 fields; ``{"update": true, ...}`` merges) and ``GET /_fault_proxy/stats``.
 
 ``proxy.stats`` counts what happened: ``requests`` (by method), ``injected``
-(by fault: delay, fail, reset, corrupt, put_status, wrong_locator, replicas),
+(by fault: delay, fail, reset, corrupt, cut, put_status, wrong_locator, replicas),
 ``forwarded``, ``upstream_errors``. ``proxy.wait_for(pred, timeout)`` waits until
 ``pred(stats)`` holds.
 
@@ -83,6 +86,7 @@ class Faults:
     reset_rate: float = 0.0
     reset_at: str = "request"
     corrupt_rate: float = 0.0
+    cut_rate: float = 0.0
     put_status: int | None = None
     wrong_locator: bool = False
     replicas: str | None = None
@@ -93,7 +97,7 @@ class Faults:
     def __post_init__(self) -> None:
         if self.reset_at not in ("request", "response"):
             raise ValueError(f"reset_at must be 'request' or 'response', not {self.reset_at!r}")
-        for name in ("fail_rate", "reset_rate", "corrupt_rate"):
+        for name in ("fail_rate", "reset_rate", "corrupt_rate", "cut_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1")
         self.methods = tuple(m.upper() for m in self.methods)
@@ -256,7 +260,7 @@ class FaultProxy:
             if self._matching <= f.after:
                 return f, "untouched", False
             # One draw per rate, in a fixed order, so a seed gives a reproducible sequence.
-            draws = [self._rng.random() for _ in range(3)]
+            draws = [self._rng.random() for _ in range(4)]
             if f.limit is not None and self._injected_total >= f.limit:
                 return f, None, f.delay_ms > 0
             choice = None
@@ -266,6 +270,8 @@ class FaultProxy:
                 choice = "reset"
             elif method == "GET" and draws[2] < f.corrupt_rate:
                 choice = "corrupt"
+            elif method == "PUT" and draws[3] < f.cut_rate:
+                choice = "cut"
             elif method == "PUT" and f.put_status is not None:
                 choice = "put_status"
             elif method == "PUT" and (f.wrong_locator or f.replicas is not None):
@@ -306,7 +312,28 @@ class FaultProxy:
             status = faults.put_status
             return web.Response(status=status, text=f"content hash did not match specified locator "
                                                     f"(fault proxy: injected {status})\n")
+        if choice == "cut":
+            return await self._cut_upstream(request, await request.read())
         return await self._forward(request, await request.read(), faults=faults, choice=choice)
+
+    async def _cut_upstream(self, request: web.Request, body: bytes) -> web.Response:
+        """Send the upstream the headers and half the body, then drop the connection."""
+        self._count("injected", "cut")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers["Content-Length"] = str(len(body))
+
+        async def half_then_vanish():
+            yield body[:len(body) // 2]
+            await asyncio.sleep(0.05)   # let the upstream start reading
+            raise ConnectionAbortedError("fault proxy: client vanished mid-body")
+
+        try:
+            async with self._session.put(self.upstream + request.rel_url.raw_path_qs, headers=headers,
+                                         data=half_then_vanish()) as up:
+                await up.read()
+        except (aiohttp.ClientError, ConnectionAbortedError):
+            pass
+        return web.Response(status=502, text="fault proxy: upstream request cut mid-body\n")
 
     @staticmethod
     async def _drain(request: web.Request) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 
 import pytest
@@ -28,7 +29,7 @@ from ingest.keep.client import KeepClient, rendezvous_order, static_services
 from ingest.keep.locator import Locator
 from ingest.manifest import parse_manifest
 
-pytestmark = [pytest.mark.fault, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(60)]
 
 KiB = 1024
 BLOCK = 256 * KiB
@@ -144,6 +145,35 @@ def test_a_corrupting_service_is_caught_on_read(fault_proxy, keepstore_factory):
     # With a good copy elsewhere the read falls through to it, whatever the order.
     with KeepClient([proxy.url, ks2.url], None, retries=0) as mixed:
         assert mixed.get(loc) == data
+
+
+def test_reads_retry_through_resets_and_503s(fault_proxy, keepstore):
+    data = bytes(range(256)) * 2000
+    with KeepClient([keepstore.url], None, retries=0) as client:
+        loc = client.put(data).locator
+    proxy = fault_proxy(keepstore.url, reset_rate=1.0, reset_at="response", limit=2, methods=["GET"])
+    with KeepClient([proxy.url], None, retries=4, backoff_start=0.01) as client:
+        assert client.get(loc) == data
+        assert proxy.snapshot()["injected"] == {"reset": 2}
+        proxy.set(fail_rate=1.0, fail_status=503, limit=3, methods=["GET"])
+        assert client.get(loc) == data
+        assert proxy.snapshot()["injected"] == {"reset": 2, "fail": 3}
+
+
+def test_keepstore_survives_clients_vanishing_mid_body(fault_proxy, keepstore_factory):
+    # One buffer: a body whose memory lease leaked would block every later 64 MiB PUT.
+    ks = keepstore_factory(max_buffers=1)
+    proxy = fault_proxy(ks.url, cut_rate=1.0, methods=["PUT"])
+    with KeepClient([proxy.url], None, retries=0) as client:
+        for i in range(3):
+            with pytest.raises(StoreError, match="HTTP 502"):
+                client.put(b"%d" % i * (4 * 1024 * 1024))
+    assert proxy.snapshot()["injected"]["cut"] == 3
+    assert [p for p in ks.volumes[0].rglob("*") if p.is_file()] == []  # not even a temp file
+    full = os.urandom(1024) * (64 * 1024)
+    with KeepClient([ks.url], None, retries=0, read_timeout=20) as client:
+        stored = client.put(full)
+    assert stored.locator == f"{hashlib.md5(full).hexdigest()}+{len(full)}"
 
 
 def test_a_stalled_service_times_out_and_the_block_goes_elsewhere(fault_proxy, keepstore_factory):
