@@ -36,23 +36,39 @@ TMPFS_SIZE = "2m"
 
 
 @pytest.fixture
-def tmpfs(tmp_path_factory):
-    """A fresh 2 MiB tmpfs; unmounted at teardown. Skips when mounting is refused."""
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    point = tmp_path_factory.mktemp("tmpfs")
+def mount_tmpfs(tmp_path_factory):
+    """``mount(options) -> Path``: a fresh tmpfs; all unmounted at teardown.
+
+    Skips the test when mounting is refused (not root, no CAP_SYS_ADMIN, ...).
+    """
+    points: list[Path] = []
+
+    def mount(options: str) -> Path:
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command")
+        point = tmp_path_factory.mktemp("tmpfs")
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                                  capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"cannot mount a tmpfs here: {exc}")
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {(proc.stderr or proc.stdout).strip()}")
+        points.append(point)
+        return point
+
     try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0755", "tmpfs",
-                               str(point)], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {(proc.stderr or proc.stdout).strip()}")
-    try:
-        yield point
+        yield mount
     finally:
-        if subprocess.run(["umount", str(point)], capture_output=True, timeout=20).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=20)
+        for point in reversed(points):
+            if subprocess.run(["umount", str(point)], capture_output=True, timeout=20).returncode != 0:
+                subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def tmpfs(mount_tmpfs) -> Path:
+    """A fresh, empty 2 MiB tmpfs."""
+    return mount_tmpfs(f"size={TMPFS_SIZE},mode=0755")
 
 
 def test_disk_full_fails_naming_the_store_and_leaves_no_partial_block(tmpfs, tmp_path):
@@ -86,6 +102,16 @@ def test_keepstore_on_a_full_volume_answers_507_and_the_run_fails_naming_it(
     stored = assert_no_partial_blocks(tmpfs)
     assert len(stored) < 5
     assert_journal_holds_only_stored_blocks(tmp_path / "xdg-state", [tmpfs])
+
+
+def test_read_only_file_system_fails_saying_so(mount_tmpfs, tmp_path):
+    store = mount_tmpfs("ro,size=1m,mode=0755")
+    src = tmp_path / "src"
+    fill(src / "f", 1000, "f")
+    run = run_cli(tmp_path, "put", "--store", str(store), str(src))
+    assert run.returncode == 1, run.stderr
+    assert run.leftovers == []
+    assert "read-only file system" in run.stderr and str(store) in run.stderr
 
 
 # ---- permission denied

@@ -46,6 +46,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _read_only_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _describe_os_error(exc: OSError, what: str) -> str:
     reason = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
               errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded"}
@@ -69,7 +76,9 @@ class DirectoryStore:
         except OSError as exc:
             raise _store_error(exc, f"cannot create block store {self.root}") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StoreError(f"block store {self.root} is not writable: permission denied")
+            # access() says no for a read-only mount too, even to root: say which.
+            reason = "read-only file system" if _read_only_fs(self.root) else "permission denied"
+            raise StoreError(f"block store {self.root} is not writable: {reason}")
 
     def describe(self) -> str:
         return self.root
