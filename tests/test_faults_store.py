@@ -10,6 +10,7 @@ as that user.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import hashlib
@@ -220,3 +221,66 @@ def test_permission_denied_names_the_path(shared_dir, case):
     if store.exists():
         assert block_files(store) == []
         assert_no_partial_blocks(store)
+
+
+# ---- a stored copy that went bad (bit rot under the final name)
+
+def _rot(path: Path) -> None:
+    """Flip one byte in place: same name, same size, wrong content."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_rotten_copy_in_the_directory_store_is_replaced_not_trusted(tmp_path):
+    src = tmp_path / "src"
+    fill(src / "f", 200_000, "f")
+    store = tmp_path / "store"
+    first = run_cli(tmp_path, "put", "--store", str(store), str(src))
+    assert first.returncode == 0, first.stderr
+    [block] = block_files(store)
+    _rot(block)
+    again = run_cli(tmp_path, "put", "--store", str(store), "--no-resume", str(src))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    assert_no_partial_blocks(store)          # the block hashes to its name again
+
+
+def test_a_rotten_copy_on_a_keepstore_volume_is_replaced_not_a_collision(keepstore, tmp_path):
+    src = tmp_path / "src"
+    fill(src / "f", 200_000, "f")
+    args = ["put", "--config", fast_profile(tmp_path / "p.toml"), "--keep", keepstore.url,
+            "--replication", "1", str(src)]
+    first = run_cli(tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    [block] = block_files(keepstore.volumes[0])
+    _rot(block)
+    again = run_cli(tmp_path, *args, "--no-resume")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    assert_no_partial_blocks(keepstore.volumes[0])
+
+
+def test_keepstore_still_refuses_a_genuine_collision(tmp_path, monkeypatch):
+    """A stored copy that differs from the body yet hashes right is a collision: 500."""
+    from test_keepstore_units import _put_request
+
+    from ingest.keep.dirstore import DirectoryStore
+    from ingest.keep.server import KeepstoreServer, ServerConfig
+
+    md5 = hashlib.md5(b"foo").hexdigest()
+    vol = tmp_path / "v"
+    (vol / md5[:3]).mkdir(parents=True)
+    (vol / md5[:3] / md5).write_bytes(b"bar")     # differs from the body...
+    monkeypatch.setattr(DirectoryStore, "verify", lambda self, m: 3)  # ...and "hashes right"
+
+    async def main():
+        server = KeepstoreServer(ServerConfig(volumes=[str(vol)], fsync=False))
+        try:
+            resp = await server._dispatch(_put_request(md5, b"foo", 3))
+            assert resp.status == 500 and b"hash collision" in resp.body
+        finally:
+            server.executor.shutdown()
+
+    asyncio.run(main())
+    assert (vol / md5[:3] / md5).read_bytes() == b"bar"
