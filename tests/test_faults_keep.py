@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -194,6 +195,33 @@ def test_a_stalled_service_times_out_and_the_block_goes_elsewhere(fault_proxy, k
             client.put(data + b"!")
     assert time.monotonic() - started < 2.0
     assert proxy.url in str(err.value) and "timed out" in str(err.value).lower()
+
+
+def test_closing_the_client_stops_a_put_that_is_backing_off(fault_proxy, keepstore):
+    """What a worker told to stop needs: no more rounds once the client is closed."""
+    proxy = fault_proxy(keepstore.url, fail_rate=1.0, fail_status=503)
+    client = KeepClient([proxy.url], None, retries=10, backoff_start=5.0)
+    outcome: list[BaseException] = []
+
+    def put():
+        try:
+            client.put(b"never stored")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=put)
+    worker.start()
+    try:
+        assert proxy.wait_for(lambda s: s["requests"].get("PUT", 0) >= 1)
+        started = time.monotonic()
+        client.close()
+        worker.join(5)
+        assert not worker.is_alive() and time.monotonic() - started < 2
+    finally:
+        client.close()
+        worker.join(30)
+    assert isinstance(outcome[0], StoreError) and "closed" in str(outcome[0])
+    assert proxy.snapshot()["requests"]["PUT"] == 1
 
 
 # ---- what cannot be handled: bounded failure, an honest journal, resumable

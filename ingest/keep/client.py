@@ -32,7 +32,6 @@ import random
 import secrets
 import string
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -173,6 +172,7 @@ class KeepClient:
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._closed = False
+        self._closing = threading.Event()   # wakes put/get loops that are backing off
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "KeepClient":
@@ -200,7 +200,11 @@ class KeepClient:
         return "keep services " + " ".join(s.root for s in self.services)
 
     def close(self) -> None:
+        """Release connections. Safe to call from another thread while a put or get
+        runs: that call stops at its next backoff or round with a StoreError (a
+        request already on the wire finishes first, within its timeouts)."""
         self._closed = True
+        self._closing.set()
         with self._executor_lock:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
@@ -242,7 +246,7 @@ class KeepClient:
         """Sleep before round ``attempt`` (>= 1): exponential, capped, with jitter."""
         base = min(self.options.backoff_max, self.options.backoff_start * (2 ** (attempt - 1)))
         if base > 0:
-            time.sleep(random.uniform(base / 2, base))
+            self._closing.wait(random.uniform(base / 2, base))
 
     def _scrub(self, text: str) -> str:
         """Never let the token into a message, even if a server echoes it."""
@@ -292,6 +296,8 @@ class KeepClient:
                 break
             if attempt:
                 self._backoff(attempt)
+            if self._closed:
+                raise StoreError(f"{self.describe()}: client closed while storing block {md5_hex}+{size}")
             rounds = attempt + 1
             got, loc = self._put_round(candidates, view, md5_hex, size, want - stored,
                                        parallel, request_id, attempt)
@@ -411,6 +417,8 @@ class KeepClient:
                 break
             if attempt:
                 self._backoff(attempt)
+            if self._closed:
+                raise StoreError(f"{self.describe()}: client closed while reading block {loc.stripped()}")
             for st in candidates:
                 data = self._get_one(st, locator, loc, request_id, attempt)
                 if data is not None:
