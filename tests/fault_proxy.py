@@ -31,12 +31,13 @@ Faults (all off by default; every field of :class:`Faults`)::
 One seeded ``random.Random`` decides, for each matching request in arrival order,
 whether the rate-based faults (fail, then reset, corrupt, cut) hit it.
 
-Changing faults while a run goes on: ``proxy.set(**faults)`` from the test (it
-replaces the whole fault set; ``proxy.update(**faults)`` changes only the fields
-given), or over HTTP: ``POST /_fault_proxy/faults`` with a JSON object (same
-fields; ``{"update": true, ...}`` merges) and ``GET /_fault_proxy/stats``.
+Changing faults while a run goes on: ``proxy.set(**faults)`` from the test
+replaces the whole fault set (and restarts the ``after``/``limit`` counts),
+``proxy.update(**faults)`` changes only the fields given, ``proxy.clear()`` turns
+every fault off; or over HTTP: ``POST /_fault_proxy/faults`` with a JSON object
+(same fields; ``{"update": true, ...}`` merges) and ``GET /_fault_proxy/stats``.
 
-``proxy.stats`` counts what happened: ``requests`` (by method), ``injected``
+``proxy.snapshot()`` gives the counts so far: ``requests`` (by method), ``injected``
 (by fault: delay, fail, reset, corrupt, cut, put_status, wrong_locator, replicas),
 ``forwarded``, ``upstream_errors``. ``proxy.wait_for(pred, timeout)`` waits until
 ``pred(stats)`` holds.
