@@ -217,8 +217,9 @@ class DirectoryStore:
     def holds_good_copy(self, md5_hex: str) -> bool:
         """True if the block's file exists and hashes to ``md5_hex`` (streams it).
 
-        A copy that does not (or cannot be read) is logged and reported False, so
-        a writer replaces it rather than trusting it.
+        A copy that hashes wrong, or cannot be read, is logged and reported False,
+        so a writer replaces it rather than trusting it. Costs one read of the block,
+        paid only when the block is already stored.
         """
         try:
             self.verify(md5_hex)
