@@ -1,7 +1,8 @@
 """Shared fixtures: running the real CLI as a subprocess, with its store in a temp dir.
 
 The keepstore fixtures live in ``keepstore_fixture.py`` (see its docstring):
-``keepstore_factory``, ``keepstore``, ``keepstore_signed``, ``keepstores3``.
+``keepstore_factory``, ``keepstore``, ``keepstore_signed``, ``keepstores3``; the
+fault-injecting proxy in ``fault_proxy.py``: ``fault_proxy``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fault_proxy import fault_proxy  # noqa: F401
 from keepstore_fixture import keepstore, keepstore_factory, keepstore_signed, keepstores3  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env
 from keepstore_fixture import SIGNING_KEY, TOKEN
 from trees import fill, make_awkward_tree, read_tree

@@ -7,7 +7,6 @@ import sys
 import time
 
 import psutil
-
 from conftest import cli_env
 from trees import MiB, fill
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import cli_env
 from trees import fill, read_tree
 

@@ -15,13 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env
 from trees import AWKWARD_NAMES
 
 pytest.importorskip("arvados")
 import arvados.collection  # noqa: E402
-
 from sdk_referee import sdk_collection_in  # noqa: E402
 
 

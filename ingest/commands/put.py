@@ -16,8 +16,8 @@ from ingest.commands.common import add_store_arguments, settings_from
 from ingest.config import Settings
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
 from ingest.errors import EXIT_USAGE as EXIT_PENDING
-from ingest.progress import MODES, human_bytes, make_display
 from ingest.keep.store import open_store
+from ingest.progress import MODES, human_bytes, make_display
 from ingest.put import PutResult, dry_run, run_put
 from ingest.read.source import save_manifest
 

@@ -32,7 +32,6 @@ import random
 import secrets
 import string
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from typing import Any
 
 import urllib3
 
-from ingest.errors import BlockNotFound, ConfigError, StoreError
+from ingest.errors import BlockCorrupt, BlockNotFound, ConfigError, StoreError
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_LOCATOR, EMPTY_BLOCK_MD5, Locator, LocatorError, is_md5_hex
 from ingest.keep.store import StoredBlock
 
@@ -101,8 +100,10 @@ class _ServiceState:
     tries: int = 0
     last_error: str | None = None
     done: bool = False       # stored our copy (put)
+    replicas: int = 0        # (put) replicas it confirmed
     dead: bool = False       # permanent failure for the rest of this call
     not_found: bool = False  # (get) answered 403/404/410
+    corrupt: bool = False    # (get) answered 200 with bytes that do not match the locator
 
 
 @dataclass
@@ -171,6 +172,7 @@ class KeepClient:
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._closed = False
+        self._closing = threading.Event()   # wakes put/get loops that are backing off
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> KeepClient:
@@ -198,7 +200,11 @@ class KeepClient:
         return "keep services " + " ".join(s.root for s in self.services)
 
     def close(self) -> None:
+        """Release connections. Safe to call from another thread while a put or get
+        runs: that call stops at its next backoff or round with a StoreError (a
+        request already on the wire finishes first, within its timeouts)."""
         self._closed = True
+        self._closing.set()
         with self._executor_lock:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
@@ -240,7 +246,7 @@ class KeepClient:
         """Sleep before round ``attempt`` (>= 1): exponential, capped, with jitter."""
         base = min(self.options.backoff_max, self.options.backoff_start * (2 ** (attempt - 1)))
         if base > 0:
-            time.sleep(random.uniform(base / 2, base))
+            self._closing.wait(random.uniform(base / 2, base))
 
     def _scrub(self, text: str) -> str:
         """Never let the token into a message, even if a server echoes it."""
@@ -290,6 +296,8 @@ class KeepClient:
                 break
             if attempt:
                 self._backoff(attempt)
+            if self._closed:
+                raise StoreError(f"{self.describe()}: client closed while storing block {md5_hex}+{size}")
             rounds = attempt + 1
             got, loc = self._put_round(candidates, view, md5_hex, size, want - stored,
                                        parallel, request_id, attempt)
@@ -301,7 +309,7 @@ class KeepClient:
                 return StoredBlock(locator, stored)
         tried = [st for st in states if st.tries]
         detail = "; ".join(f"{st.service.root}: {st.last_error}" for st in tried if st.last_error)
-        ok = [st.service.root for st in states if st.done]
+        ok = [st.service.root for st in states if st.replicas]
         msg = (f"could not store block {md5_hex}+{size} with {want} replicas "
                f"(stored {stored}{' on ' + ', '.join(ok) if ok else ''}) after {rounds} "
                f"round(s) on {len(tried)} service(s): {detail or 'no service answered'}")
@@ -366,13 +374,18 @@ class KeepClient:
                 st.dead = True
                 st.last_error = self._scrub(f"HTTP {status} with an unexpected body {locator[:100]!r}")
                 return 0, None
+            header = resp.headers.get("X-Keep-Replicas-Stored", "1")
             try:
-                replicas = int(resp.headers.get("X-Keep-Replicas-Stored", "1"))
+                replicas = max(int(header), 0)
             except ValueError:
                 replicas = 1
             st.done = True
-            st.last_error = None
-            return max(replicas, 0), locator
+            st.replicas = replicas
+            # A success that confirms no replica is not retried on this service (as
+            # the SDK does), but it must show in the message if the block fails.
+            st.last_error = None if replicas else self._scrub(
+                f"HTTP {status} but X-Keep-Replicas-Stored: {header[:20]}")
+            return replicas, locator
         message = self._describe_body(body)
         if status in HASH_MISMATCH_STATUSES:
             st.last_error = self._scrub(f"HTTP {status} hash mismatch: {message}")
@@ -404,6 +417,8 @@ class KeepClient:
                 break
             if attempt:
                 self._backoff(attempt)
+            if self._closed:
+                raise StoreError(f"{self.describe()}: client closed while reading block {loc.stripped()}")
             for st in candidates:
                 data = self._get_one(st, locator, loc, request_id, attempt)
                 if data is not None:
@@ -412,6 +427,11 @@ class KeepClient:
         detail = "; ".join(f"{st.service.root}: {st.last_error}" for st in tried)
         if tried and all(st.not_found for st in tried):
             raise BlockNotFound(self._scrub(f"block {loc.stripped()} not found: {detail}"))
+        if any(st.corrupt for st in tried):
+            # Some service has the block but served bytes that are not it, and no
+            # service served the right ones.
+            raise BlockCorrupt(self._scrub(f"block {loc.stripped()} is corrupt: no service returned "
+                                           f"its content ({len(tried)} tried): {detail}"))
         raise StoreError(self._scrub(f"could not read block {loc.stripped()} from "
                                      f"{len(tried)} service(s): {detail}"))
 
@@ -433,6 +453,7 @@ class KeepClient:
                 data = resp.read(loc.size + 1)
                 if len(data) != loc.size or hashlib.md5(data).hexdigest() != loc.md5:
                     st.dead = True
+                    st.corrupt = True
                     st.last_error = (f"HTTP {resp.status} but the {len(data)}-byte body "
                                      f"does not match {loc.stripped()}")
                     return None

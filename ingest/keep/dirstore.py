@@ -4,13 +4,16 @@ A block lives at ``ROOT/<md5[:3]>/<md5>``, the layout of a keepstore Directory
 volume, so a real keepstore can serve the directory. Writes are atomic: bytes go to
 a temporary file in ROOT, which is fsynced, renamed to its final name and followed by
 an fsync of the directory. A partial block is never visible under a final name, and
-two writers of the same block race harmlessly (the content is the same).
+two writers of the same block race harmlessly (the content is the same). A block
+already stored counts only if its file still hashes to its name: a copy that went
+bad (bit rot, a foreign partial write) is replaced by the new one.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5, Locator, LocatorError
 from ingest.keep.store import StoredBlock
+
+log = logging.getLogger("keep-ingest.store")
 
 TMP_PREFIX = "tmp-keep-ingest-"
 READ_CHUNK = 1 << 20
@@ -46,6 +51,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _read_only_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _describe_os_error(exc: OSError, what: str) -> str:
     reason = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
               errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded"}
@@ -69,7 +81,9 @@ class DirectoryStore:
         except OSError as exc:
             raise _store_error(exc, f"cannot create block store {self.root}") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StoreError(f"block store {self.root} is not writable: permission denied")
+            # access() says no for a read-only mount too, even to root: say which.
+            reason = "read-only file system" if _read_only_fs(self.root) else "permission denied"
+            raise StoreError(f"block store {self.root} is not writable: {reason}")
 
     def describe(self) -> str:
         return self.root
@@ -200,6 +214,22 @@ class DirectoryStore:
             raise BlockCorrupt(f"block {path} is corrupt: its content does not match its name")
         return size
 
+    def holds_good_copy(self, md5_hex: str) -> bool:
+        """True if the block's file exists and hashes to ``md5_hex`` (streams it).
+
+        A copy that hashes wrong, or cannot be read, is logged and reported False,
+        so a writer replaces it rather than trusting it. Costs one read of the block,
+        paid only when the block is already stored.
+        """
+        try:
+            self.verify(md5_hex)
+            return True
+        except BlockNotFound:
+            return False
+        except StoreError as exc:
+            log.warning("%s; storing the block again", exc)
+            return False
+
     def index(self, prefix: str = "") -> Iterator[BlockInfo]:
         """Stored blocks whose MD5 starts with ``prefix``, in MD5 order.
 
@@ -275,11 +305,12 @@ class DirectoryBlockWriter:
         final = store.block_path(md5_hex)
         try:
             existing = store.stat_block(md5_hex)
-            if existing is not None and existing.st_size == self.size:
-                # Already stored (same MD5 and size): keep the old file, refresh its
-                # mtime as keepstore does for a repeated PUT; no need to sync ours.
-                # (stat_block, not contains(): the empty block counts as present
-                # even without a file, and keepstore does write one.)
+            if existing is not None and existing.st_size == self.size and store.holds_good_copy(md5_hex):
+                # Already stored (same MD5 and size, and it still hashes right): keep
+                # the old file, refresh its mtime as keepstore does for a repeated
+                # PUT; no need to sync ours. (stat_block, not contains(): the empty
+                # block counts as present even without a file, and keepstore does
+                # write one.)
                 self.abort()
                 os.utime(final)
                 return StoredBlock(f"{md5_hex}+{self.size}", replicas=1)

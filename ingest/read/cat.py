@@ -35,7 +35,7 @@ def stream_file(store: BlockStore, segments: list[Segment], out: BinaryIO, name:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cat-readahead") as readahead:
         nxt: Future | None = readahead.submit(store.get, runs[0][0]) if runs else None
         try:
-            for k, (locator, segs) in enumerate(runs):
+            for k, (_locator, segs) in enumerate(runs):
                 assert nxt is not None
                 try:
                     data = nxt.result()

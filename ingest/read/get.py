@@ -88,7 +88,7 @@ def _write_pieces(locator: str, writes: list[tuple[str, str, int, int, int]]) ->
     fds: dict[str, int] = {}
     final = ""
     try:
-        for tmp, final, file_offset, block_offset, length in writes:
+        for tmp, final, file_offset, block_offset, length in writes:  # noqa: B007 (final names the file in errors)
             fd = fds.get(tmp)
             if fd is None:
                 fd = fds[tmp] = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ingest.errors import EXIT_LOCKED, IngestError
-from ingest.manifest import Segment
 from ingest.keep.locator import Locator
+from ingest.manifest import Segment
 
 JOURNAL_VERSION = 1
 
@@ -75,7 +75,7 @@ class GetState:
         self._lock_fd = -1
         self._fd = -1
 
-    def __enter__(self) -> "GetState":
+    def __enter__(self) -> GetState:
         self.open()
         return self
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from ingest.errors import IngestError, UsageError
-from ingest.manifest import ManifestError, Manifest
+from ingest.manifest import Manifest, ManifestError
 
 # Shown as \ooo in text output: control characters, DEL and the backslash itself,
 # so that one line is one entry whatever the names hold. --json shows names as is.

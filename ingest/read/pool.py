@@ -97,7 +97,7 @@ class BlockPool:
         self._executor: ProcessPoolExecutor | None = None
         self._old_sigterm: Any = None
 
-    def __enter__(self) -> "BlockPool":
+    def __enter__(self) -> BlockPool:
         # Forked children would flush a copy of anything still buffered.
         sys.stdout.flush()
         sys.stderr.flush()
