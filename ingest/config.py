@@ -41,6 +41,9 @@ class StoreSettings:
     service_type: str = "disk"      # keep: "disk" (parallel copies) or "proxy" (one PUT at a time)
     retries: int = 3                # keep: further attempts after a temporary failure
     backoff_start: float = 1.0      # keep: seconds before the first retry, doubling each time
+    backoff_max: float = 30.0       # keep: longest wait between retries
+    connect_timeout: float = 2.0    # keep: seconds to connect to a service
+    read_timeout: float = 300.0     # keep: seconds a service may stay silent during a request
 
 
 @dataclass
@@ -114,7 +117,8 @@ class Settings:
             return {"type": "keep", "services": list(self.store.services),
                     "token": self.store.token or None, "replication": self.store.replication,
                     "service_type": self.store.service_type, "retries": self.store.retries,
-                    "backoff_start": self.store.backoff_start}
+                    "backoff_start": self.store.backoff_start, "backoff_max": self.store.backoff_max,
+                    "connect_timeout": self.store.connect_timeout, "read_timeout": self.store.read_timeout}
         return {"type": "directory", "path": self.store_path, "fsync": self.store.fsync}
 
 
@@ -125,6 +129,9 @@ _CHECKS: dict[str, _Check] = {
     "store.service_type": (lambda v: v in ("disk", "proxy"), 'must be "disk" or "proxy"'),
     "store.retries": (lambda v: v >= 0, "must be 0 or more"),
     "store.backoff_start": (lambda v: v >= 0, "must be 0 or more"),
+    "store.backoff_max": (lambda v: v >= 0, "must be 0 or more"),
+    "store.connect_timeout": (lambda v: v > 0, "must be more than 0"),
+    "store.read_timeout": (lambda v: v > 0, "must be more than 0"),
     "put.workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
                     'must be "auto" (one per CPU) or a number of processes (0: remote workers only)'),
     "put.worker_timeout": (lambda v: v >= 1, "must be 1 or more"),

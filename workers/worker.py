@@ -38,6 +38,16 @@ class _Committer(threading.Thread):
         self._ctx = ctx
         self.jobs: queue.Queue[tuple[int, BlockWriter, str, int] | None] = queue.Queue()
 
+    def cancel_pending(self) -> None:
+        """Drop the blocks still waiting to be committed (nobody will hear of them)."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job[1].abort()
+
     def run(self) -> None:
         out = self._ctx.socket(zmq.PAIR)
         out.connect(_RESULTS_ADDR)
@@ -191,13 +201,17 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
         log.error("%s", exc)
         return 1
     finally:
+        # After STOP the queue is empty in a run that went well; otherwise the
+        # coordinator has stopped listening, so queued blocks are dropped and closing
+        # the store ends a commit that is waiting to retry.
+        committer.cancel_pending()
+        if store is not None:
+            store.close()
         if committer.is_alive():
             committer.jobs.put(None)
             committer.join()
             while results.poll(0):
                 sock.send(results.recv())
-        if store is not None:
-            store.close()
         results.close(linger=0)
         sock.close()
         ctx.term()
