@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from fault_proxy import fault_proxy  # noqa: F401
 from keepstore_fixture import keepstore, keepstore_factory, keepstore_signed, keepstores3  # noqa: F401
@@ -27,6 +28,18 @@ def cli_env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, st
     env["PYTHONPATH"] = str(REPO_ROOT)
     env.update(extra or {})
     return env
+
+
+def processes_tagged(tag: str) -> list[int]:
+    """Live processes whose environment has KEEP_INGEST_TEST_TAG=tag (a run and its children)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("KEEP_INGEST_TEST_TAG") == tag:
+                found.append(p.pid)
+        except psutil.Error:
+            pass
+    return found
 
 
 @pytest.fixture

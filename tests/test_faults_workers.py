@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import cli_env
+from conftest import cli_env, processes_tagged
 from trees import MiB, fill
 
 from ingest.journal import iter_records
@@ -48,15 +48,6 @@ def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def tagged(tag: str) -> list[int]:
-    pids = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("KEEP_INGEST_TEST_TAG") == tag:
-                pids.append(p.pid)
-        except psutil.Error:
-            pass
-    return pids
 
 
 def wait_for(condition, timeout: float, step: float = 0.02) -> bool:
@@ -149,12 +140,12 @@ def test_local_workers_exit_by_themselves_when_the_coordinator_dies(tmp_path, sr
     base = tmp_path / "run"
     proc = spawn(base, *put_args(base, "--workers", "2"), str(src), env={"KEEP_INGEST_TEST_TAG": tag})
     try:
-        assert wait_for(lambda: len(tagged(tag)) >= 3, 30)
+        assert wait_for(lambda: len(processes_tagged(tag)) >= 3, 30)
         proc.kill()
         proc.wait()
-        assert wait_for(lambda: tagged(tag) == [], 10), "orphan workers"
+        assert wait_for(lambda: processes_tagged(tag) == [], 10), "orphan workers"
     finally:
-        for pid in tagged(tag):
+        for pid in processes_tagged(tag):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import psutil
-from conftest import cli_env
+from conftest import cli_env, processes_tagged
 from trees import MiB, fill
 
 
@@ -113,14 +113,7 @@ def test_no_worker_or_socket_outlives_a_run(cli, tmp_path):
                env={"KEEP_INGEST_TEST_TAG": tag, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     time.sleep(0.2)
-    leftovers = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("KEEP_INGEST_TEST_TAG") == tag:
-                leftovers.append(p.pid)
-        except psutil.Error:
-            pass
-    assert leftovers == []
+    assert processes_tagged(tag) == []
     # the private ipc socket lived in a temporary directory under TMPDIR
     assert not list(tmp_path.glob("keep-ingest-*"))
 

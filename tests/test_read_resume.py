@@ -16,9 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import cli_env
+from conftest import cli_env, processes_tagged
 from trees import fill, read_tree
 
 BLOCK = 64 * 1024
@@ -87,15 +86,6 @@ def test_a_failed_get_keeps_complete_files_and_resumes_without_refetching_them(c
     assert counts(cli("get", *store, str(manifest), str(dest)).stderr) == (0, 12, 0)
 
 
-def _tagged(tag: str) -> list[int]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("KEEP_INGEST_TEST_TAG") == tag:
-                found.append(p.pid)
-        except psutil.Error:
-            pass
-    return found
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "term"])
@@ -126,8 +116,8 @@ def test_a_killed_get_resumes_without_refetching_complete_files(cli, tmp_path, s
         assert temp_files(dest) == []  # cleaned up on the way out
     # no worker outlives its parent, even after kill -9
     deadline = time.monotonic() + 5
-    while _tagged(tag):
-        assert time.monotonic() < deadline, f"leftover processes {_tagged(tag)}"
+    while processes_tagged(tag):
+        assert time.monotonic() < deadline, f"leftover processes {processes_tagged(tag)}"
         time.sleep(0.05)
     done = complete_files(dest)
     assert 10 <= len(done) < total

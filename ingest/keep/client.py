@@ -41,7 +41,7 @@ import urllib3
 
 from ingest.errors import BlockCorrupt, BlockNotFound, ConfigError, StoreError
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_LOCATOR, EMPTY_BLOCK_MD5, Locator, LocatorError, is_md5_hex
-from ingest.keep.store import StoredBlock
+from ingest.keep.store import StoredBlock, block_to_read
 
 log = logging.getLogger("keep-ingest.keep")
 
@@ -403,11 +403,8 @@ class KeepClient:
     def get(self, locator: str) -> bytes:
         """Read a whole block, checking its size and MD5; tries services in rendezvous order."""
         self._check_open()
-        try:
-            loc = Locator.parse(locator)
-        except LocatorError as exc:
-            raise StoreError(str(exc)) from None
-        if loc.md5 == EMPTY_BLOCK_MD5 and loc.size == 0:
+        loc = block_to_read(locator)
+        if loc is None:
             return b""
         states = [_ServiceState(s) for s in rendezvous_order(loc.md5, self.services)]
         request_id = new_request_id()

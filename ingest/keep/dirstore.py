@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
-from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5, Locator, LocatorError
-from ingest.keep.store import StoredBlock
+from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5
+from ingest.keep.store import StoredBlock, block_to_read
 
 log = logging.getLogger("keep-ingest.store")
 
@@ -105,11 +105,8 @@ class DirectoryStore:
             return False
 
     def get(self, locator: str) -> bytes:
-        try:
-            loc = Locator.parse(locator)
-        except LocatorError as exc:
-            raise StoreError(str(exc)) from None
-        if loc.md5 == EMPTY_BLOCK_MD5 and loc.size == 0:
+        loc = block_to_read(locator)
+        if loc is None:
             return b""
         path = self.block_path(loc.md5)
         try:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ingest.errors import StoreError
+from ingest.keep.locator import EMPTY_BLOCK_MD5, Locator, LocatorError
+
 
 @dataclass(frozen=True, slots=True)
 class StoredBlock:
@@ -48,6 +51,16 @@ class BlockStore(Protocol):
 
     def close(self) -> None:
         """Release connections and files."""
+
+
+def block_to_read(locator: str) -> Locator | None:
+    """The parsed locator of a block to read, or None for the empty block (nothing to
+    read); StoreError naming the text when it is not a locator."""
+    try:
+        loc = Locator.parse(locator)
+    except LocatorError as exc:
+        raise StoreError(str(exc)) from None
+    return None if loc.md5 == EMPTY_BLOCK_MD5 and loc.size == 0 else loc
 
 
 def open_store(spec: dict[str, Any]) -> BlockStore:

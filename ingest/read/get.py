@@ -33,7 +33,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ingest.errors import IngestError
-from ingest.keep.locator import Locator
 from ingest.manifest import Manifest, Segment
 from ingest.read.blocks import BlockJob, group_by_block, pieces_per_file
 from ingest.read.getstate import GetState, content_key
@@ -314,13 +313,7 @@ class _Getter:
         """The error of a failed block, naming the files that needed it."""
         job = self.jobs[failed.tag]
         names = list(dict.fromkeys(display(self.targets_to_fetch[p.file].final) for p in job.pieces))
-        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        needed = f" (needed by {', '.join(names[:3])}{more})"
-        error = failed.error
-        if isinstance(error, IngestError):
-            return IngestError(f"{error}{needed}", error.exit_code)
-        return IngestError(f"block {Locator.parse(job.locator).stripped()}: "
-                           f"{type(error).__name__}: {error}{needed}")
+        return failed.for_block(job.locator, names)
 
     def run(self) -> GetResult:
         started = time.monotonic()

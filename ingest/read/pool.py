@@ -28,6 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from ingest.errors import IngestError
+from ingest.keep.locator import Locator
 from ingest.keep.store import BlockStore, open_store
 
 PARENT_POLL_S = 0.2
@@ -76,6 +77,15 @@ class JobFailed(Exception):
         super().__init__(str(error))
         self.tag = tag
         self.error = error
+
+    def for_block(self, locator: str, names: list[str]) -> IngestError:
+        """The user's error for a failed block job, naming (some of) the files needing it."""
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        needed = f" (needed by {', '.join(names[:3])}{more})"
+        if isinstance(self.error, IngestError):
+            return IngestError(f"{self.error}{needed}", self.error.exit_code)
+        return IngestError(f"block {Locator.parse(locator).stripped()}: "
+                           f"{type(self.error).__name__}: {self.error}{needed}")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ingest.errors import IngestError, SourceError
-from ingest.keep.locator import Locator
 from ingest.manifest import Manifest, Segment
 from ingest.read.blocks import BlockJob, group_by_block
 from ingest.read.pool import BlockPool, Job, JobFailed, worker_store
@@ -207,14 +206,8 @@ class _Verifier:
 
     def block_error(self, failed: JobFailed) -> IngestError:
         job = self.jobs[failed.tag]
-        names = list(dict.fromkeys(self.names[p.file] for p in job.pieces))
-        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        needed = f" (needed by {', '.join(repr(n) for n in names[:3])}{more})"
-        error = failed.error
-        if isinstance(error, IngestError):
-            return IngestError(f"{error}{needed}", error.exit_code)
-        return IngestError(f"block {Locator.parse(job.locator).stripped()}: "
-                           f"{type(error).__name__}: {error}{needed}")
+        names = list(dict.fromkeys(repr(self.names[p.file]) for p in job.pieces))
+        return failed.for_block(job.locator, names)
 
     def run(self) -> VerifyReport:
         started = time.monotonic()
