@@ -17,7 +17,7 @@ from typing import Any
 
 from ingest.config import Settings
 from ingest.coordinator import Coordinator
-from ingest.errors import EXIT_INTERRUPTED, IngestError
+from ingest.errors import EXIT_INTERRUPTED, IngestError, StoreError
 from ingest.journal import JournalWriter
 from ingest.keep.store import StoredBlock, open_store
 from ingest.manifest import Manifest, Segment
@@ -163,6 +163,24 @@ class _Run:
             unreadable=self.unreadable, state_dir=state_dir)
 
 
+def check_store(settings: Settings) -> None:
+    """Fail before any work starts when the store cannot be used: a directory store
+    that cannot be created or written, or Keep services none of which answer."""
+    store = open_store(settings.store_spec())
+    try:
+        down = store.unreachable()
+    finally:
+        store.close()
+    if not down:
+        return
+    origin = settings.origin("store.services")
+    listed = "; ".join(f"{url}: {error}" for url, error in down.items())
+    if len(down) == len(settings.store.services):
+        raise StoreError(f"no Keep service answers ({origin}): {listed}")
+    log.warning("some Keep services do not answer (%s), the others will take their blocks: %s",
+                origin, listed)
+
+
 def _run_record(identity: RunIdentity) -> dict[str, Any]:
     return {"t": "run", "v": 1, "sources": list(identity.sources), "block_size": identity.block_size,
             "store": identity.store, "started": time.time()}
@@ -192,8 +210,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
         if reset or not settings.put.resume:
             state.reset()
         index, valid = state.load()
-        # Open the store once here so that a bad store fails before any worker starts.
-        open_store(settings.store_spec()).close()
+        check_store(settings)
         journal = state.open_writer(valid)
         try:
             journal.append(_run_record(identity))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -86,3 +87,22 @@ def test_unknown_flag_is_a_usage_error(cli, src):
 def test_help_lists_exit_codes(cli):
     proc = cli("put", "--help")
     assert proc.returncode == 0 and "75   another run holds the lock" in proc.stdout
+
+
+@pytest.mark.fault
+def test_a_directory_of_100000_entries(cli, tmp_path):
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(100_000):  # mostly empty files: the walk, plan and manifest are what is tested
+        with open(big / f"entry-{i:06d}", "wb") as f:
+            if i % 100 == 0:
+                f.write(i.to_bytes(4, "little"))
+    proc = cli("put", "--store", str(tmp_path / "store"), "--json", "--manifest-out",
+               str(tmp_path / "m"), str(big), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["files"] == 100_000 and summary["bytes"] == 4_000
+    from ingest.manifest import parse_manifest
+    files = dict(parse_manifest((tmp_path / "m").read_text()).files())
+    assert len(files) == 100_000
+    assert sum(s.length for segs in files.values() for s in segs) == 4_000

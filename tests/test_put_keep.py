@@ -108,13 +108,15 @@ def test_all_services_down_fails_naming_them(cli, keepstores3, tmp_path, fast_re
     proc = cli("put", "--config", fast_retries, *[a for u in urls for a in ("--keep", u)],
                "--replication", "2", str(src), timeout=120)
     assert proc.returncode == 1
+    # refused before any work starts, naming every service and where the list came from
+    assert "no Keep service answers (--keep)" in proc.stderr
     for url in urls:
-        assert url.rstrip("/") in proc.stderr
+        assert url in proc.stderr
     assert proc.stdout == ""
     assert time.monotonic() - started < 60
     # nothing is recorded as stored
     journals = list((tmp_path / "xdg-state").rglob("journal"))
-    assert journals and not [r for j in journals for r in iter_records(str(j)) if r["t"] == "block"]
+    assert not [r for j in journals for r in iter_records(str(j)) if r["t"] == "block"]
 
 
 def test_token_is_never_logged_nor_written_to_state(cli, keepstore_factory, tmp_path):
@@ -127,3 +129,17 @@ def test_token_is_never_logged_nor_written_to_state(cli, keepstore_factory, tmp_
     assert "+A" in proc.stdout and TOKEN not in proc.stderr
     state_files = [p for p in (tmp_path / "xdg-state").rglob("*") if p.is_file()]
     assert state_files and not [p for p in state_files if TOKEN.encode() in p.read_bytes()]
+
+
+def test_a_service_down_before_the_run_is_named_and_the_others_take_over(cli, keepstores3, tmp_path,
+                                                                         fast_retries):
+    src = tmp_path / "src"
+    fill(src / "f", 2 * MiB, "f")
+    urls = [ks.url for ks in keepstores3]
+    keepstores3[1].kill()
+    proc = cli("put", "--config", fast_retries, *[a for u in urls for a in ("--keep", u)],
+               "--replication", "2", "--block-size", str(MiB), str(src))
+    assert proc.returncode == 0, proc.stderr
+    assert "some Keep services do not answer (--keep)" in proc.stderr and urls[1] in proc.stderr
+    for loc in block_locators(proc.stdout):
+        assert holders(keepstores3, loc[:32]) == [0, 2]

@@ -199,6 +199,22 @@ class KeepClient:
     def describe(self) -> str:
         return "keep services " + " ".join(s.root for s in self.services)
 
+    def unreachable(self) -> dict[str, str]:
+        """Services that do not answer at all (one quick HEAD each, no retries):
+        ``{url: error}``. Any HTTP status, even an error, counts as an answer."""
+        down = {}
+        for service in self.services:
+            try:
+                resp = self._http.request("HEAD", service.root + EMPTY_BLOCK_LOCATOR,
+                                          headers=self._headers(new_request_id()),
+                                          timeout=urllib3.Timeout(connect=self.options.connect_timeout,
+                                                                  read=self.options.connect_timeout),
+                                          retries=False, redirect=False)
+                resp.drain_conn()
+            except urllib3.exceptions.HTTPError as exc:
+                down[service.root] = self._network_error(exc)
+        return down
+
     def close(self) -> None:
         """Release connections. Safe to call from another thread while a put or get
         runs: that call stops at its next backoff or round with a StoreError (a

@@ -88,6 +88,9 @@ class DirectoryStore:
     def describe(self) -> str:
         return self.root
 
+    def unreachable(self) -> dict[str, str]:
+        return {}  # the constructor already checked the directory is there and writable
+
     def block_path(self, md5_hex: str) -> str:
         """Final path of a block: ``ROOT/<md5[:3]>/<md5>``."""
         return os.path.join(self.root, md5_hex[:3], md5_hex)

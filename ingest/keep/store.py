@@ -49,6 +49,9 @@ class BlockStore(Protocol):
     def describe(self) -> str:
         """A short human name for messages, e.g. the directory path."""
 
+    def unreachable(self) -> dict[str, str]:
+        """Parts of the store that do not answer right now: ``{where: error}``."""
+
     def close(self) -> None:
         """Release connections and files."""
 
