@@ -5,12 +5,19 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/default.toml
 SRC    ?=
 ARGS   ?=
+# make bench: QUICK=1 for a small fast run; BENCH_ARGS for anything else (python -m bench --help).
+QUICK      ?=
+BENCH_ARGS ?=
+BENCH_DIR  ?= /tmp/keep-ingest-bench
+export BENCH_DIR
 
-.PHONY: help install ingest test clean
+.PHONY: help install ingest test bench bench-clean clean
 
 help:
 	@echo "make ingest SRC=path [CONFIG=configs/default.toml] [ARGS=...]  upload a tree, print its manifest"
 	@echo "make test                                                      run the test suite"
+	@echo "make bench [QUICK=1] [BENCH_ARGS=...] [BENCH_DIR=...]          benchmark against arv-put and md5sum"
+	@echo "make bench-clean                                               remove the cached benchmark datasets"
 	@echo "make clean                                                     remove the virtualenv and caches"
 
 $(BIN)/python:
@@ -26,6 +33,10 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.runtime
 
+$(VENV)/.bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@ $(VENV)/.runtime
+
 install: $(VENV)/.runtime
 
 ingest: $(VENV)/.runtime
@@ -34,6 +45,12 @@ ingest: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
+
+bench: $(VENV)/.bench
+	$(BIN)/python -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+bench-clean:
+	rm -rf "$(BENCH_DIR)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
