@@ -119,6 +119,8 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]", re.ASCII)
 
 def _storable(path: str, bad: list[str]) -> bool:
     """True if a name can be stored in a manifest; otherwise record it in ``bad``."""
+    if path.isascii():   # nearly every path: encodable, and no non-ASCII whitespace
+        return True
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
@@ -191,6 +193,8 @@ class _Walker:
     def walk_dir(self, top: str, prefix: str) -> None:
         """Depth-first, files before subdirectories, each sorted by name."""
         top_st = os.stat(top)
+        excludes = self.excludes if self.excludes else None
+        S_ISREG = stat.S_ISREG
         # Each stack item: (dir path, manifest path, path relative to the source, ancestor ids)
         stack = [(top, prefix, "", frozenset({(top_st.st_dev, top_st.st_ino)}))]
         while stack:
@@ -206,16 +210,23 @@ class _Walker:
             subdirs = []
             for entry in entries:
                 relpath = f"{relbase}/{entry.name}" if relbase else entry.name
-                if self.excludes and self.excludes.excluded(relpath, entry.name):
+                if excludes is not None and excludes.excluded(relpath, entry.name):
                     continue
-                if not _storable(entry.path, self.bad_names):
+                path = entry.path
+                if not _storable(path, self.bad_names):
                     continue
-                st = self.stat_entry(entry.path, entry.is_symlink())
-                if st is None:
-                    continue
+                if entry.is_symlink():
+                    st = self.stat_entry(path, True)
+                    if st is None:
+                        continue
+                else:
+                    try:
+                        st = os.lstat(path)
+                    except OSError:   # stat_entry raises the right SourceError
+                        st = self.stat_entry(path, False)
                 name = f"{manifest_dir}/{entry.name}" if manifest_dir else entry.name
-                if stat.S_ISREG(st.st_mode):
-                    self.add_file(entry.path, name, st)
+                if S_ISREG(st.st_mode):
+                    self.add_file(path, name, st)
                 elif stat.S_ISDIR(st.st_mode):
                     ident = (st.st_dev, st.st_ino)
                     if ident in ancestors:
