@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(REPO_ROOT, "bench-results", f"bench-{stamp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     work = os.path.join(args.bench_dir, "runs")
-    os.makedirs(work, exist_ok=True)
+    os.makedirs(work, exist_ok=True)   # before describing the machine: df needs the directory
     machine = report.machine(args.bench_dir)
     _log(f"machine: {report.machine_text(machine)}")
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
                 _log(f"  [{name} {rep + 1}/{args.reps}] {ROWS[key].label}: {r.wall_s:.2f} s, "
                      f"{dataset.bytes / 1e6 / r.wall_s:.0f} MB/s, {dataset.files / r.wall_s:,.0f} files/s, "
-                     f"CPU {r.cpu_s:.1f} s, peak {r.peak_rss / report.MiB:.0f} MiB")
+                     f"CPU {r.cpu_s:.1f} s, peak RSS {r.peak_rss / report.MiB:.0f} MiB, PSS {r.peak_pss / report.MiB:.0f} MiB")
         _write(out, args, machine, sets, results, started)
     summaries, sc, checks = _write(out, args, machine, sets, results, started)
 

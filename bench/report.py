@@ -52,6 +52,7 @@ class Summary:
     cpu_s: float
     peak_mib: float           # the largest peak over the repetitions
     peak_mib_median: float
+    peak_pss_mib: float       # the largest PSS sum over the repetitions
     mb_s: float
     files_s: float
     us_per_file: float
@@ -91,6 +92,7 @@ def summarize(results: list[RunResult], datasets: dict[str, Dataset]) -> list[Su
             cpu_s=statistics.median(r.cpu_s for r in mine),
             peak_mib=max(r.peak_rss for r in mine) / MiB,
             peak_mib_median=statistics.median(r.peak_rss for r in mine) / MiB,
+            peak_pss_mib=max(r.peak_pss for r in mine) / MiB,
             mb_s=ds.bytes / 1e6 / wall, files_s=ds.files / wall, us_per_file=wall / ds.files * 1e6,
             vs_arvput=_median(vs_arv), vs_md5sum=_median(vs_md5),
             pdh=pdhs.pop() if len(pdhs) == 1 else "MISMATCH between repetitions"))
@@ -103,13 +105,14 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def table(summaries: list[Summary]) -> str:
     """The main table, as GitHub-flavoured Markdown."""
-    head = ("| dataset | row | wall s | MB/s | files/s | CPU s | peak MiB | x arv-put | % md5sum |\n"
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    head = ("| dataset | row | wall s | MB/s | files/s | CPU s | peak RSS MiB | peak PSS MiB "
+            "| x arv-put | % md5sum |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     lines = [head]
     for s in summaries:
         lines.append(
             f"| {s.dataset} | {s.label} | {s.wall_s:.2f} | {s.mb_s:.0f} | {s.files_s:,.0f} | "
-            f"{s.cpu_s:.1f} | {s.peak_mib:.0f} | {_fmt(s.vs_arvput, '.2f', 'x')} | "
+            f"{s.cpu_s:.1f} | {s.peak_mib:.0f} | {s.peak_pss_mib:.0f} | {_fmt(s.vs_arvput, '.2f', 'x')} | "
             f"{_fmt(None if s.vs_md5sum is None else 100 * s.vs_md5sum, '.0f', '%')} |")
     return "\n".join(lines)
 

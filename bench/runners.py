@@ -71,6 +71,7 @@ class RunResult:
     wall_s: float
     cpu_s: float
     peak_rss: int
+    peak_pss: int
     pdh: str | None
 
     def as_dict(self) -> dict[str, Any]:
@@ -143,7 +144,8 @@ def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int) -> RunRe
         m = run_measured(cmd, env=env, extra=extra, cwd=REPO_ROOT)
         if m.returncode != 0:
             raise RunFailed(f"{row.label} on {dataset.name} exited {m.returncode}:\n{m.stderr[-3000:]}")
-        return RunResult(row.key, dataset.name, repetition, m.wall_s, m.cpu_s, m.peak_rss, _pdh(row, m))
+        return RunResult(row.key, dataset.name, repetition, m.wall_s, m.cpu_s, m.peak_rss, m.peak_pss,
+                         _pdh(row, m))
     finally:
         if keepstore is not None:
             keepstore.stop()
