@@ -210,7 +210,7 @@ def machine(bench_dir: str) -> dict[str, Any]:
             mem = f"{kb / (1 << 20):.1f} GiB"
     except (OSError, AttributeError):
         pass
-    df = _cmd(["df", "-T", "--output=source,fstype", bench_dir]).splitlines()
+    df = _cmd(["df", "--output=source,fstype,target", bench_dir]).splitlines()
     try:
         sdk = metadata.version("arvados-python-client")
     except metadata.PackageNotFoundError:
