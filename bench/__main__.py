@@ -18,7 +18,7 @@ import time
 
 from bench import datasets as ds
 from bench import report
-from bench.runners import REPO_ROOT, ROWS, RunResult, run_row
+from bench.runners import BASELINE_ROWS, REPO_ROOT, ROWS, RunResult, run_row
 
 DEFAULT_DATASETS = ["large", "small", "tiny", "tiny10k", "mixed"]
 BASE_ROWS = ["ki", "ki-nofsync", "arvput", "md5sum", "ki-keep", "arvput-keep"]
@@ -42,6 +42,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-dir", default=os.environ.get("BENCH_DIR") or "/tmp/keep-ingest-bench",
                    help="datasets (cached) and scratch stores ($BENCH_DIR, default %(default)s)")
     p.add_argument("--out", help="JSON output (default bench-results/bench-<time>.json)")
+    p.add_argument("--baseline", metavar="SRC",
+                   help="also run keep-ingest from this source tree (e.g. `git archive REV | tar -x "
+                        "-C SRC`), as rows 'base' and 'base-nofsync', for before/after figures")
     args = p.parse_args(argv)
     if args.quick:
         if "--scale" not in (argv or sys.argv):
@@ -55,8 +58,10 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _rows_for(name: str, only: list[str]) -> list[str]:
+def _rows_for(name: str, only: list[str], baseline: bool) -> list[str]:
     rows = ROWS_FOR.get(name, BASE_ROWS)
+    if baseline:
+        rows = rows[:2] + list(BASELINE_ROWS) + rows[2:]
     return [r for r in rows if r in only] if only else rows
 
 
@@ -83,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for name in names:
         dataset = sets[name] = ds.ensure(name, args.bench_dir, args.scale, log=_log)
-        rows = _rows_for(name, only)
+        rows = _rows_for(name, only, bool(args.baseline))
         _log(f"== {name}: {dataset.description}; {dataset.files:,} files, {dataset.bytes / 1e6:,.0f} MB")
         for rep in range(args.reps):
             shift = rep % len(rows)
             for key in rows[shift:] + rows[:shift]:
                 ds.warm(dataset)
                 os.sync()
-                r = run_row(ROWS[key], dataset, work, rep)
+                r = run_row(ROWS[key], dataset, work, rep, args.baseline)
                 os.sync()
                 results.append(r)
                 _log(f"  [{name} {rep + 1}/{args.reps}] {ROWS[key].label}: {r.wall_s:.2f} s, "
@@ -130,6 +135,7 @@ def _write(out: str, args: argparse.Namespace, machine: dict, sets: dict[str, ds
     doc = {
         "machine": machine,
         "settings": {"reps": args.reps, "scale": args.scale, "bench_dir": args.bench_dir,
+                     "baseline": args.baseline,
                      "cache": "warm: every dataset read once before each run; sync before and after"},
         "datasets": {n: {"description": d.description, "files": d.files, "bytes": d.bytes}
                      for n, d in sets.items()},

@@ -127,7 +127,7 @@ def scaling(summaries: list[Summary]) -> dict[str, Any]:
     for key, n in (("ki-w1", 1), ("ki", 2), ("ki-w4", 4)):
         if (s := _find(summaries, "large", key)):
             out["workers"][n] = round(s.mb_s, 1)
-    for key in ("ki", "ki-nofsync", "arvput"):
+    for key in ("ki", "ki-nofsync", "base", "base-nofsync", "arvput"):
         small, big = _find(summaries, "tiny10k", key), _find(summaries, "tiny", key)
         if small and big:
             marginal = (big.wall_s - small.wall_s) / (big.files - small.files) * 1e6 \

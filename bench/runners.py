@@ -12,7 +12,9 @@ Rows (``Row.key``):
 * ``arvput``: arv-put's engine into ``KEEP_LOCAL_STORE`` (2 put threads, its default);
 * ``md5sum``: GNU md5sum over the same files on every core, the hashing limit;
 * ``ki-keep`` / ``arvput-keep``: both tools through one ``keep-ingest keepstore`` on
-  127.0.0.1 (the server's CPU and memory count with the client's).
+  127.0.0.1 (the server's CPU and memory count with the client's);
+* ``base`` / ``base-nofsync``: with ``--baseline SRC``, keep-ingest run from another
+  source tree (a checkout of another revision), for before/after figures side by side.
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ ROWS: dict[str, Row] = {r.key: r for r in (
     Row("arvput-keep", "arv-put engine", "keepstore"),
     Row("ki-w1", "keep-ingest", "dir, fsync", 1, "arvput"),
     Row("ki-w4", "keep-ingest", "dir, fsync", 4, "arvput"),
+    # Only with --baseline SRC: keep-ingest from another source tree (another revision).
+    Row("base", "keep-ingest @baseline", "dir, fsync", 2, "arvput"),
+    Row("base-nofsync", "keep-ingest @baseline", "dir, no fsync", 2, "arvput"),
 )}
+BASELINE_ROWS = ("base", "base-nofsync")
 
 
 @dataclass
@@ -82,10 +88,10 @@ class RunFailed(RuntimeError):
     """A tool exited non-zero."""
 
 
-def _env(**extra: str) -> dict[str, str]:
+def _env(src: str = REPO_ROOT, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("ARVADOS_") or k == "KEEP_LOCAL_STORE")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 
@@ -111,19 +117,29 @@ def _pdh(row: Row, m: Measurement) -> str | None:
     return line or None
 
 
-def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int) -> RunResult:
-    """Run ``row`` once on ``dataset`` from an empty store; the store is removed after."""
+def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
+            baseline_src: str | None = None) -> RunResult:
+    """Run ``row`` once on ``dataset`` from an empty store; the store is removed after.
+
+    keep-ingest runs as ``python -m ingest`` from this source tree, or for the
+    baseline rows from ``baseline_src``.
+    """
     scratch = tempfile.mkdtemp(prefix=f"{row.key}-", dir=work_dir)
     source = dataset.data + os.sep   # contents at the collection root, for every tool
     keepstore: Keepstore | None = None
     try:
         store = os.path.join(scratch, "store")
         extra = []
-        env = _env()
+        src = REPO_ROOT
+        if row.key in BASELINE_ROWS:
+            if not baseline_src:
+                raise ValueError(f"row {row.key} needs a baseline source tree")
+            src = os.path.abspath(baseline_src)
+        env = _env(src)
         if row.key in ("ki-keep", "arvput-keep"):
             keepstore = Keepstore(scratch)
             extra = [keepstore.process]
-        if row.tool == "keep-ingest":
+        if row.tool.startswith("keep-ingest"):
             if row.store == "keepstore":
                 assert keepstore is not None
                 store_args = ["--keep", keepstore.url, "--replication", "1"]
@@ -139,9 +155,10 @@ def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int) -> RunRe
         elif row.tool == "arv-put engine":
             target = ["--keep", keepstore.url] if keepstore else ["--local-store", store]
             cmd = [sys.executable, "-m", "bench.arvput_job", *target, source]
+            src = REPO_ROOT
         else:
             cmd = _md5sum(dataset)
-        m = run_measured(cmd, env=env, extra=extra, cwd=REPO_ROOT)
+        m = run_measured(cmd, env=env, extra=extra, cwd=src)
         if m.returncode != 0:
             raise RunFailed(f"{row.label} on {dataset.name} exited {m.returncode}:\n{m.stderr[-3000:]}")
         return RunResult(row.key, dataset.name, repetition, m.wall_s, m.cpu_s, m.peak_rss, m.peak_pss,
