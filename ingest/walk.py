@@ -216,15 +216,16 @@ class _Walker:
                 path = entry.path
                 if not _storable(path, self.bad_names):
                     continue
+                st: os.stat_result | None
                 if entry.is_symlink():
                     st = self.stat_entry(path, True)
-                    if st is None:
-                        continue
                 else:
                     try:
                         st = os.lstat(path)
                     except OSError:   # stat_entry raises the right SourceError
                         st = self.stat_entry(path, False)
+                if st is None:
+                    continue
                 name = f"{manifest_dir}/{entry.name}" if manifest_dir else entry.name
                 if S_ISREG(st.st_mode):
                     self.add_file(path, name, st)
