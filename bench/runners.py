@@ -19,6 +19,7 @@ Rows (``Row.key``):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -40,7 +41,7 @@ class Row:
     """One kind of run in the table."""
 
     key: str
-    tool: str                  # "keep-ingest", "arv-put" or "md5sum"
+    tool: str                  # "keep-ingest[ @baseline]", "arv-put engine" or "md5sum"
     store: str                 # "dir", "dir, no fsync", "local store", "keepstore" or "-"
     workers: int | None = None  # keep-ingest worker processes
     baseline: str | None = None  # the arv-put row this row's ratio is taken against
@@ -112,7 +113,6 @@ def _pdh(row: Row, m: Measurement) -> str | None:
         return None
     line = m.stdout.strip().splitlines()[-1] if m.stdout.strip() else ""
     if line.startswith("{"):
-        import json
         return json.loads(line)["pdh"]
     return line or None
 
