@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
           f"scale {args.scale:g}\n")
     print(report.table(summaries))
     print("\nScaling:\n" + report.scaling_text(sc))
-    print("\nTargets:\n" + report.targets_text(checks))
+    scaled = "" if args.scale == 1 else f" (the targets are for scale 1; this run is at {args.scale:g})"
+    print(f"\nTargets{scaled}:\n" + report.targets_text(checks))
     mismatched = _pdh_mismatches(summaries)
     if mismatched:
         print("\nPORTABLE DATA HASH MISMATCH: " + "; ".join(mismatched))

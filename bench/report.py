@@ -151,7 +151,7 @@ def scaling_text(sc: dict[str, Any]) -> str:
         lines.append(f"{t['label']}: " + ", ".join(
             f"{t[k]:.1f} us/file at {int(k.rsplit('_', 1)[1]):,} files" for k in counts)
             + f" (ratio {t['ratio']:.2f}; marginal {_fmt(t['marginal_us_per_file'], '.1f')} us/file)")
-    return "\n".join(lines)
+    return "\n".join(lines) or "(not run: needs the large dataset, or both tiny and tiny10k)"
 
 
 def targets(summaries: list[Summary], sc: dict[str, Any]) -> list[dict[str, Any]]:
