@@ -5,17 +5,24 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/default.toml
 SRC    ?=
 ARGS   ?=
+# make bench: QUICK=1 for a small fast run; BENCH_ARGS for anything else (python -m bench --help).
+QUICK      ?=
+BENCH_ARGS ?=
+BENCH_DIR  ?= /tmp/keep-ingest-bench
+export BENCH_DIR
 
 LISTEN ?= 127.0.0.1:25107
 VOLUME ?= $(HOME)/.local/share/keep-ingest/keepstore
 
-.PHONY: help install ingest keepstore test lint clean
+.PHONY: help install ingest keepstore test lint bench bench-clean clean
 
 help:
 	@echo "make ingest SRC=path [CONFIG=configs/default.toml] [ARGS=...]  upload a tree, print its manifest"
 	@echo "make keepstore [LISTEN=127.0.0.1:25107] [VOLUME=dir]           run a local Keep server"
 	@echo "make test                                                      run the test suite"
 	@echo "make lint                                                      check the code with ruff"
+	@echo "make bench [QUICK=1] [BENCH_ARGS=...] [BENCH_DIR=...]          benchmark against arv-put and md5sum"
+	@echo "make bench-clean                                               remove the cached benchmark datasets"
 	@echo "make clean                                                     remove the virtualenv and caches"
 
 $(BIN)/python:
@@ -29,6 +36,10 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.runtime
+
+$(VENV)/.bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime
@@ -49,7 +60,13 @@ $(VENV)/.lint: | $(BIN)/python
 	touch $@
 
 lint: $(VENV)/.lint
-	$(BIN)/python -m ruff check ingest workers tests
+	$(BIN)/python -m ruff check ingest workers tests bench
+
+bench: $(VENV)/.bench
+	$(BIN)/python -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+bench-clean:
+	rm -rf "$(BENCH_DIR)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -15,13 +15,17 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ingest.keep.locator import BLOCK_SIZE_MAX
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """``length`` bytes of file ``file_index`` from ``file_offset``, in block order."""
+class Piece(NamedTuple):
+    """``length`` bytes of file ``file_index`` from ``file_offset``, in block order.
+
+    A named tuple, not a dataclass: a block of small files has one per file (65,536
+    for 1 KiB files), and a tuple is built several times faster.
+    """
 
     file_index: int
     file_offset: int
@@ -37,11 +41,13 @@ class BlockPlan:
     pieces: tuple[Piece, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class FilePlacement:
+class FilePlacement(NamedTuple):
     """Where one file's bytes lie: ``(block index, offset in block, length)`` in file order."""
 
     parts: tuple[tuple[int, int, int], ...]
+
+
+_NO_PLACEMENT = FilePlacement(())
 
 
 class Plan:
@@ -51,6 +57,7 @@ class Plan:
         if not 1 <= block_size <= BLOCK_SIZE_MAX:
             raise ValueError(f"block size must be between 1 and {BLOCK_SIZE_MAX}")
         self.block_size = block_size
+        self._half = block_size // 2
         self.sizes = array("q", sizes)
         n = len(self.sizes)
         # Per file: its first block and its offset there (-1 for empty files).
@@ -64,7 +71,7 @@ class Plan:
 
     def is_large(self, size: int) -> bool:
         """Large files (more than half a block) get blocks of their own."""
-        return size > self.block_size // 2
+        return size > self._half
 
     def _new_block(self, first_file: int) -> int:
         self._block_size.append(0)
@@ -105,9 +112,10 @@ class Plan:
         if self.is_large(self.sizes[first]):
             offset = (index - self._file_block[first]) * self.block_size
             return BlockPlan(index, size, (Piece(first, offset, size),))
-        pieces = tuple(Piece(i, 0, self.sizes[i]) for i in range(first, end)
-                       if self._file_block[i] == index and self.sizes[i] > 0
-                       and not self.is_large(self.sizes[i]))
+        # Files in [first, end) that are not in this block are empty (block -1) or
+        # large (their own blocks): the block index alone tells them apart.
+        sizes, file_block = self.sizes, self._file_block
+        pieces = tuple([Piece(i, 0, sizes[i]) for i in range(first, end) if file_block[i] == index])
         return BlockPlan(index, size, pieces)
 
     def blocks(self) -> Iterator[BlockPlan]:
@@ -118,11 +126,11 @@ class Plan:
     def placement(self, file_index: int) -> FilePlacement:
         """Where a file's bytes are: its blocks, offsets and lengths in file order."""
         size = self.sizes[file_index]
-        if size == 0:
-            return FilePlacement(())
+        if size <= self._half:
+            if size == 0:
+                return _NO_PLACEMENT
+            return FilePlacement(((self._file_block[file_index], self._file_offset[file_index], size),))
         first = self._file_block[file_index]
-        if not self.is_large(size):
-            return FilePlacement(((first, self._file_offset[file_index], size),))
         return FilePlacement(tuple(
             (first + k, 0, min(self.block_size, size - start))
             for k, start in enumerate(range(0, size, self.block_size))))

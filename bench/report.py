@@ -1,0 +1,232 @@
+"""Summaries of the measured runs: medians, ratios, targets, the table and the JSON.
+
+Ratios are taken *within* each repetition (the two runs were side by side, under the
+same background load) and the median of those per-repetition ratios is reported:
+
+* ``x arv-put``: the row's throughput over arv-put engine's, same dataset and same
+  kind of store (directory rows against arv-put's local store, keepstore rows
+  against arv-put through the same keepstore);
+* ``% md5sum``: the row's throughput as a share of all-cores md5sum's.
+
+MB are 10^6 bytes; MiB (memory) are 2^20 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from bench.datasets import Dataset
+from bench.runners import ROWS, RunResult
+
+MiB = 1 << 20
+TARGET_LARGE_VS_ARVPUT = 3.0
+TARGET_LARGE_VS_MD5SUM = 0.40
+TARGET_SMALL_VS_ARVPUT = 5.0
+TARGET_PEAK_MIB = 400
+TARGET_FLAT_TOLERANCE = 1.25   # time per file at 100k within 25% of 10k's
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+@dataclass
+class Summary:
+    """One table line: a row on a dataset, over its repetitions."""
+
+    dataset: str
+    row: str
+    label: str
+    repetitions: int
+    files: int
+    bytes: int
+    wall_s: float
+    cpu_s: float
+    peak_mib: float           # the largest peak over the repetitions
+    peak_mib_median: float
+    peak_pss_mib: float       # the largest PSS sum over the repetitions
+    mb_s: float
+    files_s: float
+    us_per_file: float
+    vs_arvput: float | None
+    vs_md5sum: float | None
+    pdh: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def summarize(results: list[RunResult], datasets: dict[str, Dataset]) -> list[Summary]:
+    """One Summary per (dataset, row), in the order rows were first run."""
+    by_rep: dict[tuple[str, int], dict[str, RunResult]] = {}
+    order: list[tuple[str, str]] = []
+    for r in results:
+        by_rep.setdefault((r.dataset, r.repetition), {})[r.row] = r
+        if (r.dataset, r.row) not in order:
+            order.append((r.dataset, r.row))
+    out = []
+    for ds_name, key in order:
+        ds = datasets[ds_name]
+        row = ROWS[key]
+        mine = [r for r in results if r.dataset == ds_name and r.row == key]
+        vs_arv, vs_md5 = [], []
+        for r in mine:
+            peers = by_rep[(ds_name, r.repetition)]
+            if row.baseline and row.baseline in peers:
+                vs_arv.append(peers[row.baseline].wall_s / r.wall_s)
+            if key != "md5sum" and "md5sum" in peers:
+                vs_md5.append(peers["md5sum"].wall_s / r.wall_s)
+        wall = statistics.median(r.wall_s for r in mine)
+        pdhs = {r.pdh for r in mine}
+        out.append(Summary(
+            dataset=ds_name, row=key, label=row.label, repetitions=len(mine),
+            files=ds.files, bytes=ds.bytes, wall_s=wall,
+            cpu_s=statistics.median(r.cpu_s for r in mine),
+            peak_mib=max(r.peak_rss for r in mine) / MiB,
+            peak_mib_median=statistics.median(r.peak_rss for r in mine) / MiB,
+            peak_pss_mib=max(r.peak_pss for r in mine) / MiB,
+            mb_s=ds.bytes / 1e6 / wall, files_s=ds.files / wall, us_per_file=wall / ds.files * 1e6,
+            vs_arvput=_median(vs_arv), vs_md5sum=_median(vs_md5),
+            pdh=pdhs.pop() if len(pdhs) == 1 else "MISMATCH between repetitions"))
+    return out
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def table(summaries: list[Summary]) -> str:
+    """The main table, as GitHub-flavoured Markdown."""
+    head = ("| dataset | row | wall s | MB/s | files/s | CPU s | peak RSS MiB | peak PSS MiB "
+            "| x arv-put | % md5sum |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [head]
+    for s in summaries:
+        lines.append(
+            f"| {s.dataset} | {s.label} | {s.wall_s:.2f} | {s.mb_s:.0f} | {s.files_s:,.0f} | "
+            f"{s.cpu_s:.1f} | {s.peak_mib:.0f} | {s.peak_pss_mib:.0f} | {_fmt(s.vs_arvput, '.2f', 'x')} | "
+            f"{_fmt(None if s.vs_md5sum is None else 100 * s.vs_md5sum, '.0f', '%')} |")
+    return "\n".join(lines)
+
+
+def _find(summaries: list[Summary], dataset: str, row: str) -> Summary | None:
+    return next((s for s in summaries if s.dataset == dataset and s.row == row), None)
+
+
+def scaling(summaries: list[Summary]) -> dict[str, Any]:
+    """Throughput at 1, 2 and 4 workers (large), and time per file at 10k vs 100k files."""
+    out: dict[str, Any] = {"workers": {}, "time_per_file": {}}
+    for key, n in (("ki-w1", 1), ("ki", 2), ("ki-w4", 4)):
+        if (s := _find(summaries, "large", key)):
+            out["workers"][n] = round(s.mb_s, 1)
+    for key in ("ki", "ki-nofsync", "base", "base-nofsync", "arvput"):
+        small, big = _find(summaries, "tiny10k", key), _find(summaries, "tiny", key)
+        if small and big:
+            marginal = (big.wall_s - small.wall_s) / (big.files - small.files) * 1e6 \
+                if big.files > small.files else None
+            out["time_per_file"][key] = {
+                "label": ROWS[key].label,
+                f"us_per_file_{small.files}": round(small.us_per_file, 1),
+                f"us_per_file_{big.files}": round(big.us_per_file, 1),
+                "ratio": round(big.us_per_file / small.us_per_file, 3),
+                "marginal_us_per_file": None if marginal is None else round(marginal, 1)}
+    return out
+
+
+def scaling_text(sc: dict[str, Any]) -> str:
+    lines = []
+    if sc["workers"]:
+        lines.append("keep-ingest on large, dir store with fsync: " + ", ".join(
+            f"{n} worker{'s' if n > 1 else ''} {v:.0f} MB/s" for n, v in sorted(sc["workers"].items())))
+    for t in sc["time_per_file"].values():
+        counts = [k for k in t if k.startswith("us_per_file_")]
+        lines.append(f"{t['label']}: " + ", ".join(
+            f"{t[k]:.1f} us/file at {int(k.rsplit('_', 1)[1]):,} files" for k in counts)
+            + f" (ratio {t['ratio']:.2f}; marginal {_fmt(t['marginal_us_per_file'], '.1f')} us/file)")
+    return "\n".join(lines) or "(not run: needs the large dataset, or both tiny and tiny10k)"
+
+
+def targets(summaries: list[Summary], sc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    checks: list[dict[str, Any]] = []
+
+    def add(what: str, value: float | None, ok: bool | None) -> None:
+        checks.append({"target": what, "value": None if value is None else round(value, 3), "met": ok})
+
+    for key in ("ki-nofsync", "ki"):
+        if (s := _find(summaries, "large", key)):
+            add(f"large, {s.label}: >= {TARGET_LARGE_VS_ARVPUT:g}x arv-put engine",
+                s.vs_arvput, None if s.vs_arvput is None else s.vs_arvput >= TARGET_LARGE_VS_ARVPUT)
+            add(f"large, {s.label}: >= {TARGET_LARGE_VS_MD5SUM:.0%} of all-cores md5sum",
+                s.vs_md5sum, None if s.vs_md5sum is None else s.vs_md5sum >= TARGET_LARGE_VS_MD5SUM)
+    for ds in ("small", "tiny"):
+        for key in ("ki-nofsync", "ki"):
+            if (s := _find(summaries, ds, key)):
+                add(f"{ds}, {s.label}: >= {TARGET_SMALL_VS_ARVPUT:g}x arv-put engine files/s",
+                    s.vs_arvput, None if s.vs_arvput is None else s.vs_arvput >= TARGET_SMALL_VS_ARVPUT)
+    for s in summaries:
+        if s.row in ("ki", "ki-nofsync"):
+            add(f"{s.dataset}, {s.label}: peak memory <= {TARGET_PEAK_MIB} MiB", s.peak_mib,
+                s.peak_mib <= TARGET_PEAK_MIB)
+    for key, t in sc["time_per_file"].items():
+        if key.startswith("ki"):
+            add(f"{t['label']}: time per file flat from 10k to 100k files (ratio <= "
+                f"{TARGET_FLAT_TOLERANCE:g})", t["ratio"], t["ratio"] <= TARGET_FLAT_TOLERANCE)
+    return checks
+
+
+def targets_text(checks: list[dict[str, Any]]) -> str:
+    mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}
+    return "\n".join(f"{mark[c['met']]} {c['target']}: {_fmt(c['value'], '.3g')}" for c in checks)
+
+
+def _cmd(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine(bench_dir: str) -> dict[str, Any]:
+    """What the benchmark ran on."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1))  # type: ignore[union-attr]
+            mem = f"{kb / (1 << 20):.1f} GiB"
+    except (OSError, AttributeError):
+        pass
+    df = _cmd(["df", "--output=source,fstype,target", bench_dir]).splitlines()
+    try:
+        sdk = metadata.version("arvados-python-client")
+    except metadata.PackageNotFoundError:
+        sdk = None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory": mem,
+        "filesystem": " ".join(df[-1].split()) if len(df) > 1 else "",
+        "kernel": platform.release(), "python": platform.python_version(),
+        "arvados_python_client": sdk,
+        "md5sum": _cmd(["md5sum", "--version"]).splitlines()[0] if _cmd(["md5sum", "--version"]) else "",
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def machine_text(m: dict[str, Any]) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores, {m['memory']} RAM; bench dir on {m['filesystem']}; "
+            f"Linux {m['kernel']}, Python {m['python']}, arvados-python-client {m['arvados_python_client']}, "
+            f"{m['md5sum']}")

@@ -1,0 +1,169 @@
+"""The rows of the benchmark: which command each one runs, and running it once.
+
+Every upload starts from an empty store (a fresh directory, or a fresh keepstore with
+a fresh volume), so no block is already stored and nothing is skipped.
+
+Rows (``Row.key``):
+
+* ``ki`` / ``ki-w1`` / ``ki-w4``: keep-ingest into its directory store with the default
+  profile, which fsyncs each block and its directory (2, 1 or 4 local workers);
+* ``ki-nofsync``: the same with ``store.fsync = false``, like arv-put's local store,
+  which never fsyncs;
+* ``arvput``: arv-put's engine into ``KEEP_LOCAL_STORE`` (2 put threads, its default);
+* ``md5sum``: GNU md5sum over the same files on every core, the hashing limit;
+* ``ki-keep`` / ``arvput-keep``: both tools through one ``keep-ingest keepstore`` on
+  127.0.0.1 (the server's CPU and memory count with the client's);
+* ``base`` / ``base-nofsync``: with ``--baseline SRC``, keep-ingest run from another
+  source tree (a checkout of another revision), for before/after figures side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from bench.datasets import Dataset
+from bench.keepstore import Keepstore
+from bench.measure import Measurement, run_measured
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_FSYNC_PROFILE = "[store]\nfsync = false\n"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One kind of run in the table."""
+
+    key: str
+    tool: str                  # "keep-ingest[ @baseline]", "arv-put engine" or "md5sum"
+    store: str                 # "dir", "dir, no fsync", "local store", "keepstore" or "-"
+    workers: int | None = None  # keep-ingest worker processes
+    baseline: str | None = None  # the arv-put row this row's ratio is taken against
+
+    @property
+    def label(self) -> str:
+        who = f"{self.tool} ({self.workers} workers)" if self.workers else self.tool
+        return f"{who}, {self.store}" if self.store != "-" else who
+
+
+ROWS: dict[str, Row] = {r.key: r for r in (
+    Row("ki", "keep-ingest", "dir, fsync", 2, "arvput"),
+    Row("ki-nofsync", "keep-ingest", "dir, no fsync", 2, "arvput"),
+    Row("arvput", "arv-put engine", "local store"),
+    Row("md5sum", "md5sum", "-"),
+    Row("ki-keep", "keep-ingest", "keepstore", 2, "arvput-keep"),
+    Row("arvput-keep", "arv-put engine", "keepstore"),
+    Row("ki-w1", "keep-ingest", "dir, fsync", 1, "arvput"),
+    Row("ki-w4", "keep-ingest", "dir, fsync", 4, "arvput"),
+    # Only with --baseline SRC: keep-ingest from another source tree (another revision).
+    Row("base", "keep-ingest @baseline", "dir, fsync", 2, "arvput"),
+    Row("base-nofsync", "keep-ingest @baseline", "dir, no fsync", 2, "arvput"),
+)}
+BASELINE_ROWS = ("base", "base-nofsync")
+
+
+@dataclass
+class RunResult:
+    """One measured run of one row on one dataset."""
+
+    row: str
+    dataset: str
+    repetition: int
+    wall_s: float
+    cpu_s: float
+    peak_rss: int
+    peak_pss: int
+    pdh: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class RunFailed(RuntimeError):
+    """A tool exited non-zero."""
+
+
+def _env(src: str = REPO_ROOT, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("ARVADOS_") or k == "KEEP_LOCAL_STORE")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def _keep_ingest(workers: int, store_args: list[str], source: str) -> list[str]:
+    return [sys.executable, "-m", "ingest", "put", "-q", "--portable-data-hash",
+            "--workers", str(workers), *store_args, source]
+
+
+def _md5sum(dataset: Dataset) -> list[str]:
+    cores = os.cpu_count() or 1
+    per_call = max(1, math.ceil(dataset.files / (cores * 8)))
+    return ["xargs", "-0", "-a", dataset.file_list, "-P", str(cores), "-n", str(per_call), "md5sum"]
+
+
+def _pdh(row: Row, m: Measurement) -> str | None:
+    if row.tool == "md5sum":
+        return None
+    line = m.stdout.strip().splitlines()[-1] if m.stdout.strip() else ""
+    if line.startswith("{"):
+        return json.loads(line)["pdh"]
+    return line or None
+
+
+def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
+            baseline_src: str | None = None) -> RunResult:
+    """Run ``row`` once on ``dataset`` from an empty store; the store is removed after.
+
+    keep-ingest runs as ``python -m ingest`` from this source tree, or for the
+    baseline rows from ``baseline_src``.
+    """
+    scratch = tempfile.mkdtemp(prefix=f"{row.key}-", dir=work_dir)
+    source = dataset.data + os.sep   # contents at the collection root, for every tool
+    keepstore: Keepstore | None = None
+    try:
+        store = os.path.join(scratch, "store")
+        extra = []
+        src = REPO_ROOT
+        if row.key in BASELINE_ROWS:
+            if not baseline_src:
+                raise ValueError(f"row {row.key} needs a baseline source tree")
+            src = os.path.abspath(baseline_src)
+        env = _env(src)
+        if row.key in ("ki-keep", "arvput-keep"):
+            keepstore = Keepstore(scratch)
+            extra = [keepstore.process]
+        if row.tool.startswith("keep-ingest"):
+            if row.store == "keepstore":
+                assert keepstore is not None
+                store_args = ["--keep", keepstore.url, "--replication", "1"]
+                env["ARVADOS_API_TOKEN"] = "bench-token"
+            else:
+                store_args = ["--store", store]
+                if "no fsync" in row.store:
+                    profile = os.path.join(scratch, "nofsync.toml")
+                    with open(profile, "w") as f:
+                        f.write(NO_FSYNC_PROFILE)
+                    store_args += ["--config", profile]
+            cmd = _keep_ingest(row.workers or 2, store_args, source)
+        elif row.tool == "arv-put engine":
+            target = ["--keep", keepstore.url] if keepstore else ["--local-store", store]
+            cmd = [sys.executable, "-m", "bench.arvput_job", *target, source]
+            src = REPO_ROOT
+        else:
+            cmd = _md5sum(dataset)
+        m = run_measured(cmd, env=env, extra=extra, cwd=src)
+        if m.returncode != 0:
+            raise RunFailed(f"{row.label} on {dataset.name} exited {m.returncode}:\n{m.stderr[-3000:]}")
+        return RunResult(row.key, dataset.name, repetition, m.wall_s, m.cpu_s, m.peak_rss, m.peak_pss,
+                         _pdh(row, m))
+    finally:
+        if keepstore is not None:
+            keepstore.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
