@@ -10,6 +10,7 @@ when their files did not change.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 from ingest.config import Settings
 from ingest.coordinator import Coordinator
 from ingest.errors import EXIT_INTERRUPTED, IngestError, StoreError
+from ingest.gcpause import collector_paused
 from ingest.journal import JournalWriter
 from ingest.keep.store import StoredBlock, open_store
 from ingest.manifest import Manifest, Segment
@@ -52,12 +54,13 @@ class PutResult:
 def build_manifest(walk: WalkResult, plan: Plan, locators: list[str]) -> Manifest:
     """The manifest of a walked tree, given the locator of every planned block."""
     manifest = Manifest()
-    for directory in walk.directories:
-        manifest.add_dir(directory)
-    for index, source in enumerate(walk.files):
-        manifest.add_file(source.name, [
-            Segment(locators[block], plan.block_size_of(block), offset, length)
-            for block, offset, length in plan.placement(index).parts])
+    with collector_paused():
+        for directory in walk.directories:
+            manifest.add_dir(directory)
+        for index, source in enumerate(walk.files):
+            manifest.add_file(source.name, [
+                Segment(locators[block], plan.block_size_of(block), offset, length)
+                for block, offset, length in plan.placement(index).parts])
     return manifest
 
 
@@ -92,6 +95,9 @@ class _Run:
                                  leave_out)
         self.unreadable = {**leave_out, **self.walk.unreadable}
         self.plan = Plan([f.size for f in self.walk.files], settings.put.block_size)
+        # The file list and plan live until the end of the run: move them out of the
+        # collector's sight (fewer full passes, and forked workers do not copy their pages).
+        gc.freeze()
         self.reader = BlockReader(self.walk.files, settings.put.chunk_size)
         self.index = index
         self.locators = [""] * self.plan.block_count

@@ -11,7 +11,6 @@ refused before any data moves.
 from __future__ import annotations
 
 import fnmatch
-import gc
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ingest.errors import SourceError, UsageError
+from ingest.gcpause import collector_paused
 
 log = logging.getLogger(__name__)
 
@@ -254,17 +254,9 @@ def walk_sources(sources: Iterable[str], follow_links: bool = True,
     paths in ``leave_out`` (e.g. unreadable files the user agreed to skip) are omitted.
     """
     walker = _Walker(follow_links, excludes or Excludes(()), frozenset(leave_out))
-    # The walk allocates a few objects per file and makes no reference cycles, but
-    # each allocation burst triggers the cyclic collector, whose full passes rescan
-    # the growing file list: pausing it saves a fifth of the walk for 100,000 files.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         for source in sources:
             walker.walk_source(source)
-    finally:
-        if collecting:
-            gc.enable()
     if walker.bad_names:
         shown = "\n  ".join(walker.bad_names[:20])
         more = f"\n  ... and {len(walker.bad_names) - 20} more" if len(walker.bad_names) > 20 else ""
