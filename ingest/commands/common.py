@@ -20,6 +20,18 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
                         help="copies of each block, on distinct Keep services (default 2)")
 
 
+def add_walk_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--exclude PATTERN`` and ``--follow-links``/``--no-follow-links``, as arv-put has them."""
+    parser.add_argument("--exclude", action="append", metavar="PATTERN",
+                        help="leave out files and directories matching PATTERN (repeatable; arv-put's "
+                             "rules: '*.tmp' matches a name anywhere, 'sub/*.log' a path)")
+    links = parser.add_mutually_exclusive_group()
+    links.add_argument("--follow-links", dest="follow_links", action="store_true", default=None,
+                       help="follow symlinks (default), skipping loops")
+    links.add_argument("--no-follow-links", dest="follow_links", action="store_false",
+                       help="leave out every symlink")
+
+
 def store_overrides(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
     """The settings the store flags give, as ``{key: (value or None, flag)}``.
 

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-from ingest.commands.common import add_store_arguments, settings_from
+from ingest.commands.common import add_store_arguments, add_walk_arguments, settings_from
 from ingest.config import Settings
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
 from ingest.errors import EXIT_USAGE as EXIT_PENDING
@@ -47,13 +47,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("--chunk-size", type=int, metavar="BYTES", help="bytes per message to a worker")
     p.add_argument("--block-size", type=int, metavar="BYTES",
                    help="maximum block size (default and maximum 67108864; smaller changes the manifest)")
-    p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="skip files and directories matching PATTERN (repeatable; arv-put's rules)")
-    links = p.add_mutually_exclusive_group()
-    links.add_argument("--follow-links", dest="follow_links", action="store_true", default=None,
-                       help="follow symlinks (default), skipping loops")
-    links.add_argument("--no-follow-links", dest="follow_links", action="store_false",
-                       help="skip every symlink")
+    add_walk_arguments(p)
     resume = p.add_argument_group("checkpoints and resume")
     resume.add_argument("--state-dir", metavar="DIR",
                         help="where run journals and locks live (default: $XDG_STATE_HOME/keep-ingest)")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ingest.commands.common import add_store_arguments, settings_from
+from ingest.commands.common import add_store_arguments, add_walk_arguments, settings_from
 from ingest.commands.reading import add_manifest_argument, add_workers_argument, worker_count
 from ingest.errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_OK
 from ingest.read.names import display
@@ -36,13 +36,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("src", metavar="SRC", help="the source directory")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: identical, files, compared, missing, extra, differs")
-    p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="ignore source files and directories matching PATTERN (as put --exclude)")
-    links = p.add_mutually_exclusive_group()
-    links.add_argument("--follow-links", dest="follow_links", action="store_true", default=None,
-                       help="follow symlinks in SRC (default), as put does")
-    links.add_argument("--no-follow-links", dest="follow_links", action="store_false",
-                       help="ignore every symlink in SRC")
+    add_walk_arguments(p)  # SRC is walked as put walks it
     add_workers_argument(p)
     add_store_arguments(p)
     p.set_defaults(func=run)
