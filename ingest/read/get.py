@@ -256,15 +256,18 @@ class _Getter:
     def create_tmp(self, t: _Target) -> None:
         directory = os.path.dirname(t.final)
         while True:
-            tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}.tmp")
+            # Named before it exists, so an interrupt at any instant leaves no file that
+            # the cleanup does not know of.
+            t.tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}.tmp")
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                fd = os.open(t.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
                 break
             except FileExistsError:
+                t.tmp = None  # not ours
                 continue
             except OSError as exc:
+                t.tmp = None
                 raise IngestError(f"cannot create a file in {directory}: {exc.strerror}") from None
-        t.tmp = tmp
         try:
             os.ftruncate(fd, t.size)
         except OSError as exc:
