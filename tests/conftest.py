@@ -8,6 +8,7 @@ fault-injecting proxy in ``fault_proxy.py``: ``fault_proxy``.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,32 @@ def processes_tagged(tag: str) -> list[int]:
         except psutil.Error:
             pass
     return found
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+def spawn_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+              unprivileged: bool = False) -> subprocess.Popen:
+    """Start ``keep-ingest ARGS...`` in the background (text pipes for stdout and stderr).
+
+    ``unprivileged`` runs it as root without capabilities (via setpriv), so that file
+    permissions apply to it as to any user.
+    """
+    prefix = [SETPRIV, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"] if unprivileged else []
+    return subprocess.Popen([*prefix, sys.executable, "-m", "ingest", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path, env))
+
+
+def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
+    """Wait for a spawned CLI: (exit code, stdout, stderr); killed if it outlives ``timeout``."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            out, err = proc.communicate()
+    return proc.returncode, out, err
 
 
 @pytest.fixture

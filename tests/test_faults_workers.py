@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,36 +13,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import cli_env, processes_tagged
+from conftest import SETPRIV, finish, processes_tagged, spawn_cli
 from trees import MiB, fill
 
 from ingest.journal import iter_records
 
 pytestmark = pytest.mark.fault
 
-SETPRIV = shutil.which("setpriv")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def spawn(tmp_path: Path, *args: str, env: dict[str, str] | None = None, unprivileged: bool = False):
-    prefix = [SETPRIV, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"] if unprivileged else []
-    return subprocess.Popen([*prefix, sys.executable, "-m", "ingest", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path, env))
-
-
-def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            out, err = proc.communicate()
-    return proc.returncode, out, err
 
 
 
@@ -89,7 +69,7 @@ def reference(cli, tmp_path: Path, src: Path) -> str:
 def test_a_worker_killed_mid_block_is_replaced_and_the_manifest_is_unchanged(cli, tmp_path, src):
     expected = reference(cli, tmp_path, src)
     base = tmp_path / "run"
-    proc = spawn(base, *put_args(base, "--workers", "2", "-v"), str(src))
+    proc = spawn_cli(base, *put_args(base, "--workers", "2", "-v"), str(src))
     try:
         assert wait_for(lambda: len(psutil.Process(proc.pid).children()) >= 2, 30)
         # wait until some blocks are stored, then kill one worker in the middle of its work
@@ -110,9 +90,9 @@ def test_when_every_worker_is_gone_the_run_fails_clearly_with_a_valid_journal(cl
     profile = tmp_path / "p.toml"
     profile.write_text("[put]\nworker_timeout = 3\nheartbeat_timeout = 2\n")
     base = tmp_path / "run"
-    coordinator = spawn(base, *put_args(base, "--config", str(profile), "--workers", "0",
+    coordinator = spawn_cli(base, *put_args(base, "--config", str(profile), "--workers", "0",
                                         "--listen", endpoint), str(src))
-    worker = spawn(base, "worker", "--connect", endpoint)
+    worker = spawn_cli(base, "worker", "--connect", endpoint)
     try:
         assert wait_for(lambda: journaled(base) >= 2, 30)
         worker.kill()
@@ -138,7 +118,7 @@ def test_when_every_worker_is_gone_the_run_fails_clearly_with_a_valid_journal(cl
 def test_local_workers_exit_by_themselves_when_the_coordinator_dies(tmp_path, src):
     tag = f"run-{uuid.uuid4()}"
     base = tmp_path / "run"
-    proc = spawn(base, *put_args(base, "--workers", "2"), str(src), env={"KEEP_INGEST_TEST_TAG": tag})
+    proc = spawn_cli(base, *put_args(base, "--workers", "2"), str(src), env={"KEEP_INGEST_TEST_TAG": tag})
     try:
         assert wait_for(lambda: len(processes_tagged(tag)) >= 3, 30)
         proc.kill()
@@ -154,8 +134,8 @@ def test_a_remote_worker_exits_when_its_coordinator_goes_silent(tmp_path, src):
     profile = tmp_path / "p.toml"
     profile.write_text("[put]\nheartbeat_timeout = 2\n")
     base = tmp_path / "run"
-    worker = spawn(base, "worker", "--connect", endpoint)
-    coordinator = spawn(base, *put_args(base, "--config", str(profile), "--workers", "0",
+    worker = spawn_cli(base, "worker", "--connect", endpoint)
+    coordinator = spawn_cli(base, *put_args(base, "--config", str(profile), "--workers", "0",
                                         "--listen", endpoint), str(src))
     try:
         assert wait_for(lambda: journaled(base) >= 1, 30)  # the worker is at work
@@ -180,17 +160,17 @@ def test_unreadable_file_fails_after_the_rest_is_stored_or_is_skipped_with_exit_
     locked.chmod(0)
     locked_dir.chmod(0)
     base = tmp_path / "run"
-    code, out, err = finish(spawn(base, *put_args(base), str(src), unprivileged=True))
+    code, out, err = finish(spawn_cli(base, *put_args(base), str(src), unprivileged=True))
     assert code == 1 and out == ""
     assert f"{locked}: Permission denied" in err and f"{locked_dir}: Permission denied" in err
     assert "everything else is stored and checkpointed" in err
-    code, out, err = finish(spawn(base, *put_args(base, "--skip-unreadable", "--json", "-q"), str(src),
+    code, out, err = finish(spawn_cli(base, *put_args(base, "--skip-unreadable", "--json", "-q"), str(src),
                                   unprivileged=True))
     assert code == 3, err
     result = json.loads(out)
     assert {u["path"] for u in result["unreadable"]} == {str(locked), str(locked_dir)}
     assert result["bytes_reused"] > 0  # the first run's blocks were checkpointed
-    manifest = finish(spawn(base, *put_args(base, "--skip-unreadable", "-q"), str(src),
+    manifest = finish(spawn_cli(base, *put_args(base, "--skip-unreadable", "-q"), str(src),
                             unprivileged=True))[1]
     assert ":s7" not in manifest and "closed" not in manifest and ":s8" in manifest
 
@@ -210,7 +190,7 @@ def test_a_file_that_keeps_changing_fails_after_bounded_retries(tmp_path, src):
     writer.start()
     try:
         base = tmp_path / "run"
-        code, out, err = finish(spawn(base, *put_args(base), str(src)), timeout=120)
+        code, out, err = finish(spawn_cli(base, *put_args(base), str(src)), timeout=120)
     finally:
         stop.set()
         writer.join()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import psutil
-from conftest import cli_env, processes_tagged
+from conftest import finish, processes_tagged, spawn_cli
 from trees import MiB, fill
 
 
@@ -18,21 +16,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def spawn(tmp_path: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ingest", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path))
-
-
-def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, out, err
 
 
 def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path):
@@ -44,8 +27,8 @@ def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path):
     assert local.returncode == 0, local.stderr
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     # Workers may start first: they wait (--wait) for the coordinator to listen.
-    workers = [spawn(tmp_path, "worker", "--connect", endpoint, "--wait", "5") for _ in range(2)]
-    coordinator = spawn(tmp_path, "put", "--store", str(tmp_path / "s2"), "--block-size", str(MiB),
+    workers = [spawn_cli(tmp_path, "worker", "--connect", endpoint, "--wait", "5") for _ in range(2)]
+    coordinator = spawn_cli(tmp_path, "put", "--store", str(tmp_path / "s2"), "--block-size", str(MiB),
                         "--workers", "0", "--listen", endpoint, str(src))
     try:
         code, out, err = finish(coordinator)
@@ -93,7 +76,7 @@ def test_peak_memory_does_not_grow_with_the_tree(tmp_path):
         for i in range(count):  # sparse files: cheap to make, read like any other
             with open(src / f"f{i}", "wb") as f:
                 f.truncate(64 * MiB)
-        proc = spawn(tmp_path, "put", "-q", "--store", str(tmp_path / "store"), "--workers", "2",
+        proc = spawn_cli(tmp_path, "put", "-q", "--store", str(tmp_path / "store"), "--workers", "2",
                      "--block-size", str(8 * MiB), "--portable-data-hash", str(src))
         peaks[label] = _peak_rss(proc)
         assert finish(proc)[0] == 0
