@@ -17,6 +17,7 @@ import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ingest.errors import SourceError, UsageError
 from ingest.gcpause import collector_paused
@@ -24,9 +25,12 @@ from ingest.gcpause import collector_paused
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Fingerprint:
-    """What identifies one version of a file without reading it."""
+class Fingerprint(NamedTuple):
+    """What identifies one version of a file without reading it.
+
+    A named tuple: one is built per file by the walk and again after each read, and
+    compared in C.
+    """
 
     size: int
     mtime_ns: int
