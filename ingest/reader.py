@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import xxhash
 
 from ingest.errors import SourceError
-from ingest.plan import BlockPlan
+from ingest.plan import BlockPlan, Plan
 from ingest.walk import Fingerprint, SourceFile
+
+Chunk = bytearray | memoryview  # a chunk of a block's bytes, readable without a copy
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
 
@@ -36,6 +39,12 @@ class FileChanged(SourceError):
     def __init__(self, path: str, why: str):
         super().__init__(f"file changed while being read: {path} ({why})")
         self.path = path
+        self.why = why
+
+
+def _filled(buf: bytearray, filled: int) -> Chunk:
+    """The first ``filled`` bytes of ``buf``, without a copy."""
+    return buf if filled == len(buf) else memoryview(buf)[:filled]
 
 
 def describe_change(old: Fingerprint, new: Fingerprint) -> str:
@@ -94,15 +103,26 @@ class BlockReader:
             raise FileChanged(self.files[index].path, "shorter than when walked")
         return got
 
-    def chunks(self, block: BlockPlan, digests: list[int] | None = None) -> Iterator[tuple[bytearray, bool]]:
+    def chunks(self, block: BlockPlan, digests: list[int] | None = None,
+               buffer: bytearray | None = None) -> Iterator[tuple[Chunk, bool]]:
         """Yield ``(data, is_last)`` for the block's bytes, in order.
 
+        Without ``buffer`` each chunk is a new ``bytearray`` of at most ``chunk_size``
+        bytes that the caller may keep; with one, every chunk is a view into it, valid
+        only until the next chunk is asked for (no allocation per chunk).
         A piece's file is checked against its fingerprint as soon as the piece is
         read, before the chunk holding the piece's end is yielded. If ``digests`` is
         given, the xxh3-64 of each piece is appended to it as the piece completes.
         """
         remaining = block.size
-        buf = bytearray(min(self.chunk_size, remaining))
+
+        def next_buffer() -> tuple[bytearray, int]:
+            if buffer is not None:
+                return buffer, min(len(buffer), remaining)
+            size = min(self.chunk_size, remaining)
+            return bytearray(size), size
+
+        buf, limit = next_buffer()
         filled = 0
         for piece in block.pieces:
             fd = self._open(piece.file_index)
@@ -110,11 +130,11 @@ class BlockReader:
             try:
                 offset, left = piece.file_offset, piece.length
                 while left:
-                    if filled == len(buf):
+                    if filled == limit:
                         remaining -= filled
-                        yield buf, False
-                        buf, filled = bytearray(min(self.chunk_size, remaining)), 0
-                    want = min(left, len(buf) - filled)
+                        yield _filled(buf, filled), False
+                        (buf, limit), filled = next_buffer(), 0
+                    want = min(left, limit - filled)
                     with memoryview(buf) as view:
                         got = self._read_into(piece.file_index, fd, view[filled:filled + want], offset)
                         if hasher is not None:
@@ -126,7 +146,7 @@ class BlockReader:
                     digests.append(hasher.intdigest())
             finally:
                 os.close(fd)
-        yield buf, True
+        yield _filled(buf, filled), True
 
     def digests(self, block: BlockPlan) -> list[int]:
         """The xxh3-64 of each piece of a block, read from the sources now."""
@@ -134,3 +154,14 @@ class BlockReader:
         for _ in self.chunks(block, digests):
             pass
         return digests
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    """What a local worker inherits from its coordinator when forked, to read the
+    run's blocks itself: the plan, a reader over the walked files, and the run's
+    token, by which the coordinator knows the worker holds this very plan."""
+
+    token: str
+    plan: Plan
+    reader: BlockReader

@@ -36,6 +36,20 @@ def test_chunks_concatenate_to_the_block_bytes(src, chunk_size):
         assert data == want
 
 
+@pytest.mark.parametrize("buffer_size", [1, 7, 4096, 1 << 20])
+def test_chunks_read_into_a_reused_buffer_give_the_same_bytes(src, buffer_size):
+    files = walk_sources([str(src) + "/"]).files
+    plan = Plan([f.size for f in files], block_size=8192)
+    reader = BlockReader(files, 4096)
+    buffer = bytearray(buffer_size)
+    for block, want in zip(plan.blocks(), read_all(files, plan, 4096), strict=True):
+        got = b""
+        for data, _ in reader.chunks(block, buffer=buffer):
+            assert data.obj is buffer if isinstance(data, memoryview) else data is buffer
+            got += bytes(data)
+        assert got == want
+
+
 def test_last_flag_only_on_the_final_chunk(src):
     files = walk_sources([str(src) + "/"]).files
     plan = Plan([f.size for f in files], block_size=8192)
