@@ -58,6 +58,7 @@ class PutSettings:
     follow_links: bool = True
     exclude: list[str] = field(default_factory=list)
     listen: str = ""                 # ZeroMQ endpoint for workers; empty: a private ipc socket
+    local_reads: bool = True         # local workers read the files themselves (false: stream every byte)
     worker_timeout: int = 120        # seconds without any connected worker before giving up
     heartbeat_timeout: int = 10      # seconds of silence after which a worker (or coordinator) is lost
     skip_unreadable: bool = False    # finish without files that cannot be read (exit 3) instead of failing

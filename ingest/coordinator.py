@@ -1,12 +1,18 @@
-"""ZeroMQ dispatch: stream each block's chunks to one worker, collect locators.
+"""ZeroMQ dispatch: hand each block to one worker, collect locators.
 
 The coordinator binds a ROUTER socket (a private abstract-namespace ipc socket by
 default, so nothing is left on disk, or ``--listen`` for remote workers), starts
-local worker processes, and streams block plans to whichever worker has room. Flow
-control is by credit: a worker holds at most ``blocks_per_worker`` unfinished blocks
-and ``window_chunks`` chunks not yet consumed, so memory is bounded whatever the tree
-size. Chunks are sent without copies (``copy=False``); every chunk of a block goes to
-the same worker.
+local worker processes, and hands blocks to whichever worker has room; a worker
+holds at most ``blocks_per_worker`` unfinished blocks.
+
+Local workers are forked after the plan is made and inherit it (see
+``LocalSource``): each gets one READ per block and reads the files itself, so the
+bytes never cross the socket and the per-file reads of small files are spread over
+the workers. Other workers (remote ones, or all when ``put.local_reads`` is off)
+get the bytes streamed: the coordinator reads each block and sends its chunks
+without copies (``copy=False``), all to the same worker, with credit-based flow
+control (at most ``window_chunks`` chunks not yet consumed), so memory is bounded
+whatever the tree size.
 
 Liveness: both sides send a HEARTBEAT when they have had nothing else to say for a
 while. A worker that goes silent, disconnects or (when local) exits loses its
@@ -35,7 +41,7 @@ from ingest.errors import IngestError, StoreError
 from ingest.keep.store import StoredBlock
 from ingest.plan import Plan
 from ingest.progress import Tracker
-from ingest.reader import BlockReader, FileChanged, Unreadable
+from ingest.reader import BlockReader, Chunk, FileChanged, LocalSource, Unreadable
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,10 @@ class _Peer:
     name: str
     credit: int
     last_heard: float
+    reads: bool = False              # reads blocks itself (READ), else gets CHUNKs
     last_sent: float = 0.0
     open_blocks: set[int] = field(default_factory=set)
-    stream: Iterator[tuple[bytearray, bool]] | None = None
+    stream: Iterator[tuple[Chunk, bool]] | None = None
     stream_block: int = -1
 
 
@@ -62,13 +69,13 @@ class _PeerLost(Exception):
     """Sending to a worker failed: it is gone."""
 
 
-def _local_worker_main(address: str, parent_pid: int) -> None:
+def _local_worker_main(address: str, parent_pid: int, source: LocalSource | None) -> None:
     """Body of a local worker process (forked): ignore Ctrl-C, the coordinator stops us."""
     from workers import run_worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os._exit(run_worker(address, parent_pid=parent_pid))
+    os._exit(run_worker(address, parent_pid=parent_pid, source=source))
 
 
 class Coordinator:
@@ -97,12 +104,15 @@ class Coordinator:
         self._pending: deque[int] = deque()
         self._remaining = 0
         self._address = ""
+        self.bytes_read_by_workers = 0
+        self._source = (LocalSource(secrets.token_hex(8), plan, reader)
+                        if settings.put.local_reads else None)
 
     # -- lifecycle -------------------------------------------------------
 
     def _start_local_worker(self) -> None:
         proc = multiprocessing.get_context("fork").Process(
-            target=_local_worker_main, args=(self._address, os.getpid()),
+            target=_local_worker_main, args=(self._address, os.getpid(), self._source),
             name="keep-ingest-worker", daemon=True)
         proc.start()
         self.processes[proc.pid] = proc
@@ -190,16 +200,19 @@ class Coordinator:
                 raise _PeerLost(f"cannot reach it ({exc})") from None
 
     def _send_round(self, sock: zmq.Socket) -> bool:
-        """Send at most one chunk to each worker that has credit; True if any was sent."""
+        """Fill each reading worker's blocks, and send at most one chunk to each
+        streamed worker that has credit; True if anything was sent."""
         sent = False
         for peer in list(self.peers.values()):
+            if peer.reads:
+                sent = self._send_reads(sock, peer) or sent
+                continue
             if peer.credit < self.chunk_size:
                 continue
             if peer.stream is None:
-                if not self._pending or len(peer.open_blocks) >= self.max_blocks:
+                if not self._may_take(peer):
                     continue
-                index = self._pending.popleft()
-                peer.open_blocks.add(index)
+                index = self._assign(peer)
                 self._digests[index] = []
                 peer.stream = self.reader.chunks(self.plan.block(index), self._digests[index])
                 peer.stream_block = index
@@ -207,7 +220,9 @@ class Coordinator:
                 try:
                     data, last = next(peer.stream)
                 except Unreadable as exc:
-                    self._skip_block(sock, peer, exc)
+                    self._send(sock, peer, [protocol.encode(protocol.ABORT, block=peer.stream_block)], quiet=True)
+                    peer.stream = None
+                    self._skip_block(peer, peer.stream_block, exc.path, exc.reason)
                     continue
                 except FileChanged:
                     self._send(sock, peer, [protocol.encode(protocol.ABORT, block=peer.stream_block)], quiet=True)
@@ -223,14 +238,48 @@ class Coordinator:
             sent = True
         return sent
 
-    def _skip_block(self, sock: zmq.Socket, peer: _Peer, exc: Unreadable) -> None:
+    def _may_take(self, peer: _Peer) -> bool:
+        """Whether a worker may take one more block now.
+
+        A worker always may when it holds none; a further block (queued behind the
+        one it works on) only while enough are left for every worker that holds none,
+        counting local workers not yet connected: so the few blocks of a small tree
+        are spread over the workers instead of going to whichever connected first.
+        """
+        if not self._pending or len(peer.open_blocks) >= self.max_blocks:
+            return False
+        if not peer.open_blocks:
+            return True
+        connected = {p.pid for p in self.peers.values()}
+        waiting = sum(1 for pid in self.processes if pid not in connected)
+        idle = sum(1 for p in self.peers.values() if not p.open_blocks)
+        return len(self._pending) > waiting + idle
+
+    def _assign(self, peer: _Peer) -> int:
+        """Take the next pending block for this worker."""
+        index = self._pending.popleft()
+        peer.open_blocks.add(index)
+        log.debug("block %d to %s", index, peer.name)
+        return index
+
+    def _send_reads(self, sock: zmq.Socket, peer: _Peer) -> bool:
+        """Give a reading worker blocks up to its limit; True if any was sent."""
+        sent = False
+        while self._may_take(peer):
+            index = self._assign(peer)
+            try:
+                self._send(sock, peer, [protocol.encode(protocol.READ, block=index)])
+            except _PeerLost as exc:
+                self._lose(peer, str(exc))
+                return sent
+            sent = True
+        return sent
+
+    def _skip_block(self, peer: _Peer, index: int, path: str, reason: str) -> None:
         """A file of this block cannot be read: drop the block, note the file, go on."""
-        index = peer.stream_block
-        log.error("%s", exc)
-        self.unreadable[exc.path] = exc.reason
-        self._send(sock, peer, [protocol.encode(protocol.ABORT, block=index)], quiet=True)
+        log.error("cannot read %s: %s", path, reason)
+        self.unreadable[path] = reason
         peer.open_blocks.discard(index)
-        peer.stream = None
         self._digests.pop(index, None)
         self._remaining -= 1
 
@@ -249,18 +298,28 @@ class Coordinator:
         if kind == protocol.CREDIT:
             peer.credit += msg["bytes"]
             self.progress.worker_bytes(peer.name, msg["bytes"])
+        elif kind == protocol.PROGRESS:
+            self.bytes_read_by_workers += msg["bytes"]
+            self.progress.worker_bytes(peer.name, msg["bytes"])
         elif kind == protocol.STORED:
             index = msg["block"]
             if index in peer.open_blocks:
                 peer.open_blocks.discard(index)
                 self._remaining -= 1
-                self.on_stored(index, StoredBlock(msg["locator"], msg["replicas"]), self._digests.pop(index))
+                digests = msg["digests"] if peer.reads else self._digests.pop(index)
+                self.on_stored(index, StoredBlock(msg["locator"], msg["replicas"]), digests)
+        elif kind == protocol.UNREADABLE:
+            self._skip_block(peer, msg["block"], msg["path"], msg["reason"])
+        elif kind == protocol.CHANGED:
+            raise FileChanged(msg["path"], msg["why"])
         elif kind == protocol.FAILED:
             raise StoreError(f"{peer.name}: {msg['error']}")
 
     def _welcome(self, sock: zmq.Socket, identity: bytes, msg: dict) -> None:
         name = f"worker {msg.get('pid')}@{msg.get('host')}"
-        peer = _Peer(identity, msg.get("pid", -1), name, credit=self.window, last_heard=time.monotonic())
+        reads = self._source is not None and msg.get("run") == self._source.token
+        peer = _Peer(identity, msg.get("pid", -1), name, credit=self.window, last_heard=time.monotonic(),
+                     reads=reads)
         if msg.get("version") != protocol.PROTOCOL_VERSION:
             log.warning("refusing %s: protocol version %s, expected %s",
                         name, msg.get("version"), protocol.PROTOCOL_VERSION)
@@ -269,7 +328,8 @@ class Coordinator:
         self.peers[identity] = peer
         self._send(sock, peer, [protocol.encode(protocol.WELCOME, store=self.settings.store_spec(),
                                                 heartbeat_timeout=self.heartbeat_timeout)], quiet=True)
-        log.debug("%s connected", name)
+        log.debug("%s connected; %s", name,
+                  "it reads the files itself" if reads else "blocks are streamed to it")
 
     def _turn_away_latecomers(self, sock: zmq.Socket) -> None:
         """Answer workers whose HELLO arrived as the run ended, so they exit at once."""

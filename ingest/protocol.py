@@ -5,14 +5,29 @@ a type ``t``; a CHUNK carries the block's bytes as a second, raw frame (sent and
 received without copies). The coordinator binds a ROUTER socket; each worker
 connects a DEALER socket.
 
+A block reaches a worker in one of two ways. A *local* worker, forked by the
+coordinator after the plan was made, holds the plan and the file list itself; its
+HELLO carries the run's token, and it gets one READ per block and reads the source
+files itself (no copy of the bytes through the socket, and the per-file work of
+small files is shared among the workers). Any other worker (``keep-ingest worker
+--connect``, or every worker when ``put.local_reads`` is off) gets the bytes
+streamed to it in CHUNKs.
+
 Worker -> coordinator:
-  HELLO   {pid, host, version}               a worker connected
+  HELLO   {pid, host, version[, run]}        a worker connected (run: the token of the
+                                             plan a local worker inherited)
   CREDIT  {bytes}                            a chunk was consumed: that many bytes of window free
-  STORED  {block, locator, replicas, size}   a block is durable in the store
+  PROGRESS {bytes}                           that many more bytes of a READ block read
+  STORED  {block, locator, replicas, size[, digests]}
+                                             a block is durable in the store (digests: the
+                                             xxh3-64 of each piece, for a READ block)
   FAILED  {block, error}                     a block could not be stored (error names the store)
+  UNREADABLE {block, path, reason}           a READ block's file could not be read: block dropped
+  CHANGED {block, path, why}                 a READ block's file changed while read: block dropped
   HEARTBEAT {}                               nothing else to say lately: still alive
 Coordinator -> worker:
   WELCOME {store, heartbeat_timeout}         how to open the store; when to give up on us
+  READ    {block}                            read, hash and store this block of the plan
   CHUNK   {block, last} + data frame         the next bytes of a block, in order
   ABORT   {block}                            drop a block whose source changed while read
   STOP    {}                                 no more work: exit
@@ -20,8 +35,8 @@ Coordinator -> worker:
                                              heartbeat_timeout seconds exits
 
 Flow control is the coordinator's: it gives a worker at most ``blocks_per_worker``
-unfinished blocks and at most ``window_chunks`` chunks it has not yet consumed
-(counted back by CREDIT), so the worker needs no limits of its own.
+unfinished blocks and, for streamed blocks, at most ``window_chunks`` chunks it has
+not yet consumed (counted back by CREDIT), so the worker needs no limits of its own.
 """
 
 from __future__ import annotations
@@ -30,13 +45,17 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 HELLO = "hello"
 CREDIT = "credit"
+PROGRESS = "progress"
 STORED = "stored"
 FAILED = "failed"
+UNREADABLE = "unreadable"
+CHANGED = "changed"
 WELCOME = "welcome"
+READ = "read"
 CHUNK = "chunk"
 ABORT = "abort"
 STOP = "stop"

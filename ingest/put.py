@@ -106,6 +106,7 @@ class _Run:
         self.todo: list[int] = []
         self.block_reason: dict[int, str] = {}
         self.bytes_reused = self.bytes_uploaded = 0
+        self.bytes_read_by_workers = 0
         self._decide(verify_content)
         self.changed = _file_reasons(self.walk, self.plan, self.todo, index, self.block_reason)
         self.tracker = Tracker(display, len(self.walk.files), self.walk.total_bytes, self.plan.block_count,
@@ -157,6 +158,7 @@ class _Run:
 
         coordinator = Coordinator(self.settings, self.plan, self.reader, on_stored, self.tracker)
         coordinator.run(self.todo)
+        self.bytes_read_by_workers = coordinator.bytes_read_by_workers
         return coordinator.unreadable
 
     def result(self, started: float, state_dir: str, with_manifest: bool = True) -> PutResult:
@@ -164,7 +166,7 @@ class _Run:
             build_manifest(self.walk, self.plan, self.locators) if with_manifest else Manifest(),
             files=len(self.walk.files), bytes=self.walk.total_bytes, blocks=self.plan.block_count,
             blocks_uploaded=len(self.todo), bytes_uploaded=self.bytes_uploaded,
-            bytes_reused=self.bytes_reused, bytes_read=self.reader.bytes_read,
+            bytes_reused=self.bytes_reused, bytes_read=self.reader.bytes_read + self.bytes_read_by_workers,
             seconds=time.monotonic() - started, changed=self.changed, skipped=self.walk.skipped,
             unreadable=self.unreadable, state_dir=state_dir)
 

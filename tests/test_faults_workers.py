@@ -54,6 +54,16 @@ def src(tmp_path):
     return tmp_path / "src"
 
 
+@pytest.fixture(params=["local-reads", "streamed"])
+def mode(request, tmp_path) -> list[str]:
+    """Options for each way blocks reach local workers (see ingest.coordinator)."""
+    if request.param == "local-reads":
+        return []
+    profile = tmp_path / "streamed.toml"
+    profile.write_text("[put]\nlocal_reads = false\n")
+    return ["--config", str(profile)]
+
+
 def put_args(base: Path, *extra: str) -> list[str]:
     return ["put", "--store", str(base / "store"), "--state-dir", str(base / "state"),
             "--block-size", str(MiB), "--chunk-size", "65536", *extra]
@@ -66,10 +76,10 @@ def reference(cli, tmp_path: Path, src: Path) -> str:
     return proc.stdout
 
 
-def test_a_worker_killed_mid_block_is_replaced_and_the_manifest_is_unchanged(cli, tmp_path, src):
+def test_a_worker_killed_mid_block_is_replaced_and_the_manifest_is_unchanged(cli, tmp_path, src, mode):
     expected = reference(cli, tmp_path, src)
     base = tmp_path / "run"
-    proc = spawn_cli(base, *put_args(base, "--workers", "2", "-v"), str(src))
+    proc = spawn_cli(base, *put_args(base, *mode, "--workers", "2", "-v"), str(src))
     try:
         assert wait_for(lambda: len(psutil.Process(proc.pid).children()) >= 2, 30)
         # wait until some blocks are stored, then kill one worker in the middle of its work
@@ -153,29 +163,29 @@ def test_a_remote_worker_exits_when_its_coordinator_goes_silent(tmp_path, src):
 
 
 @pytest.mark.skipif(SETPRIV is None, reason="needs setpriv to drop root's capabilities")
-def test_unreadable_file_fails_after_the_rest_is_stored_or_is_skipped_with_exit_3(tmp_path, src):
+def test_unreadable_file_fails_after_the_rest_is_stored_or_is_skipped_with_exit_3(tmp_path, src, mode):
     locked = src / "small" / "s7"
     locked_dir = src / "closed"
     fill(locked_dir / "x", 10, "x")
     locked.chmod(0)
     locked_dir.chmod(0)
     base = tmp_path / "run"
-    code, out, err = finish(spawn_cli(base, *put_args(base), str(src), unprivileged=True))
+    code, out, err = finish(spawn_cli(base, *put_args(base, *mode), str(src), unprivileged=True))
     assert code == 1 and out == ""
     assert f"{locked}: Permission denied" in err and f"{locked_dir}: Permission denied" in err
     assert "everything else is stored and checkpointed" in err
-    code, out, err = finish(spawn_cli(base, *put_args(base, "--skip-unreadable", "--json", "-q"), str(src),
+    code, out, err = finish(spawn_cli(base, *put_args(base, *mode, "--skip-unreadable", "--json", "-q"), str(src),
                                   unprivileged=True))
     assert code == 3, err
     result = json.loads(out)
     assert {u["path"] for u in result["unreadable"]} == {str(locked), str(locked_dir)}
     assert result["bytes_reused"] > 0  # the first run's blocks were checkpointed
-    manifest = finish(spawn_cli(base, *put_args(base, "--skip-unreadable", "-q"), str(src),
+    manifest = finish(spawn_cli(base, *put_args(base, *mode, "--skip-unreadable", "-q"), str(src),
                             unprivileged=True))[1]
     assert ":s7" not in manifest and "closed" not in manifest and ":s8" in manifest
 
 
-def test_a_file_that_keeps_changing_fails_after_bounded_retries(tmp_path, src):
+def test_a_file_that_keeps_changing_fails_after_bounded_retries(tmp_path, src, mode):
     growing = src / "big0"
     stop = threading.Event()
 
@@ -190,7 +200,7 @@ def test_a_file_that_keeps_changing_fails_after_bounded_retries(tmp_path, src):
     writer.start()
     try:
         base = tmp_path / "run"
-        code, out, err = finish(spawn_cli(base, *put_args(base), str(src)), timeout=120)
+        code, out, err = finish(spawn_cli(base, *put_args(base, *mode), str(src)), timeout=120)
     finally:
         stop.set()
         writer.join()

@@ -1,7 +1,9 @@
-"""The worker: receive chunks, hash and store blocks, reply with their locators.
+"""The worker: get each block's bytes, hash and store them, reply with locators.
 
-The receive loop (main thread) appends each chunk to the block's writer and updates
-the block's MD5 as the bytes arrive, with no second pass. When a block's last chunk
+A block's bytes either arrive in CHUNK messages, or (a local worker sent READ) are
+read here from the source files with the plan inherited from the coordinator, into
+one reused buffer. Either way the main thread appends each chunk to the block's
+writer and updates the block's MD5 as the bytes arrive, with no second pass. When a block's last chunk
 arrives, the commit (fsync and rename, or the HTTP PUT) runs in a committer thread so
 the next block can already stream in; the committer reports back through an inproc
 socket, and the main thread forwards the result to the coordinator.
@@ -23,6 +25,7 @@ import zmq
 from ingest import protocol
 from ingest.errors import IngestError
 from ingest.keep.store import BlockStore, BlockWriter, open_store
+from ingest.reader import FileChanged, LocalSource, Unreadable
 
 log = logging.getLogger("keep-ingest.worker")
 
@@ -36,7 +39,7 @@ class _Committer(threading.Thread):
     def __init__(self, ctx: zmq.Context):
         super().__init__(name="committer", daemon=True)
         self._ctx = ctx
-        self.jobs: queue.Queue[tuple[int, BlockWriter, str, int] | None] = queue.Queue()
+        self.jobs: queue.Queue[tuple[int, BlockWriter, str, int, list[int] | None] | None] = queue.Queue()
 
     def cancel_pending(self) -> None:
         """Drop the blocks still waiting to be committed (nobody will hear of them)."""
@@ -53,11 +56,12 @@ class _Committer(threading.Thread):
         out.connect(_RESULTS_ADDR)
         try:
             while (job := self.jobs.get()) is not None:
-                block, writer, md5_hex, size = job
+                block, writer, md5_hex, size, digests = job
                 try:
                     stored = writer.commit(md5_hex)
+                    extra = {} if digests is None else {"digests": digests}
                     out.send(protocol.encode(protocol.STORED, block=block, locator=stored.locator,
-                                             replicas=stored.replicas, size=size))
+                                             replicas=stored.replicas, size=size, **extra))
                 except IngestError as exc:
                     out.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
                 except Exception as exc:  # report, never die silently with a block in hand
@@ -68,10 +72,13 @@ class _Committer(threading.Thread):
 
 
 class _Worker:
-    def __init__(self, sock: zmq.Socket, store: BlockStore, committer: _Committer):
+    def __init__(self, sock: zmq.Socket, store: BlockStore, committer: _Committer,
+                 source: LocalSource | None):
         self.sock = sock
         self.store = store
         self.committer = committer
+        self.source = source
+        self.read_buffer = bytearray(source.reader.chunk_size) if source is not None else None
         self.last_sent = time.monotonic()
         self.block: int | None = None      # block being received
         self.writer: BlockWriter | None = None
@@ -101,8 +108,37 @@ class _Worker:
             self.fail(block, str(exc))
             return
         if header["last"]:
-            self.committer.jobs.put((block, self.writer, self.md5.hexdigest(), self.size))
+            self.committer.jobs.put((block, self.writer, self.md5.hexdigest(), self.size, None))
             self.block = self.writer = self.md5 = None
+
+    def on_read(self, header: dict) -> None:
+        """Read a block of the inherited plan from its files, hash it, queue its commit."""
+        block = header["block"]
+        digests: list[int] = []
+        md5, size = hashlib.md5(), 0
+        try:
+            writer = self.store.open_block()
+        except IngestError as exc:
+            self.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
+            return
+        try:
+            chunks = self.source.reader.chunks(self.source.plan.block(block), digests, self.read_buffer)
+            for data, _ in chunks:
+                md5.update(data)
+                writer.write(data)
+                size += len(data)
+                self.send(protocol.encode(protocol.PROGRESS, bytes=len(data)))
+        except Unreadable as exc:
+            writer.abort()
+            self.send(protocol.encode(protocol.UNREADABLE, block=block, path=exc.path, reason=exc.reason))
+        except FileChanged as exc:
+            writer.abort()
+            self.send(protocol.encode(protocol.CHANGED, block=block, path=exc.path, why=exc.why))
+        except IngestError as exc:
+            writer.abort()
+            self.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
+        else:
+            self.committer.jobs.put((block, writer, md5.hexdigest(), size, digests))
 
     def on_abort(self, header: dict) -> None:
         if header["block"] == self.block:
@@ -144,11 +180,13 @@ def _await_welcome(sock: zmq.Socket, address: str, parent_pid: int | None,
     return msg
 
 
-def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0) -> int:
+def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0,
+               source: LocalSource | None = None) -> int:
     """Serve one coordinator at ``address`` until it says STOP; return an exit code.
 
     A local worker passes its coordinator's pid and exits by itself if that
-    process goes away; ``wait_s`` bounds the wait for the coordinator's answer.
+    process goes away, and the plan it inherited (``source``) so that it can read
+    blocks itself; ``wait_s`` bounds the wait for the coordinator's answer.
     """
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -159,15 +197,16 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
     store = None
     try:
         sock.connect(address)
+        local = {} if source is None else {"run": source.token}
         sock.send(protocol.encode(protocol.HELLO, pid=os.getpid(), host=socket.gethostname(),
-                                  version=protocol.PROTOCOL_VERSION))
+                                  version=protocol.PROTOCOL_VERSION, **local))
         welcome = _await_welcome(sock, address, parent_pid, wait_s)
         if welcome is None:
             return 0
         store = open_store(welcome["store"])
         log.debug("worker %d serving %s, storing into %s", os.getpid(), address, store.describe())
         committer.start()
-        worker = _Worker(sock, store, committer)
+        worker = _Worker(sock, store, committer, source)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
@@ -185,7 +224,9 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
                 frames = sock.recv_multipart(copy=False)
                 header = protocol.decode(frames[0].buffer)
                 kind = header["t"]
-                if kind == protocol.CHUNK:
+                if kind == protocol.READ:
+                    worker.on_read(header)
+                elif kind == protocol.CHUNK:
                     worker.on_chunk(header, frames[1])
                 elif kind == protocol.ABORT:
                     worker.on_abort(header)

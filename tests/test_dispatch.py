@@ -1,0 +1,96 @@
+"""How blocks reach workers: local workers read the files themselves, others get
+the bytes streamed; and a small tree's few blocks are spread over the workers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import re
+from pathlib import Path
+
+import pytest
+from trees import MiB, fill
+
+from ingest.config import Settings
+from ingest.coordinator import Coordinator, _Peer
+from ingest.plan import Plan
+from ingest.reader import BlockReader
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def src(tmp_path):
+    for i in range(3):
+        fill(tmp_path / "src" / f"big{i}", 3 * MiB + i, f"big{i}")
+    for i in range(30):
+        fill(tmp_path / "src" / "small" / f"s{i}", 5000 + i, f"s{i}")
+    return tmp_path / "src"
+
+
+def put(cli, base: Path, src: Path, *extra: str):
+    manifest = base / "manifest"
+    proc = cli("put", "--store", str(base / "store"), "--state-dir", str(base / "state"), "--json",
+               "--manifest-out", str(manifest), "--block-size", str(MiB), "--workers", "2", "-vv",
+               *extra, str(src))
+    assert proc.returncode == 0, proc.stderr
+    return {**json.loads(proc.stdout), "manifest": manifest.read_text()}, proc.stderr
+
+
+def test_local_workers_read_the_files_themselves_unless_told_to_stream(cli, tmp_path, src):
+    streamed_profile = tmp_path / "streamed.toml"
+    streamed_profile.write_text("[put]\nlocal_reads = false\n")
+    read, read_log = put(cli, tmp_path / "read", src)
+    streamed, streamed_log = put(cli, tmp_path / "streamed", src, "--config", str(streamed_profile))
+
+    assert read["manifest"] == streamed["manifest"] and read["pdh"] == streamed["pdh"]
+    assert read_log.count("it reads the files itself") == 2 and "streamed to it" not in read_log
+    assert streamed_log.count("blocks are streamed to it") == 2 and "reads the files" not in streamed_log
+    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    for result in (read, streamed):
+        assert result["bytes_read"] == result["bytes_uploaded"] == total
+    # the same blocks, byte for byte, in both stores
+    blocks = {p.relative_to(tmp_path / "read" / "store") for p in (tmp_path / "read" / "store").rglob("*")
+              if p.is_file()}
+    assert blocks and blocks == {p.relative_to(tmp_path / "streamed" / "store")
+                                 for p in (tmp_path / "streamed" / "store").rglob("*") if p.is_file()}
+
+
+def test_every_worker_gets_blocks(cli, tmp_path, src):
+    _, log = put(cli, tmp_path / "run", src)
+    takers = set(re.findall(r"block \d+ to (worker \d+@\S+)", log))
+    assert len(takers) == 2, log
+
+
+def _coordinator(blocks: int) -> Coordinator:
+    plan = Plan([MiB] * blocks, MiB)
+    return Coordinator(Settings(), plan, BlockReader([], MiB), on_stored=lambda *_: None, progress=None)
+
+
+def _peer(coordinator: Coordinator, pid: int, open_blocks: set[int]) -> _Peer:
+    peer = _Peer(identity=str(pid).encode(), pid=pid, name=f"worker {pid}", credit=0, last_heard=0.0,
+                 reads=True, open_blocks=set(open_blocks))
+    coordinator.peers[peer.identity] = peer
+    return peer
+
+
+def test_a_second_block_is_queued_on_a_worker_only_when_every_idle_worker_can_still_get_one():
+    coordinator = _coordinator(4)
+    # two local workers started; only the first has connected, and it holds block 0
+    coordinator.processes = {101: multiprocessing.Process(), 102: multiprocessing.Process()}
+    first = _peer(coordinator, 101, {0})
+    coordinator._pending.extend([1])
+    assert not coordinator._may_take(first)       # block 1 waits for worker 102
+    coordinator._pending.extend([2])
+    assert coordinator._may_take(first)           # two left: one for 102, one queued on 101
+    second = _peer(coordinator, 102, set())
+    coordinator._pending.clear()
+    coordinator._pending.extend([1])
+    assert not coordinator._may_take(first)       # 102 is connected and idle: it gets block 1
+    assert coordinator._may_take(second)
+    second.open_blocks.add(1)
+    coordinator._pending.clear()
+    coordinator._pending.extend([2, 3])
+    assert coordinator._may_take(first)           # nobody is idle: queue behind the current block
+    first.open_blocks.add(2)
+    assert not coordinator._may_take(first)       # at blocks_per_worker (2)
