@@ -7,6 +7,19 @@ an fsync of the directory. A partial block is never visible under a final name, 
 two writers of the same block race harmlessly (the content is the same). A block
 already stored counts only if its file still hashes to its name: a copy that went
 bad (bit rot, a foreign partial write) is replaced by the new one.
+
+Temporary files (``ROOT/tmp-keep-ingest-*``, only ever in ROOT itself) outlive a
+writer that is killed (SIGKILL, OOM, power loss). Once per store object, when it is
+first used for writing (the coordinator's preflight :meth:`DirectoryStore.unreachable`,
+or the first :meth:`DirectoryStore.open_block` of a worker or keepstore volume), the
+store removes the regular files in ROOT with that prefix that were not modified for
+``TMP_MAX_AGE`` (24 hours). The age is the only evidence used: a live writer modifies
+its file with every chunk it writes and finishes a block (at most 64 MiB) long
+before that, whereas a pid or host name in the file name would prove nothing about
+writers in another PID namespace or on another host sharing the directory. A writer
+stalled for longer than that would lose its temporary file: its commit then fails
+(the rename finds nothing), it never stores a partial block. The sweep reads only
+ROOT, logs what it removed, and never fails: a file it cannot remove is a warning.
 """
 
 from __future__ import annotations
@@ -16,7 +29,9 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +42,7 @@ from ingest.keep.store import StoredBlock, block_to_read
 log = logging.getLogger("keep-ingest.store")
 
 TMP_PREFIX = "tmp-keep-ingest-"
+TMP_MAX_AGE = 24 * 3600  # seconds unmodified before a temporary file counts as abandoned
 READ_CHUNK = 1 << 20
 
 _PREFIX_DIR_RE = re.compile(r"^[0-9a-f]+$")
@@ -84,19 +100,62 @@ class DirectoryStore:
             # access() says no for a read-only mount too, even to root: say which.
             reason = "read-only file system" if _read_only_fs(self.root) else "permission denied"
             raise StoreError(f"block store {self.root} is not writable: {reason}")
+        self._swept = False
 
     def describe(self) -> str:
         return self.root
 
     def unreachable(self) -> dict[str, str]:
-        return {}  # the constructor already checked the directory is there and writable
+        """Nothing: the constructor already checked the directory is there and writable.
+
+        This is the preflight of a writing run, so abandoned temporary files go now.
+        """
+        self._sweep_abandoned_temp_files()
+        return {}
 
     def block_path(self, md5_hex: str) -> str:
         """Final path of a block: ``ROOT/<md5[:3]>/<md5>``."""
         return os.path.join(self.root, md5_hex[:3], md5_hex)
 
     def open_block(self) -> DirectoryBlockWriter:
+        self._sweep_abandoned_temp_files()
         return DirectoryBlockWriter(self)
+
+    def _sweep_abandoned_temp_files(self) -> None:
+        """Remove temporary files in ROOT unmodified for ``TMP_MAX_AGE`` (see the
+        module docstring); only the first call on this store does anything.
+
+        Never raises. Files that vanish meanwhile (committed, or removed by a
+        concurrent sweep of another process or thread) are simply skipped.
+        """
+        if self._swept:
+            return
+        self._swept = True
+        try:
+            with os.scandir(self.root) as entries:
+                names = [e.name for e in entries if e.name.startswith(TMP_PREFIX)]
+        except OSError as exc:
+            log.warning("%s", _describe_os_error(exc, f"cannot look for abandoned temporary files in {self.root}"))
+            return
+        cutoff = time.time() - TMP_MAX_AGE
+        removed = freed = 0
+        for name in names:
+            path = os.path.join(self.root, name)
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or st.st_mtime >= cutoff:
+                    continue
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("%s", _describe_os_error(exc, f"cannot remove abandoned temporary file {path}"))
+                continue
+            removed += 1
+            freed += st.st_size
+        if removed:
+            log.info("removed %d abandoned temporary files (%d bytes) from block store %s "
+                     "(unmodified for over %d hours)", removed, freed, self.root, TMP_MAX_AGE // 3600)
 
     def contains(self, md5_hex: str, size: int) -> bool:
         """True if a block with this MD5 and size is stored."""
