@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from bench.datasets import Dataset
-from bench.report import MiB, summarize, table
+from bench.report import MiB, summarize, table, targets
 from bench.runners import RunResult
 
 DATASETS = {"large": Dataset("large", "/nonexistent", 4, 2_000_000_000, "4 files")}
@@ -62,3 +62,8 @@ def test_table_has_a_server_column_and_a_note():
     # Without keepstore rows: no note.
     assert "client's alone" not in table(summarize([r for r in RESULTS if "keep" not in r.row], DATASETS))
 
+
+def test_memory_target_includes_the_keepstore_client():
+    checks = targets(summarize(RESULTS, DATASETS), {"time_per_file": {}})
+    memory = [c for c in checks if "peak memory" in c["target"]]
+    assert any("keepstore" in c["target"] and c["value"] == 170 and c["met"] for c in memory)
