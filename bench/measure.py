@@ -124,7 +124,7 @@ def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None,
                         proc.returncode, out.read().decode(errors="replace"),
                         err.read().decode(errors="replace"))
         if servers:
-            m.server_cpu_s = server_cpu
+            m.server_cpu_s = round(server_cpu, 3)   # psutil counts in clock ticks: no float noise
             m.server_peak_rss = sampler.server_peak
             m.server_peak_pss = sampler.server_peak_pss
         return m
