@@ -4,7 +4,8 @@ Modules:
 
 * :mod:`bench.datasets`: seeded, cached datasets (large, small, tiny, tiny10k, mixed);
 * :mod:`bench.measure`: run one command, measure wall time, CPU seconds and peak
-  resident memory summed over its process tree;
+  resident memory summed over its process tree (and those of a server it talks to,
+  apart);
 * :mod:`bench.keepstore`: a ``keep-ingest keepstore`` server on a loopback port;
 * :mod:`bench.runners`: the commands of every row (keep-ingest, arv-put's engine, md5sum);
 * :mod:`bench.arvput_job`: the subprocess that drives ``ArvPutUploadJob``;

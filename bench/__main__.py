@@ -98,9 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_row(ROWS[key], dataset, work, rep, args.baseline)
                 os.sync()
                 results.append(r)
+                server = "" if r.server_cpu_s is None else (
+                    f"; server CPU {r.server_cpu_s:.1f} s, RSS {(r.server_peak_rss or 0) / report.MiB:.0f} MiB, "
+                    f"PSS {(r.server_peak_pss or 0) / report.MiB:.0f} MiB")
                 _log(f"  [{name} {rep + 1}/{args.reps}] {ROWS[key].label}: {r.wall_s:.2f} s, "
                      f"{dataset.bytes / 1e6 / r.wall_s:.0f} MB/s, {dataset.files / r.wall_s:,.0f} files/s, "
-                     f"CPU {r.cpu_s:.1f} s, peak RSS {r.peak_rss / report.MiB:.0f} MiB, PSS {r.peak_pss / report.MiB:.0f} MiB")
+                     f"CPU {r.cpu_s:.1f} s, peak RSS {r.peak_rss / report.MiB:.0f} MiB, "
+                     f"PSS {r.peak_pss / report.MiB:.0f} MiB{server}")
         _write(out, args, machine, sets, results, started)
     summaries, sc, checks = _write(out, args, machine, sets, results, started)
 
@@ -137,7 +141,9 @@ def _write(out: str, args: argparse.Namespace, machine: dict, sets: dict[str, ds
         "machine": machine,
         "settings": {"reps": args.reps, "scale": args.scale, "bench_dir": args.bench_dir,
                      "baseline": args.baseline,
-                     "cache": "warm: every dataset read once before each run; sync before and after"},
+                     "cache": "warm: every dataset read once before each run; sync before and after",
+                     "keepstore_rows": "cpu_s and peak_* are the client's alone; the keepstore "
+                                       "server's are server_cpu_s and server_peak_* (not added in)"},
         "datasets": {n: {"description": d.description, "files": d.files, "bytes": d.bytes}
                      for n, d in sets.items()},
         "rows": {k: {"label": r.label, "baseline": r.baseline} for k, r in ROWS.items()},

@@ -9,8 +9,10 @@
   The proportional set size (PSS, each shared page divided among its sharers) is
   sampled too, every fifth sample (it costs a page-table walk); its sum is what the
   tree really holds.
-* ``extra`` processes (a keepstore server the command talks to) are included in both:
-  their CPU time as a before/after difference, their memory in every sample.
+* ``servers`` (a keepstore server the command talks to, which it did not start) are
+  measured apart from the command, never added to its figures: their CPU time as a
+  before/after difference, their memory (RSS and PSS, summed over each server and its
+  descendants) sampled in the same ticks as the command's, with its own peak.
 """
 
 from __future__ import annotations
@@ -28,46 +30,62 @@ import psutil
 
 @dataclass
 class Measurement:
-    """What one run of a command cost."""
+    """What one run of a command cost; the ``server_*`` figures are None without servers."""
 
     wall_s: float
-    cpu_s: float
-    peak_rss: int        # bytes, RSS summed over the tree
-    peak_pss: int        # bytes, PSS summed over the tree (0 where unavailable)
+    cpu_s: float         # the command's process tree alone
+    peak_rss: int        # bytes, RSS summed over the command's tree
+    peak_pss: int        # bytes, PSS summed over the command's tree (0 where unavailable)
     returncode: int
     stdout: str
     stderr: str
+    server_cpu_s: float | None = None   # the servers' CPU seconds during the run
+    server_peak_rss: int | None = None  # bytes, RSS summed over the servers (and their children)
+    server_peak_pss: int | None = None  # bytes, PSS likewise
+
+
+def _tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _memory(procs: Sequence[psutil.Process], with_pss: bool) -> tuple[int, int]:
+    """(RSS sum, PSS sum or 0) over ``procs``."""
+    rss = pss = 0
+    for proc in procs:
+        try:
+            rss += proc.memory_info().rss
+            if with_pss:
+                pss += proc.memory_full_info().pss
+        except (psutil.Error, AttributeError):
+            pass    # exited between listing and reading, or no PSS on this system
+    return rss, pss
 
 
 class _Sampler(threading.Thread):
-    """Samples the summed RSS of a process tree (plus extra processes) until stopped."""
+    """Samples the summed RSS (and PSS) of a process tree, and of the servers apart, until stopped."""
 
-    def __init__(self, pid: int, extra: Sequence[psutil.Process], interval: float):
+    def __init__(self, pid: int, servers: Sequence[psutil.Process], interval: float):
         super().__init__(name="rss-sampler", daemon=True)
         self.root = psutil.Process(pid)
-        self.extra = list(extra)
+        self.servers = list(servers)
         self.interval = interval
-        self.peak = 0
-        self.peak_pss = 0
+        self.peak = self.peak_pss = 0
+        self.server_peak = self.server_peak_pss = 0
         self.samples = 0
         self.stop = threading.Event()
 
     def _sample(self) -> None:
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        total = pss = 0
         with_pss = self.samples % 5 == 0
-        for proc in (*procs, *self.extra):
-            try:
-                total += proc.memory_info().rss
-                if with_pss:
-                    pss += proc.memory_full_info().pss
-            except (psutil.Error, AttributeError):
-                pass    # exited between listing and reading, or no PSS on this system
-        self.peak = max(self.peak, total)
+        rss, pss = _memory(_tree(self.root), with_pss)
+        self.peak = max(self.peak, rss)
         self.peak_pss = max(self.peak_pss, pss)
+        if self.servers:
+            rss, pss = _memory([p for s in self.servers for p in _tree(s)], with_pss)
+            self.server_peak = max(self.server_peak, rss)
+            self.server_peak_pss = max(self.server_peak_pss, pss)
         self.samples += 1
 
     def run(self) -> None:
@@ -77,20 +95,21 @@ class _Sampler(threading.Thread):
 
 
 def _cpu(proc: psutil.Process) -> float:
+    """User + system seconds of ``proc``, with those of its children it has waited for."""
     times = proc.cpu_times()
-    return times.user + times.system
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None,
-                 extra: Sequence[psutil.Process] = (), interval: float = 0.02,
+                 servers: Sequence[psutil.Process] = (), interval: float = 0.02,
                  cwd: str | None = None) -> Measurement:
-    """Run ``cmd`` to completion and measure it (see the module docstring)."""
-    extra_cpu0 = [_cpu(p) for p in extra]
+    """Run ``cmd`` to completion and measure it, and ``servers`` apart (see the module docstring)."""
+    server_cpu0 = [_cpu(p) for p in servers]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 env=dict(env) if env is not None else None, cwd=cwd)
-        sampler = _Sampler(proc.pid, extra, interval)
+        sampler = _Sampler(proc.pid, servers, interval)
         sampler.start()
         # wait4 (not Popen.wait) for the rusage of the whole waited-for tree.
         _, status, usage = os.wait4(proc.pid, 0)
@@ -98,9 +117,14 @@ def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None,
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop.set()
         sampler.join()
-        cpu = usage.ru_utime + usage.ru_stime
-        cpu += sum(_cpu(p) - c0 for p, c0 in zip(extra, extra_cpu0, strict=True))
+        server_cpu = sum(_cpu(p) - c0 for p, c0 in zip(servers, server_cpu0, strict=True))
         out.seek(0)
         err.seek(0)
-        return Measurement(wall, cpu, sampler.peak, sampler.peak_pss, proc.returncode,
-                           out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+        m = Measurement(wall, usage.ru_utime + usage.ru_stime, sampler.peak, sampler.peak_pss,
+                        proc.returncode, out.read().decode(errors="replace"),
+                        err.read().decode(errors="replace"))
+        if servers:
+            m.server_cpu_s = round(server_cpu, 3)   # psutil counts in clock ticks: no float noise
+            m.server_peak_rss = sampler.server_peak
+            m.server_peak_pss = sampler.server_peak_pss
+        return m

@@ -12,7 +12,9 @@ Rows (``Row.key``):
 * ``arvput``: arv-put's engine into ``KEEP_LOCAL_STORE`` (2 put threads, its default);
 * ``md5sum``: GNU md5sum over the same files on every core, the hashing limit;
 * ``ki-keep`` / ``arvput-keep``: both tools through one ``keep-ingest keepstore`` on
-  127.0.0.1 (the server's CPU and memory count with the client's);
+  127.0.0.1. CPU seconds and peak memory are the client's alone (keep-ingest's
+  coordinator and workers, or arv-put's engine process); the server's are measured
+  apart (``server_cpu_s``, ``server_peak_rss``, ``server_peak_pss``);
 * ``base`` / ``base-nofsync``: with ``--baseline SRC``, keep-ingest run from another
   source tree (a checkout of another revision), for before/after figures side by side.
 """
@@ -77,9 +79,12 @@ class RunResult:
     repetition: int
     wall_s: float
     cpu_s: float
-    peak_rss: int
+    peak_rss: int                       # bytes; the client's alone in keepstore rows
     peak_pss: int
     pdh: str | None
+    server_cpu_s: float | None = None   # keepstore rows: the server's, apart from the client's
+    server_peak_rss: int | None = None  # bytes
+    server_peak_pss: int | None = None  # bytes
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -129,7 +134,7 @@ def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
     keepstore: Keepstore | None = None
     try:
         store = os.path.join(scratch, "store")
-        extra = []
+        servers = []
         src = REPO_ROOT
         if row.key in BASELINE_ROWS:
             if not baseline_src:
@@ -138,7 +143,7 @@ def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
         env = _env(src)
         if row.key in ("ki-keep", "arvput-keep"):
             keepstore = Keepstore(scratch)
-            extra = [keepstore.process]
+            servers = [keepstore.process]
         if row.tool.startswith("keep-ingest"):
             if row.store == "keepstore":
                 assert keepstore is not None
@@ -158,11 +163,11 @@ def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
             src = REPO_ROOT
         else:
             cmd = _md5sum(dataset)
-        m = run_measured(cmd, env=env, extra=extra, cwd=src)
+        m = run_measured(cmd, env=env, servers=servers, cwd=src)
         if m.returncode != 0:
             raise RunFailed(f"{row.label} on {dataset.name} exited {m.returncode}:\n{m.stderr[-3000:]}")
         return RunResult(row.key, dataset.name, repetition, m.wall_s, m.cpu_s, m.peak_rss, m.peak_pss,
-                         _pdh(row, m))
+                         _pdh(row, m), m.server_cpu_s, m.server_peak_rss, m.server_peak_pss)
     finally:
         if keepstore is not None:
             keepstore.stop()
