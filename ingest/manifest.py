@@ -206,13 +206,25 @@ class Manifest:
 
     def text(self, strip: bool = False) -> str:
         """Normalized manifest text; ``strip`` reduces locators to ``md5+size``."""
+        return self._render({} if strip else None, None)
+
+    def text_and_pdh(self) -> tuple[str, str]:
+        """The normalized text and the portable data hash, building the text only once
+        when no locator carries hints (the text is then its own stripped form)."""
+        locators: set[str] = set()
+        text = self._render(None, locators)
+        stripped = text if all(_stripped(loc) == loc for loc in locators) else self.text(strip=True)
+        return text, _hash_text(stripped)
+
+    def _render(self, strip_cache: dict[str, str] | None, locators: set[str] | None) -> str:
+        """The normalized text, stripping locators when given a cache for that, and
+        collecting every locator written into ``locators`` when given."""
         out: list[str] = []
-        strip_cache: dict[str, str] | None = {} if strip else None
         stack = [(".", self._root)]
         while stack:
             stream, node = stack.pop()
             if node.files:
-                out.append(_stream_line(stream, node.files, strip_cache))
+                out.append(_stream_line(stream, node.files, strip_cache, locators))
             elif not node.dirs and node is not self._root:
                 out.append(stream + _EMPTY_DIR_SUFFIX)
             dirs = node.dirs
@@ -221,11 +233,16 @@ class Manifest:
 
     def portable_data_hash(self) -> str:
         """``md5(stripped normalized text)+length``."""
-        data = self.text(strip=True).encode()
-        return f"{hashlib.md5(data, usedforsecurity=False).hexdigest()}+{len(data)}"
+        return _hash_text(self.text(strip=True))
 
 
-def _stream_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict[str, str] | None) -> str:
+def _hash_text(stripped_text: str) -> str:
+    data = stripped_text.encode()
+    return f"{hashlib.md5(data, usedforsecurity=False).hexdigest()}+{len(data)}"
+
+
+def _stream_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict[str, str] | None,
+                 locators: set[str] | None) -> str:
     """One normalized line for a directory's files."""
     tokens = [stream]
     file_tokens: list[str] = []
@@ -260,6 +277,8 @@ def _stream_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict
         file_tokens.append(f"{start}:{end - start}:{ename}")
     if len(tokens) == 1:
         tokens.append(EMPTY_BLOCK_LOCATOR)
+    if locators is not None:
+        locators.update(tokens[1:])
     tokens.extend(file_tokens)
     return " ".join(tokens) + "\n"
 

@@ -37,6 +37,8 @@ class PutResult:
     """What a run produced (or, for a dry run, would do), for output and summary."""
 
     manifest: Manifest
+    text: str                    # the manifest's normalized text
+    pdh: str                     # its portable data hash
     files: int
     bytes: int
     blocks: int
@@ -162,8 +164,9 @@ class _Run:
         return coordinator.unreadable
 
     def result(self, started: float, state_dir: str, with_manifest: bool = True) -> PutResult:
+        manifest = build_manifest(self.walk, self.plan, self.locators) if with_manifest else Manifest()
         return PutResult(
-            build_manifest(self.walk, self.plan, self.locators) if with_manifest else Manifest(),
+            manifest, *manifest.text_and_pdh(),
             files=len(self.walk.files), bytes=self.walk.total_bytes, blocks=self.plan.block_count,
             blocks_uploaded=len(self.todo), bytes_uploaded=self.bytes_uploaded,
             bytes_reused=self.bytes_reused, bytes_read=self.reader.bytes_read + self.bytes_read_by_workers,
@@ -225,7 +228,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
             run = _attempt(settings, sources, index, verify_content, journal, display)
             run.tracker.close()
             result = run.result(started, state.dir)
-            journal.append({"t": "done", "pdh": result.manifest.portable_data_hash(),
+            journal.append({"t": "done", "pdh": result.pdh,
                             "files": result.files, "bytes": result.bytes, "finished": time.time()})
         except KeyboardInterrupt:
             raise IngestError(f"interrupted; every block stored so far is checkpointed in {state.dir}; "

@@ -230,6 +230,9 @@ def test_signed_and_stripped_forms() -> None:
     assert m.text(strip=True) == portable
     digest = hashlib.md5(portable.encode()).hexdigest()
     assert m.portable_data_hash() == portable_data_hash(text) == f"{digest}+{len(portable)}"
+    assert m.text_and_pdh() == (m.text(), m.portable_data_hash())
+    plain = parse_manifest(portable)
+    assert plain.text_and_pdh() == (portable, m.portable_data_hash())
 
 
 def test_stripped_size_drops_leading_zeros() -> None:

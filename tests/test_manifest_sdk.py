@@ -237,6 +237,7 @@ def test_parse_and_normalize_match_sdk(case: tuple[Tree, str]) -> None:
     assert ours.text(strip=True) == sdk_portable
     assert ours.portable_data_hash() == sdk_pdh
     assert portable_data_hash(text) == sdk_pdh
+    assert ours.text_and_pdh() == (sdk_text, sdk_pdh)
 
     # The tree we built the text from normalizes to the same text ...
     built = tree.manifest()

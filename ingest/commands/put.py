@@ -136,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
         display = make_display(settings.put.progress, quiet=args.quiet > 0, stream=stream)
         result = run_put(settings, args.sources, verify_content=args.verify_content,
                          reset=args.reset_state, display=display)
-    text = result.manifest.text()
-    pdh = result.manifest.portable_data_hash()
+    text, pdh = result.text, result.pdh
     if args.manifest_out:
         _write_atomically(args.manifest_out, text)
     saved = save_manifest(open_store(settings.store_spec()), result.manifest) if args.save_manifest else None
