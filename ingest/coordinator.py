@@ -32,10 +32,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import multiprocessing_logging
 import zmq
 
-from ingest import protocol
+from ingest import protocol, worker_logs
 from ingest.config import Settings
 from ingest.errors import IngestError, StoreError
 from ingest.keep.store import StoredBlock
@@ -59,6 +58,7 @@ class _Peer:
     credit: int
     last_heard: float
     reads: bool = False              # reads blocks itself (READ), else gets CHUNKs
+    reading: int | None = None       # the READ block it has not finished reading
     last_sent: float = 0.0
     open_blocks: set[int] = field(default_factory=set)
     stream: Iterator[tuple[Chunk, bool]] | None = None
@@ -75,7 +75,9 @@ def _local_worker_main(address: str, parent_pid: int, source: LocalSource | None
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os._exit(run_worker(address, parent_pid=parent_pid, source=source))
+    code = run_worker(address, parent_pid=parent_pid, source=source)
+    worker_logs.flush_in_worker()
+    os._exit(code)
 
 
 class Coordinator:
@@ -146,7 +148,7 @@ class Coordinator:
         sock.setsockopt(zmq.LINGER, 1000)
         if multiprocessing.get_start_method(allow_none=True) != "fork":
             multiprocessing.set_start_method("fork", force=True)  # multiprocessing-logging needs it
-        multiprocessing_logging.install_mp_handler()
+        worker_logs.start_forwarding()
         try:
             try:
                 sock.bind(self._address)
@@ -164,7 +166,7 @@ class Coordinator:
                 if peer.stream is not None:
                     peer.stream.close()  # closes the file that stream has open
             self._stop_local_workers()
-            multiprocessing_logging.uninstall_mp_handler()
+            worker_logs.stop_forwarding()
             sock.close()
             ctx.term()
 
@@ -200,12 +202,12 @@ class Coordinator:
                 raise _PeerLost(f"cannot reach it ({exc})") from None
 
     def _send_round(self, sock: zmq.Socket) -> bool:
-        """Fill each reading worker's blocks, and send at most one chunk to each
-        streamed worker that has credit; True if anything was sent."""
+        """Send its next block to each reading worker that is ready for one, and at
+        most one chunk to each streamed worker that has credit; True if anything was sent."""
         sent = False
         for peer in list(self.peers.values()):
             if peer.reads:
-                sent = self._send_reads(sock, peer) or sent
+                sent = self._send_read(sock, peer) or sent
                 continue
             if peer.credit < self.chunk_size:
                 continue
@@ -241,12 +243,14 @@ class Coordinator:
     def _may_take(self, peer: _Peer) -> bool:
         """Whether a worker may take one more block now.
 
-        A worker always may when it holds none; a further block (queued behind the
-        one it works on) only while enough are left for every worker that holds none,
-        counting local workers not yet connected: so the few blocks of a small tree
-        are spread over the workers instead of going to whichever connected first.
+        A worker always may when it holds none; a further block (to read while the
+        last one commits, or queued behind the one streaming to it) only once it has
+        finished reading the last, and while enough are left for every worker that
+        holds none, counting local workers not yet connected: so the few blocks of a
+        small tree are spread over the workers instead of going to whichever connected
+        first.
         """
-        if not self._pending or len(peer.open_blocks) >= self.max_blocks:
+        if not self._pending or len(peer.open_blocks) >= self.max_blocks or peer.reading is not None:
             return False
         if not peer.open_blocks:
             return True
@@ -262,18 +266,17 @@ class Coordinator:
         log.debug("block %d to %s", index, peer.name)
         return index
 
-    def _send_reads(self, sock: zmq.Socket, peer: _Peer) -> bool:
-        """Give a reading worker blocks up to its limit; True if any was sent."""
-        sent = False
-        while self._may_take(peer):
-            index = self._assign(peer)
-            try:
-                self._send(sock, peer, [protocol.encode(protocol.READ, block=index)])
-            except _PeerLost as exc:
-                self._lose(peer, str(exc))
-                return sent
-            sent = True
-        return sent
+    def _send_read(self, sock: zmq.Socket, peer: _Peer) -> bool:
+        """Give a reading worker its next block if it may take one; True if sent."""
+        if not self._may_take(peer):
+            return False
+        peer.reading = self._assign(peer)
+        try:
+            self._send(sock, peer, [protocol.encode(protocol.READ, block=peer.reading)])
+        except _PeerLost as exc:
+            self._lose(peer, str(exc))
+            return False
+        return True
 
     def _skip_block(self, peer: _Peer, index: int, path: str, reason: str) -> None:
         """A file of this block cannot be read: drop the block, note the file, go on."""
@@ -299,6 +302,8 @@ class Coordinator:
             peer.credit += msg["bytes"]
             self.progress.worker_bytes(peer.name, msg["bytes"])
         elif kind == protocol.PROGRESS:
+            if msg["last"]:
+                peer.reading = None
             self.bytes_read_by_workers += msg["bytes"]
             self.progress.worker_bytes(peer.name, msg["bytes"])
         elif kind == protocol.STORED:
@@ -309,6 +314,7 @@ class Coordinator:
                 digests = msg["digests"] if peer.reads else self._digests.pop(index)
                 self.on_stored(index, StoredBlock(msg["locator"], msg["replicas"]), digests)
         elif kind == protocol.UNREADABLE:
+            peer.reading = None
             self._skip_block(peer, msg["block"], msg["path"], msg["reason"])
         elif kind == protocol.CHANGED:
             raise FileChanged(msg["path"], msg["why"])

@@ -17,7 +17,8 @@ Worker -> coordinator:
   HELLO   {pid, host, version[, run]}        a worker connected (run: the token of the
                                              plan a local worker inherited)
   CREDIT  {bytes}                            a chunk was consumed: that many bytes of window free
-  PROGRESS {bytes}                           that many more bytes of a READ block read
+  PROGRESS {bytes, last}                     that many more bytes of a READ block read
+                                             (last: the block is read, ready for another)
   STORED  {block, locator, replicas, size[, digests]}
                                              a block is durable in the store (digests: the
                                              xxh3-64 of each piece, for a READ block)
@@ -35,7 +36,8 @@ Coordinator -> worker:
                                              heartbeat_timeout seconds exits
 
 Flow control is the coordinator's: it gives a worker at most ``blocks_per_worker``
-unfinished blocks and, for streamed blocks, at most ``window_chunks`` chunks it has
+unfinished blocks, a reading worker its next block only once it has read the last,
+and, for streamed blocks, at most ``window_chunks`` chunks it has
 not yet consumed (counted back by CREDIT), so the worker needs no limits of its own.
 """
 

@@ -74,7 +74,7 @@ def _peer(coordinator: Coordinator, pid: int, open_blocks: set[int]) -> _Peer:
     return peer
 
 
-def test_a_second_block_is_queued_on_a_worker_only_when_every_idle_worker_can_still_get_one():
+def test_a_second_block_goes_to_a_worker_only_when_it_is_ready_and_every_idle_worker_can_still_get_one():
     coordinator = _coordinator(4)
     # two local workers started; only the first has connected, and it holds block 0
     coordinator.processes = {101: multiprocessing.Process(), 102: multiprocessing.Process()}
@@ -91,6 +91,9 @@ def test_a_second_block_is_queued_on_a_worker_only_when_every_idle_worker_can_st
     second.open_blocks.add(1)
     coordinator._pending.clear()
     coordinator._pending.extend([2, 3])
-    assert coordinator._may_take(first)           # nobody is idle: queue behind the current block
+    assert coordinator._may_take(first)           # nobody is idle: the next, while block 0 commits
+    first.reading = 2
+    assert not coordinator._may_take(first)       # still reading block 2
     first.open_blocks.add(2)
+    first.reading = None
     assert not coordinator._may_take(first)       # at blocks_per_worker (2)

@@ -110,5 +110,7 @@ def test_worker_logs_reach_the_coordinators_stderr(cli, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "serving ipc://" in line]
     # a worker that connects after the work is done is turned away before it logs
     assert lines and all(f"storing into {tmp_path / 'store'}" in line for line in lines)
+    # and the last words of each, logged just before it exits, are not lost
+    assert len([line for line in proc.stderr.splitlines() if "told to stop; exiting" in line]) == len(lines)
     quiet = cli("put", "-q", "--store", str(tmp_path / "store"), str(src))
     assert quiet.returncode == 0 and quiet.stderr == ""

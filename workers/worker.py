@@ -123,11 +123,11 @@ class _Worker:
             return
         try:
             chunks = self.source.reader.chunks(self.source.plan.block(block), digests, self.read_buffer)
-            for data, _ in chunks:
+            for data, last in chunks:
                 md5.update(data)
                 writer.write(data)
                 size += len(data)
-                self.send(protocol.encode(protocol.PROGRESS, bytes=len(data)))
+                self.send(protocol.encode(protocol.PROGRESS, bytes=len(data), last=last))
         except Unreadable as exc:
             writer.abort()
             self.send(protocol.encode(protocol.UNREADABLE, block=block, path=exc.path, reason=exc.reason))
@@ -232,6 +232,7 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
                     worker.on_abort(header)
                 elif kind == protocol.STOP:
                     worker.drop_current()
+                    log.debug("worker %d told to stop; exiting", os.getpid())
                     break
             if _parent_gone(parent_pid) or now - last_heard > silence_limit:
                 log.error("coordinator at %s is gone; worker %d exiting", address, os.getpid())
