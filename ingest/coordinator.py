@@ -1,14 +1,13 @@
 """ZeroMQ dispatch: hand each block to one worker, collect locators.
 
 The coordinator binds a ROUTER socket (a private abstract-namespace ipc socket by
-default, so nothing is left on disk, or ``--listen`` for remote workers), starts
-local worker processes, and hands blocks to whichever worker has room; a worker
-holds at most ``blocks_per_worker`` unfinished blocks.
+default, so nothing is left on disk, or ``--listen`` for remote workers) and forks
+its local worker processes before the walk, then hands blocks to whichever worker
+has room; a worker holds at most ``blocks_per_worker`` unfinished blocks.
 
-Local workers are forked after the plan is made and inherit it (see
-``LocalSource``): each gets one READ per block and reads the files itself, so the
-bytes never cross the socket and the per-file reads of small files are spread over
-the workers. Other workers (remote ones, or all when ``put.local_reads`` is off)
+A local worker gets one READ per block, listing the block's pieces (path, range,
+fingerprint), and reads the files itself, so the bytes never cross the socket and
+the per-file reads of small files are spread over the workers. Other workers (remote ones, or all when ``put.local_reads`` is off)
 get the bytes streamed: the coordinator reads each block and sends its chunks
 without copies (``copy=False``), all to the same worker, with credit-based flow
 control (at most ``window_chunks`` chunks not yet consumed), so memory is bounded
@@ -29,7 +28,7 @@ import secrets
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import zmq
@@ -40,7 +39,8 @@ from ingest.errors import IngestError, StoreError
 from ingest.keep.store import StoredBlock
 from ingest.plan import Plan
 from ingest.progress import Tracker
-from ingest.reader import BlockReader, Chunk, FileChanged, LocalSource, Unreadable
+from ingest.reader import BlockReader, Chunk, FileChanged, Unreadable, piece_sources
+from ingest.walk import SourceFile
 
 log = logging.getLogger(__name__)
 
@@ -69,30 +69,28 @@ class _PeerLost(Exception):
     """Sending to a worker failed: it is gone."""
 
 
-def _local_worker_main(address: str, parent_pid: int, source: LocalSource | None) -> None:
+def _local_worker_main(address: str, parent_pid: int, local_token: str | None) -> None:
     """Body of a local worker process (forked): ignore Ctrl-C, the coordinator stops us."""
     from workers import run_worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    code = run_worker(address, parent_pid=parent_pid, source=source)
+    code = run_worker(address, parent_pid=parent_pid, local_token=local_token)
     worker_logs.flush_in_worker()
     os._exit(code)
 
 
 class Coordinator:
-    """Runs one dispatch of a plan's blocks through local and/or remote workers."""
+    """The workers of one attempt at a run, and the dispatch of its blocks to them.
 
-    def __init__(self, settings: Settings, plan: Plan, reader: BlockReader,
-                 on_stored: Callable[[int, StoredBlock, list[int]], None], progress: Tracker):
-        """``on_stored(block index, stored block, xxh3 digests of its pieces)`` is called
-        for each block as the store confirms it; ``progress`` hears of every worker's
-        bytes and is ticked on each turn of the loop."""
+    Opened (as a context manager) before the walk: the socket is bound and the local
+    workers are forked while the coordinator is still small, so they share none of
+    the file list and start up while it walks. ``run`` then stores a plan's blocks;
+    leaving stops every worker.
+    """
+
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self.plan = plan
-        self.reader = reader
-        self.on_stored = on_stored
-        self.progress = progress
         self.chunk_size = settings.put.chunk_size
         self.window = settings.put.window_chunks * settings.put.chunk_size
         self.max_blocks = settings.put.blocks_per_worker
@@ -102,19 +100,53 @@ class Coordinator:
         self.processes: dict[int, multiprocessing.Process] = {}
         self.restarts_left = 2 * settings.local_worker_count + 2
         self.unreadable: dict[str, str] = {}  # path -> why it could not be read
+        self.bytes_read_by_workers = 0
+        # Local workers say this token in their HELLO: they may be sent READs.
+        self._local_token = secrets.token_hex(8) if settings.put.local_reads else None
+        self._address = settings.put.listen or f"ipc://@keep-ingest-{os.getpid()}-{secrets.token_hex(6)}"
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
         self._digests: dict[int, list[int]] = {}
         self._pending: deque[int] = deque()
         self._remaining = 0
-        self._address = ""
-        self.bytes_read_by_workers = 0
-        self._source = (LocalSource(secrets.token_hex(8), plan, reader)
-                        if settings.put.local_reads else None)
 
     # -- lifecycle -------------------------------------------------------
 
+    def __enter__(self) -> Coordinator:
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        try:
+            self._sock.bind(self._address)
+        except zmq.ZMQError as exc:
+            self._sock.close()
+            self._ctx.term()
+            raise IngestError(f"cannot listen for workers on {self._address}: {exc}") from None
+        if self.settings.put.listen:
+            log.info("accepting workers on %s", self._address)
+        if multiprocessing.get_start_method(allow_none=True) != "fork":
+            multiprocessing.set_start_method("fork", force=True)  # multiprocessing-logging needs it
+        worker_logs.start_forwarding()
+        for _ in range(self.settings.local_worker_count):
+            self._start_local_worker()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        sock = self._sock
+        self._turn_away_latecomers(sock)
+        for peer in self.peers.values():
+            self._send(sock, peer, [protocol.encode(protocol.STOP)], quiet=True)
+            if peer.stream is not None:
+                peer.stream.close()  # closes the file that stream has open
+        self._stop_local_workers()
+        worker_logs.stop_forwarding()
+        sock.close()
+        self._ctx.term()
+
     def _start_local_worker(self) -> None:
         proc = multiprocessing.get_context("fork").Process(
-            target=_local_worker_main, args=(self._address, os.getpid(), self._source),
+            target=_local_worker_main, args=(self._address, os.getpid(), self._local_token),
             name="keep-ingest-worker", daemon=True)
         proc.start()
         self.processes[proc.pid] = proc
@@ -134,41 +166,23 @@ class Coordinator:
                 proc.join()
         self.processes.clear()
 
-    def run(self, block_indexes: list[int]) -> None:
-        """Store every listed block, except those whose files cannot be read (see
-        ``unreadable``); raise on a store failure, a changing file or no workers."""
-        if not block_indexes:
-            return
-        self._address = self.settings.put.listen or f"ipc://@keep-ingest-{os.getpid()}-{secrets.token_hex(6)}"
+    def run(self, plan: Plan, files: Sequence[SourceFile], reader: BlockReader, block_indexes: list[int],
+            on_stored: Callable[[int, StoredBlock, list[int]], None], progress: Tracker) -> None:
+        """Store the listed blocks of ``plan`` (over the walk's ``files``), except those
+        whose files cannot be read (see ``unreadable``); raise on a store failure, a
+        changing file or no workers.
+
+        ``reader`` reads the blocks streamed to workers that do not read them
+        themselves; ``on_stored(block index, stored block, xxh3 digests of its pieces)``
+        is called for each block as the store confirms it; ``progress`` hears of every
+        worker's bytes and is ticked on each turn of the loop.
+        """
+        self.plan, self.files, self.reader = plan, files, reader
+        self.on_stored, self.progress = on_stored, progress
         self._pending = deque(block_indexes)
         self._remaining = len(block_indexes)
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.LINGER, 1000)
-        if multiprocessing.get_start_method(allow_none=True) != "fork":
-            multiprocessing.set_start_method("fork", force=True)  # multiprocessing-logging needs it
-        worker_logs.start_forwarding()
-        try:
-            try:
-                sock.bind(self._address)
-            except zmq.ZMQError as exc:
-                raise IngestError(f"cannot listen for workers on {self._address}: {exc}") from None
-            if self.settings.put.listen:
-                log.info("accepting workers on %s", self._address)
-            for _ in range(self.settings.local_worker_count):
-                self._start_local_worker()
-            self._dispatch(sock)
-        finally:
-            self._turn_away_latecomers(sock)
-            for peer in self.peers.values():
-                self._send(sock, peer, [protocol.encode(protocol.STOP)], quiet=True)
-                if peer.stream is not None:
-                    peer.stream.close()  # closes the file that stream has open
-            self._stop_local_workers()
-            worker_logs.stop_forwarding()
-            sock.close()
-            ctx.term()
+        if self._remaining:
+            self._dispatch(self._sock)
 
     # -- the dispatch loop ----------------------------------------------------
 
@@ -216,7 +230,8 @@ class Coordinator:
                     continue
                 index = self._assign(peer)
                 self._digests[index] = []
-                peer.stream = self.reader.chunks(self.plan.block(index), self._digests[index])
+                block = self.plan.block(index)
+                peer.stream = self.reader.chunks(block.size, piece_sources(block, self.files), self._digests[index])
                 peer.stream_block = index
             try:
                 try:
@@ -270,9 +285,11 @@ class Coordinator:
         """Give a reading worker its next block if it may take one; True if sent."""
         if not self._may_take(peer):
             return False
-        peer.reading = self._assign(peer)
+        block = self.plan.block(self._assign(peer))
+        peer.reading = block.index
         try:
-            self._send(sock, peer, [protocol.encode(protocol.READ, block=peer.reading)])
+            self._send(sock, peer, [protocol.read_message(block.index, block.size,
+                                                          piece_sources(block, self.files))])
         except _PeerLost as exc:
             self._lose(peer, str(exc))
             return False
@@ -323,7 +340,7 @@ class Coordinator:
 
     def _welcome(self, sock: zmq.Socket, identity: bytes, msg: dict) -> None:
         name = f"worker {msg.get('pid')}@{msg.get('host')}"
-        reads = self._source is not None and msg.get("run") == self._source.token
+        reads = self._local_token is not None and msg.get("local") == self._local_token
         peer = _Peer(identity, msg.get("pid", -1), name, credit=self.window, last_heard=time.monotonic(),
                      reads=reads)
         if msg.get("version") != protocol.PROTOCOL_VERSION:
@@ -333,7 +350,8 @@ class Coordinator:
             return
         self.peers[identity] = peer
         self._send(sock, peer, [protocol.encode(protocol.WELCOME, store=self.settings.store_spec(),
-                                                heartbeat_timeout=self.heartbeat_timeout)], quiet=True)
+                                                heartbeat_timeout=self.heartbeat_timeout,
+                                                chunk_size=self.chunk_size)], quiet=True)
         log.debug("%s connected; %s", name,
                   "it reads the files itself" if reads else "blocks are streamed to it")
 

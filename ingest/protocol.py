@@ -6,16 +6,16 @@ received without copies). The coordinator binds a ROUTER socket; each worker
 connects a DEALER socket.
 
 A block reaches a worker in one of two ways. A *local* worker, forked by the
-coordinator after the plan was made, holds the plan and the file list itself; its
-HELLO carries the run's token, and it gets one READ per block and reads the source
-files itself (no copy of the bytes through the socket, and the per-file work of
-small files is shared among the workers). Any other worker (``keep-ingest worker
+coordinator, says in its HELLO the token it inherited; it gets one READ per block,
+listing the block's pieces, and reads the source files itself (no copy of the bytes
+through the socket, and the per-file work of small files is shared among the
+workers). Any other worker (``keep-ingest worker
 --connect``, or every worker when ``put.local_reads`` is off) gets the bytes
 streamed to it in CHUNKs.
 
 Worker -> coordinator:
-  HELLO   {pid, host, version[, run]}        a worker connected (run: the token of the
-                                             plan a local worker inherited)
+  HELLO   {pid, host, version[, local]}      a worker connected (local: the token a
+                                             local worker inherited from its coordinator)
   CREDIT  {bytes}                            a chunk was consumed: that many bytes of window free
   PROGRESS {bytes, last}                     that many more bytes of a READ block read
                                              (last: the block is read, ready for another)
@@ -27,8 +27,11 @@ Worker -> coordinator:
   CHANGED {block, path, why}                 a READ block's file changed while read: block dropped
   HEARTBEAT {}                               nothing else to say lately: still alive
 Coordinator -> worker:
-  WELCOME {store, heartbeat_timeout}         how to open the store; when to give up on us
-  READ    {block}                            read, hash and store this block of the plan
+  WELCOME {store, heartbeat_timeout, chunk_size}
+                                             how to open the store; when to give up on us;
+                                             the read size
+  READ    {block, size, pieces}              read, hash and store this block: its pieces as
+                                             [path (bytes), offset, length, *fingerprint]
   CHUNK   {block, last} + data frame         the next bytes of a block, in order
   ABORT   {block}                            drop a block whose source changed while read
   STOP    {}                                 no more work: exit
@@ -43,9 +46,14 @@ not yet consumed (counted back by CREDIT), so the worker needs no limits of its 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
+
+from ingest.reader import PieceSource
+from ingest.walk import Fingerprint
 
 PROTOCOL_VERSION = 2
 
@@ -79,3 +87,17 @@ def decode(frame: bytes | memoryview) -> dict[str, Any]:
     if not isinstance(msg, dict) or "t" not in msg:
         raise ValueError("message without a type")
     return msg
+
+
+def read_message(block: int, size: int, pieces: Iterable[PieceSource]) -> bytes:
+    """The header of a READ for a block of ``size`` bytes made of ``pieces``.
+
+    Paths travel as bytes: a source path need not be valid UTF-8.
+    """
+    return encode(READ, block=block, size=size,
+                  pieces=[[os.fsencode(p.path), p.offset, p.length, *p.fingerprint] for p in pieces])
+
+
+def read_pieces(msg: dict[str, Any]) -> list[PieceSource]:
+    """The pieces listed in a decoded READ."""
+    return [PieceSource(os.fsdecode(row[0]), Fingerprint(*row[3:]), row[1], row[2]) for row in msg["pieces"]]

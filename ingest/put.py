@@ -25,7 +25,7 @@ from ingest.keep.store import StoredBlock, open_store
 from ingest.manifest import Manifest, Segment
 from ingest.plan import Plan
 from ingest.progress import Display, NoDisplay, Tracker
-from ingest.reader import BlockReader, FileChanged
+from ingest.reader import BlockReader, FileChanged, piece_sources
 from ingest.state import ResumeIndex, RunIdentity, RunState, StoredRecord, block_key, block_record, piece_rows
 from ingest.walk import Excludes, WalkResult, walk_sources
 
@@ -98,9 +98,9 @@ class _Run:
         self.unreadable = {**leave_out, **self.walk.unreadable}
         self.plan = Plan([f.size for f in self.walk.files], settings.put.block_size)
         # The file list and plan live until the end of the run: move them out of the
-        # collector's sight (fewer full passes, and forked workers do not copy their pages).
+        # collector's sight (fewer full passes).
         gc.freeze()
-        self.reader = BlockReader(self.walk.files, settings.put.chunk_size)
+        self.reader = BlockReader(settings.put.chunk_size)
         self.index = index
         self.locators = [""] * self.plan.block_count
         self.keys = [block_key(piece_rows(self.plan.block(b), self.walk.files))
@@ -134,9 +134,11 @@ class _Run:
         if record.expiry is not None and record.expiry < time.time() + margin:
             self.block_reason[b] = "signature expiring"
             return False
-        if verify_content and self.reader.digests(self.plan.block(b)) != record.digests:
-            self.block_reason[b] = "content"
-            return False
+        if verify_content:
+            block = self.plan.block(b)
+            if self.reader.digests(block.size, piece_sources(block, self.walk.files)) != record.digests:
+                self.block_reason[b] = "content"
+                return False
         return True
 
     def _decide(self, verify_content: bool) -> None:
@@ -148,8 +150,9 @@ class _Run:
             else:
                 self.todo.append(b)
 
-    def upload(self, journal: JournalWriter) -> dict[str, str]:
-        """Store the blocks to upload; return the files that could not be read."""
+    def upload(self, coordinator: Coordinator, journal: JournalWriter) -> dict[str, str]:
+        """Store the blocks to upload through the coordinator's workers; return the
+        files that could not be read."""
         def on_stored(b: int, stored: StoredBlock, digests: list[int]) -> None:
             record = block_record(piece_rows(self.plan.block(b), self.walk.files), stored.locator, digests)
             journal.append(record)
@@ -158,8 +161,7 @@ class _Run:
             self.bytes_uploaded += self.plan.block_size_of(b)
             self.tracker.block_done(b, self.plan.block_size_of(b), reused=False)
 
-        coordinator = Coordinator(self.settings, self.plan, self.reader, on_stored, self.tracker)
-        coordinator.run(self.todo)
+        coordinator.run(self.plan, self.walk.files, self.reader, self.todo, on_stored, self.tracker)
         self.bytes_read_by_workers = coordinator.bytes_read_by_workers
         return coordinator.unreadable
 
@@ -251,12 +253,14 @@ def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_
     changes = 0
     leave_out: dict[str, str] = {}
     while True:
-        run = _Run(settings, sources, index, verify_content, leave_out, display)
-        log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",
-                 len(run.walk.files), run.walk.total_bytes, run.plan.block_count, len(run.todo),
-                 settings.describe_store(), run.plan.block_count - len(run.todo))
         try:
-            unreadable = {**run.walk.unreadable, **run.upload(journal)}
+            # Workers start first: they are forked small, and start up during the walk.
+            with Coordinator(settings) as coordinator:
+                run = _Run(settings, sources, index, verify_content, leave_out, display)
+                log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",
+                         len(run.walk.files), run.walk.total_bytes, run.plan.block_count, len(run.todo),
+                         settings.describe_store(), run.plan.block_count - len(run.todo))
+                unreadable = {**run.walk.unreadable, **run.upload(coordinator, journal)}
         except FileChanged as exc:
             changes += 1
             if changes == tries:

@@ -10,13 +10,13 @@ pieces; small files cost one open, read, fstat and close each.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import xxhash
 
 from ingest.errors import SourceError
-from ingest.plan import BlockPlan, Plan
+from ingest.plan import BlockPlan
 from ingest.walk import Fingerprint, SourceFile
 
 Chunk = bytearray | memoryview  # a chunk of a block's bytes, readable without a copy
@@ -58,21 +58,35 @@ def describe_change(old: Fingerprint, new: Fingerprint) -> str:
     return ", ".join(parts)
 
 
+class PieceSource(NamedTuple):
+    """Where one piece of a block comes from: ``length`` bytes at ``offset`` of the file
+    at ``path``, which must still match ``fingerprint`` when read."""
+
+    path: str
+    fingerprint: Fingerprint
+    offset: int
+    length: int
+
+
+def piece_sources(block: BlockPlan, files: Sequence[SourceFile]) -> list[PieceSource]:
+    """The sources of a planned block's pieces, in block order."""
+    return [PieceSource(f.path, f.fingerprint, p.file_offset, p.length)
+            for p in block.pieces for f in (files[p.file_index],)]
+
+
 class BlockReader:
-    """Turns block plans into chunks of at most ``chunk_size`` bytes.
+    """Turns a block's piece sources into chunks of at most ``chunk_size`` bytes.
 
     Each ``chunks()`` stream owns its open file, so streams to several workers can
     be interleaved safely.
     """
 
-    def __init__(self, files: Sequence[SourceFile], chunk_size: int):
-        self.files = files
+    def __init__(self, chunk_size: int):
         self.chunk_size = chunk_size
         self.bytes_read = 0
         self._open_flags = _OPEN_FLAGS
 
-    def _open(self, index: int) -> int:
-        path = self.files[index].path
+    def _open(self, path: str) -> int:
         try:
             try:
                 return os.open(path, self._open_flags)
@@ -87,25 +101,25 @@ class BlockReader:
         except OSError as exc:
             raise Unreadable(path, exc.strerror or str(exc)) from None
 
-    def _check_unchanged(self, index: int, fd: int) -> None:
-        source = self.files[index]
+    @staticmethod
+    def _check_unchanged(piece: PieceSource, fd: int) -> None:
         now = Fingerprint.of(os.fstat(fd))
-        if now != source.fingerprint:
-            raise FileChanged(source.path, describe_change(source.fingerprint, now))
+        if now != piece.fingerprint:
+            raise FileChanged(piece.path, describe_change(piece.fingerprint, now))
 
-    def _read_into(self, index: int, fd: int, view: memoryview, offset: int) -> int:
+    def _read_into(self, piece: PieceSource, fd: int, view: memoryview, offset: int) -> int:
         try:
             got = os.preadv(fd, [view], offset)
         except OSError as exc:
-            raise Unreadable(self.files[index].path, exc.strerror or str(exc)) from None
+            raise Unreadable(piece.path, exc.strerror or str(exc)) from None
         if got == 0:
-            self._check_unchanged(index, fd)
-            raise FileChanged(self.files[index].path, "shorter than when walked")
+            self._check_unchanged(piece, fd)
+            raise FileChanged(piece.path, "shorter than when walked")
         return got
 
-    def chunks(self, block: BlockPlan, digests: list[int] | None = None,
+    def chunks(self, size: int, pieces: Iterable[PieceSource], digests: list[int] | None = None,
                buffer: bytearray | None = None) -> Iterator[tuple[Chunk, bool]]:
-        """Yield ``(data, is_last)`` for the block's bytes, in order.
+        """Yield ``(data, is_last)`` for the ``size`` bytes of a block's pieces, in order.
 
         Without ``buffer`` each chunk is a new ``bytearray`` of at most ``chunk_size``
         bytes that the caller may keep; with one, every chunk is a view into it, valid
@@ -114,21 +128,21 @@ class BlockReader:
         read, before the chunk holding the piece's end is yielded. If ``digests`` is
         given, the xxh3-64 of each piece is appended to it as the piece completes.
         """
-        remaining = block.size
+        remaining = size
 
         def next_buffer() -> tuple[bytearray, int]:
             if buffer is not None:
                 return buffer, min(len(buffer), remaining)
-            size = min(self.chunk_size, remaining)
-            return bytearray(size), size
+            want = min(self.chunk_size, remaining)
+            return bytearray(want), want
 
         buf, limit = next_buffer()
         filled = 0
-        for piece in block.pieces:
-            fd = self._open(piece.file_index)
+        for piece in pieces:
+            fd = self._open(piece.path)
             hasher = xxhash.xxh3_64() if digests is not None else None
             try:
-                offset, left = piece.file_offset, piece.length
+                offset, left = piece.offset, piece.length
                 while left:
                     if filled == limit:
                         remaining -= filled
@@ -136,32 +150,21 @@ class BlockReader:
                         (buf, limit), filled = next_buffer(), 0
                     want = min(left, limit - filled)
                     with memoryview(buf) as view:
-                        got = self._read_into(piece.file_index, fd, view[filled:filled + want], offset)
+                        got = self._read_into(piece, fd, view[filled:filled + want], offset)
                         if hasher is not None:
                             hasher.update(view[filled:filled + got])
                     filled, offset, left = filled + got, offset + got, left - got
                     self.bytes_read += got
-                self._check_unchanged(piece.file_index, fd)
+                self._check_unchanged(piece, fd)
                 if hasher is not None:
                     digests.append(hasher.intdigest())
             finally:
                 os.close(fd)
         yield _filled(buf, filled), True
 
-    def digests(self, block: BlockPlan) -> list[int]:
+    def digests(self, size: int, pieces: Iterable[PieceSource]) -> list[int]:
         """The xxh3-64 of each piece of a block, read from the sources now."""
         digests: list[int] = []
-        for _ in self.chunks(block, digests):
+        for _ in self.chunks(size, pieces, digests):
             pass
         return digests
-
-
-@dataclass(frozen=True)
-class LocalSource:
-    """What a local worker inherits from its coordinator when forked, to read the
-    run's blocks itself: the plan, a reader over the walked files, and the run's
-    token, by which the coordinator knows the worker holds this very plan."""
-
-    token: str
-    plan: Plan
-    reader: BlockReader

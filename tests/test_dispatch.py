@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from trees import MiB, fill
 
+from ingest import protocol
 from ingest.config import Settings
 from ingest.coordinator import Coordinator, _Peer
-from ingest.plan import Plan
-from ingest.reader import BlockReader
+from ingest.reader import PieceSource
+from ingest.walk import Fingerprint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,9 +63,8 @@ def test_every_worker_gets_blocks(cli, tmp_path, src):
     assert len(takers) == 2, log
 
 
-def _coordinator(blocks: int) -> Coordinator:
-    plan = Plan([MiB] * blocks, MiB)
-    return Coordinator(Settings(), plan, BlockReader([], MiB), on_stored=lambda *_: None, progress=None)
+def _coordinator() -> Coordinator:
+    return Coordinator(Settings())  # not entered: no socket, no processes
 
 
 def _peer(coordinator: Coordinator, pid: int, open_blocks: set[int]) -> _Peer:
@@ -75,7 +75,7 @@ def _peer(coordinator: Coordinator, pid: int, open_blocks: set[int]) -> _Peer:
 
 
 def test_a_second_block_goes_to_a_worker_only_when_it_is_ready_and_every_idle_worker_can_still_get_one():
-    coordinator = _coordinator(4)
+    coordinator = _coordinator()
     # two local workers started; only the first has connected, and it holds block 0
     coordinator.processes = {101: multiprocessing.Process(), 102: multiprocessing.Process()}
     first = _peer(coordinator, 101, {0})
@@ -97,3 +97,11 @@ def test_a_second_block_goes_to_a_worker_only_when_it_is_ready_and_every_idle_wo
     first.open_blocks.add(2)
     first.reading = None
     assert not coordinator._may_take(first)       # at blocks_per_worker (2)
+
+
+def test_a_read_message_lists_every_piece_even_with_a_path_that_is_not_utf8():
+    pieces = [PieceSource("/data/a b:c", Fingerprint(5, 1, 2, 3, 4), 0, 5),
+              PieceSource("/data/\udcff/x", Fingerprint(2**40, 2**62, 2**63 - 1, 7, 8), 64, 2**33)]
+    msg = protocol.decode(protocol.read_message(7, 5 + 2**33, pieces))
+    assert (msg["t"], msg["block"], msg["size"]) == (protocol.READ, 7, 5 + 2**33)
+    assert protocol.read_pieces(msg) == pieces

@@ -6,13 +6,17 @@ import pytest
 
 from ingest.errors import SourceError
 from ingest.plan import Plan
-from ingest.reader import BlockReader, FileChanged
+from ingest.reader import BlockReader, FileChanged, piece_sources
 from ingest.walk import walk_sources
 
 
 def read_all(files, plan, chunk_size):
-    reader = BlockReader(files, chunk_size)
-    return [b"".join(bytes(c) for c, _ in reader.chunks(b)) for b in plan.blocks()]
+    reader = BlockReader(chunk_size)
+    return [b"".join(bytes(c) for c, _ in chunks(reader, b, files)) for b in plan.blocks()]
+
+
+def chunks(reader, block, files, **options):
+    return reader.chunks(block.size, piece_sources(block, files), **options)
 
 
 @pytest.fixture
@@ -40,11 +44,11 @@ def test_chunks_concatenate_to_the_block_bytes(src, chunk_size):
 def test_chunks_read_into_a_reused_buffer_give_the_same_bytes(src, buffer_size):
     files = walk_sources([str(src) + "/"]).files
     plan = Plan([f.size for f in files], block_size=8192)
-    reader = BlockReader(files, 4096)
+    reader = BlockReader(4096)
     buffer = bytearray(buffer_size)
     for block, want in zip(plan.blocks(), read_all(files, plan, 4096), strict=True):
         got = b""
-        for data, _ in reader.chunks(block, buffer=buffer):
+        for data, _ in chunks(reader, block, files, buffer=buffer):
             assert data.obj is buffer if isinstance(data, memoryview) else data is buffer
             got += bytes(data)
         assert got == want
@@ -53,8 +57,8 @@ def test_chunks_read_into_a_reused_buffer_give_the_same_bytes(src, buffer_size):
 def test_last_flag_only_on_the_final_chunk(src):
     files = walk_sources([str(src) + "/"]).files
     plan = Plan([f.size for f in files], block_size=8192)
-    reader = BlockReader(files, 1000)
-    flags = [last for _, last in reader.chunks(plan.block(0))]
+    reader = BlockReader(1000)
+    flags = [last for _, last in chunks(reader, plan.block(0), files)]
     assert flags[-1] is True and not any(flags[:-1])
 
 
@@ -88,8 +92,8 @@ def test_interleaved_streams_each_read_their_own_file(tmp_path):
         (tmp_path / name).write_bytes(byte * 50_000)
     files = walk_sources([str(tmp_path) + "/"]).files
     plan = Plan([f.size for f in files], block_size=50_000)
-    reader = BlockReader(files, 4096)
-    streams = [reader.chunks(plan.block(0)), reader.chunks(plan.block(1))]
+    reader = BlockReader(4096)
+    streams = [chunks(reader, plan.block(0), files), chunks(reader, plan.block(1), files)]
     got = [bytearray(), bytearray()]
     done = [False, False]
     while not all(done):

@@ -1,8 +1,7 @@
 """The worker: get each block's bytes, hash and store them, reply with locators.
 
 A block's bytes either arrive in CHUNK messages, or (a local worker sent READ) are
-read here from the source files with the plan inherited from the coordinator, into
-one reused buffer. Either way the main thread appends each chunk to the block's
+read here from the source files the READ lists, into one reused buffer. Either way the main thread appends each chunk to the block's
 writer and updates the block's MD5 as the bytes arrive, with no second pass. When a block's last chunk
 arrives, the commit (fsync and rename, or the HTTP PUT) runs in a committer thread so
 the next block can already stream in; the committer reports back through an inproc
@@ -25,7 +24,7 @@ import zmq
 from ingest import protocol
 from ingest.errors import IngestError
 from ingest.keep.store import BlockStore, BlockWriter, open_store
-from ingest.reader import FileChanged, LocalSource, Unreadable
+from ingest.reader import BlockReader, FileChanged, Unreadable
 
 log = logging.getLogger("keep-ingest.worker")
 
@@ -72,13 +71,13 @@ class _Committer(threading.Thread):
 
 
 class _Worker:
-    def __init__(self, sock: zmq.Socket, store: BlockStore, committer: _Committer,
-                 source: LocalSource | None):
+    def __init__(self, sock: zmq.Socket, store: BlockStore, committer: _Committer, chunk_size: int):
         self.sock = sock
         self.store = store
         self.committer = committer
-        self.source = source
-        self.read_buffer = bytearray(source.reader.chunk_size) if source is not None else None
+        self.chunk_size = chunk_size
+        self.reader: BlockReader | None = None  # for READ blocks, made at the first
+        self.read_buffer = bytearray()
         self.last_sent = time.monotonic()
         self.block: int | None = None      # block being received
         self.writer: BlockWriter | None = None
@@ -112,8 +111,11 @@ class _Worker:
             self.block = self.writer = self.md5 = None
 
     def on_read(self, header: dict) -> None:
-        """Read a block of the inherited plan from its files, hash it, queue its commit."""
+        """Read a block from the files it lists, hash it, queue its commit."""
         block = header["block"]
+        if self.reader is None:
+            self.reader = BlockReader(self.chunk_size)
+            self.read_buffer = bytearray(self.chunk_size)
         digests: list[int] = []
         md5, size = hashlib.md5(), 0
         try:
@@ -122,7 +124,7 @@ class _Worker:
             self.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
             return
         try:
-            chunks = self.source.reader.chunks(self.source.plan.block(block), digests, self.read_buffer)
+            chunks = self.reader.chunks(header["size"], protocol.read_pieces(header), digests, self.read_buffer)
             for data, last in chunks:
                 md5.update(data)
                 writer.write(data)
@@ -162,12 +164,16 @@ def _parent_gone(parent_pid: int | None) -> bool:
 
 def _await_welcome(sock: zmq.Socket, address: str, parent_pid: int | None,
                    wait_s: float) -> dict | None:
-    """The coordinator's WELCOME, or None if it has no work left for us."""
+    """The coordinator's WELCOME, or None if it has no work left for us.
+
+    A local worker waits as long as its coordinator lives (it may be walking a
+    large tree); another gives up after ``wait_s`` seconds.
+    """
     deadline = time.monotonic() + wait_s
     while not sock.poll(POLL_MS):
         if _parent_gone(parent_pid):
             return None
-        if time.monotonic() >= deadline:
+        if parent_pid is None and time.monotonic() >= deadline:
             raise IngestError(f"no coordinator answered at {address} within {wait_s:g} s")
     msg = protocol.decode(sock.recv_multipart()[0])
     if msg["t"] == protocol.STOP:
@@ -181,12 +187,13 @@ def _await_welcome(sock: zmq.Socket, address: str, parent_pid: int | None,
 
 
 def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0,
-               source: LocalSource | None = None) -> int:
+               local_token: str | None = None) -> int:
     """Serve one coordinator at ``address`` until it says STOP; return an exit code.
 
-    A local worker passes its coordinator's pid and exits by itself if that
-    process goes away, and the plan it inherited (``source``) so that it can read
-    blocks itself; ``wait_s`` bounds the wait for the coordinator's answer.
+    A local worker passes its coordinator's pid, and exits by itself if that
+    process goes away, and the token it inherited, by which the coordinator knows
+    it can read the source files itself; ``wait_s`` bounds the wait for the
+    coordinator's answer (for a worker that is not local).
     """
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -197,7 +204,7 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
     store = None
     try:
         sock.connect(address)
-        local = {} if source is None else {"run": source.token}
+        local = {} if local_token is None else {"local": local_token}
         sock.send(protocol.encode(protocol.HELLO, pid=os.getpid(), host=socket.gethostname(),
                                   version=protocol.PROTOCOL_VERSION, **local))
         welcome = _await_welcome(sock, address, parent_pid, wait_s)
@@ -206,7 +213,7 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
         store = open_store(welcome["store"])
         log.debug("worker %d serving %s, storing into %s", os.getpid(), address, store.describe())
         committer.start()
-        worker = _Worker(sock, store, committer, source)
+        worker = _Worker(sock, store, committer, welcome["chunk_size"])
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
