@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from trees import MiB, fill
+from trees import MiB, make_mixed_tree
 
 from ingest import protocol
 from ingest.config import Settings
@@ -22,11 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def src(tmp_path):
-    for i in range(3):
-        fill(tmp_path / "src" / f"big{i}", 3 * MiB + i, f"big{i}")
-    for i in range(30):
-        fill(tmp_path / "src" / "small" / f"s{i}", 5000 + i, f"s{i}")
-    return tmp_path / "src"
+    return make_mixed_tree(tmp_path / "src", 3, 3 * MiB, 30, 5000)
 
 
 def put(cli, base: Path, src: Path, *extra: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import SETPRIV, finish, processes_tagged, spawn_cli
-from trees import MiB, fill
+from trees import MiB, fill, make_mixed_tree
 
 from ingest.journal import iter_records
 
@@ -47,11 +47,7 @@ def journaled(base: Path) -> int:
 
 @pytest.fixture
 def src(tmp_path):
-    for i in range(6):
-        fill(tmp_path / "src" / f"big{i}", 6 * MiB + i, f"big{i}")
-    for i in range(40):
-        fill(tmp_path / "src" / "small" / f"s{i}", 3000 + i, f"s{i}")
-    return tmp_path / "src"
+    return make_mixed_tree(tmp_path / "src", 6, 6 * MiB, 40, 3000)
 
 
 @pytest.fixture(params=["local-reads", "streamed"])

@@ -30,6 +30,16 @@ def fill(path: Path, size: int, seed: str) -> None:
             f.write(chunk[:min(MiB, size - k)])
 
 
+def make_mixed_tree(root: Path, big: int, big_size: int, small: int, small_size: int) -> Path:
+    """``big`` distinct files of about ``big_size`` bytes at the top, ``small`` of about
+    ``small_size`` in ``small/``: several large blocks and one packed one."""
+    for i in range(big):
+        fill(root / f"big{i}", big_size + i, f"big{i}")
+    for i in range(small):
+        fill(root / "small" / f"s{i}", small_size + i, f"s{i}")
+    return root
+
+
 def make_awkward_tree(root: Path, empty_dirs: bool = True, edges: bool = True) -> Path:
     """A tree exercising escaping, nesting, empty files/dirs and every packing edge."""
     for i, name in enumerate(AWKWARD_NAMES):
