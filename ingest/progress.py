@@ -15,9 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import IO, Protocol
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-
 MODES = ("auto", "tty", "json", "batch", "none")
 
 
@@ -100,6 +97,10 @@ class Terminal:
     """A live display on a terminal: bar, bytes and files, rate, ETA, per-worker rates."""
 
     def __init__(self, stream: IO[str]):
+        # rich is imported only here, for a live display: runs without one start without it.
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
         self.console = Console(file=stream)
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                                  TextColumn("{task.fields[detail]}"), console=self.console,

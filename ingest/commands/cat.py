@@ -9,11 +9,6 @@ import sys
 from ingest.commands.common import add_store_arguments, settings_from
 from ingest.commands.reading import add_manifest_argument
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, IngestError
-from ingest.keep.store import open_store
-from ingest.read.cat import stream_file
-from ingest.read.names import collection_path
-from ingest.read.select import select
-from ingest.read.source import load_manifest
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -30,6 +25,13 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs: keeps start-up cheap for every command.
+    from ingest.keep.store import open_store
+    from ingest.read.cat import stream_file
+    from ingest.read.names import collection_path
+    from ingest.read.select import select
+    from ingest.read.source import load_manifest
+
     path = collection_path(args.path)
     settings = settings_from(args)
     loaded = load_manifest(args.manifest, settings)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ingest.config import Settings, load_settings
+if TYPE_CHECKING:
+    from ingest.config import Settings
 
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,4 +50,7 @@ def store_overrides(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
 
 def settings_from(args: argparse.Namespace, overrides: dict[str, tuple[Any, str]] | None = None) -> Settings:
     """Validated settings for a command: profile, environment, store flags, then ``overrides``."""
+    # Imported when a command runs, not when the parser is built: keeps start-up cheap for every command.
+    from ingest.config import load_settings
+
     return load_settings(args.config, {**store_overrides(args), **(overrides or {})})

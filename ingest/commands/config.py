@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from typing import TYPE_CHECKING
 
 from ingest.commands.common import add_store_arguments, settings_from
-from ingest.config import Settings
 from ingest.errors import EXIT_OK
+
+if TYPE_CHECKING:
+    from ingest.config import Settings
 
 SECRETS = {"store.token"}
 

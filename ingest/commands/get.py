@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ingest.commands.common import add_store_arguments, settings_from
 from ingest.commands.reading import add_manifest_argument, add_workers_argument, worker_count
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK
-from ingest.read.get import GetResult, run_get
-from ingest.read.names import collection_path
-from ingest.read.source import load_manifest
+
+if TYPE_CHECKING:
+    from ingest.read.get import GetResult
 
 DESCRIPTION = """\
 Download the files and directories of a manifest (all, or those under PATH) into
@@ -56,6 +57,11 @@ def summary(result: GetResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs: keeps start-up cheap for every command.
+    from ingest.read.get import run_get
+    from ingest.read.names import collection_path
+    from ingest.read.source import load_manifest
+
     path = collection_path(args.path)
     settings = settings_from(args)
     loaded = load_manifest(args.manifest, settings)

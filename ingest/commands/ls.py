@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from ingest.commands.common import add_store_arguments, settings_from
 from ingest.commands.reading import add_manifest_argument
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK
-from ingest.read.names import collection_path, display
-from ingest.read.select import Selection, select
-from ingest.read.source import load_manifest
+
+if TYPE_CHECKING:
+    from ingest.read.select import Selection
 
 DESCRIPTION = """\
 List the files and directories of a manifest (all of them, or those under PATH),
@@ -63,6 +64,11 @@ def entries(sel: Selection) -> list[tuple[str, bool, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs: keeps start-up cheap for every command.
+    from ingest.read.names import collection_path, display
+    from ingest.read.select import select
+    from ingest.read.source import load_manifest
+
     path = collection_path(args.path)
     settings = settings_from(args)
     loaded = load_manifest(args.manifest, settings)

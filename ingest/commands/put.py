@@ -10,16 +10,16 @@ import signal
 import sys
 import tempfile
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ingest.commands.common import add_store_arguments, add_walk_arguments, settings_from
-from ingest.config import Settings
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
 from ingest.errors import EXIT_USAGE as EXIT_PENDING
-from ingest.keep.store import open_store
 from ingest.progress import MODES, human_bytes, make_display
-from ingest.put import PutResult, dry_run, run_put
-from ingest.read.source import save_manifest
+
+if TYPE_CHECKING:
+    from ingest.config import Settings
+    from ingest.put import PutResult
 
 
 def _workers(text: str) -> int | str:
@@ -117,6 +117,12 @@ def _summary(result: PutResult, pdh: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs: keeps start-up cheap for every command.
+    import workers  # noqa: F401  (local workers are forked from this process: they inherit it)
+    from ingest.keep.store import open_store
+    from ingest.put import dry_run, run_put
+    from ingest.read.source import save_manifest
+
     settings = settings_from(args, {
         "put.workers": (args.workers, "--workers"),
         "put.listen": (args.listen, "--listen"),

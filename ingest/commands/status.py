@@ -10,8 +10,6 @@ import time
 
 from ingest.commands.common import settings_from
 from ingest.errors import EXIT_OK
-from ingest.journal import read_journal
-from ingest.state import describe_holder, is_locked
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -27,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def describe_run(run_dir: str) -> dict[str, object]:
     """What one run's state says, read without taking its lock or changing it."""
+    # Imported when the command runs: keeps start-up cheap for every command.
+    from ingest.journal import read_journal
+    from ingest.state import describe_holder, is_locked
+
     journal = os.path.join(run_dir, "journal")
     lock = os.path.join(run_dir, "lock")
     records, _, torn = read_journal(journal)

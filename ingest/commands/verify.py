@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from ingest.commands.common import add_store_arguments, add_walk_arguments, settings_from
 from ingest.commands.reading import add_manifest_argument, add_workers_argument, worker_count
 from ingest.errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_OK
-from ingest.read.names import display
-from ingest.read.source import load_manifest
-from ingest.read.verify import Difference, VerifyReport, run_verify
-from ingest.walk import Excludes
+
+if TYPE_CHECKING:
+    from ingest.read.verify import Difference, VerifyReport
 
 DESCRIPTION = """\
 Compare every file of a manifest with the directory SRC, as 'put SRC/' would have
@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def line(diff: Difference) -> str:
+    from ingest.read.names import display  # imported lazily, as in run()
+
     if diff.kind != "differs":
         return f"{diff.kind}: {display(diff.path)}"
     if diff.detail:
@@ -76,6 +78,11 @@ def summary(report: VerifyReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs: keeps start-up cheap for every command.
+    from ingest.read.source import load_manifest
+    from ingest.read.verify import run_verify
+    from ingest.walk import Excludes
+
     settings = settings_from(args, {
         "put.exclude": (args.exclude, "--exclude"),
         "put.follow_links": (args.follow_links, "--follow-links/--no-follow-links"),

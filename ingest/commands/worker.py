@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from workers import run_worker
-
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
@@ -20,4 +18,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs: keeps start-up cheap for every command.
+    from workers import run_worker
+
     return run_worker(args.connect, wait_s=args.wait)
