@@ -71,10 +71,10 @@ class _PeerLost(Exception):
 
 def _local_worker_main(address: str, parent_pid: int, local_token: str | None) -> None:
     """Body of a local worker process (forked): ignore Ctrl-C, the coordinator stops us."""
-    from workers import run_worker
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from workers import run_worker
+
     code = run_worker(address, parent_pid=parent_pid, local_token=local_token)
     worker_logs.flush_in_worker()
     os._exit(code)
