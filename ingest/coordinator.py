@@ -45,6 +45,7 @@ from ingest.walk import SourceFile
 log = logging.getLogger(__name__)
 
 POLL_MS = 200
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 STOP_GRACE_S = 10.0
 
 
@@ -70,9 +71,11 @@ class _PeerLost(Exception):
 
 
 def _local_worker_main(address: str, parent_pid: int, local_token: str | None) -> None:
-    """Body of a local worker process (forked): ignore Ctrl-C, the coordinator stops us."""
+    """Body of a local worker process (forked with SIGINT and SIGTERM blocked): ignore
+    Ctrl-C, the coordinator stops us; die quietly on SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     from workers import run_worker
 
     code = run_worker(address, parent_pid=parent_pid, local_token=local_token)
@@ -148,7 +151,13 @@ class Coordinator:
         proc = multiprocessing.get_context("fork").Process(
             target=_local_worker_main, args=(self._address, os.getpid(), self._local_token),
             name="keep-ingest-worker", daemon=True)
-        proc.start()
+        # Until the worker has set its own handlers, a stop signal must not run ours
+        # (put's SIGTERM handler raises KeyboardInterrupt): the child starts with them blocked.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self.processes[proc.pid] = proc
 
     def _stop_local_workers(self) -> None:

@@ -114,3 +114,18 @@ def test_worker_logs_reach_the_coordinators_stderr(cli, tmp_path):
     assert len([line for line in proc.stderr.splitlines() if "told to stop; exiting" in line]) == len(lines)
     quiet = cli("put", "-q", "--store", str(tmp_path / "store"), str(src))
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_a_run_with_nothing_to_upload_stops_its_just_forked_workers_quietly(cli, tmp_path):
+    # Workers are forked before the walk; when nothing needs uploading they are
+    # stopped while still starting up, which must never print a traceback.
+    src = tmp_path / "src"
+    fill(src / "f", 1000, "f")
+    args = ("put", "-q", "--store", str(tmp_path / "store"), "--state-dir", str(tmp_path / "state"),
+            "--workers", "2", str(src))
+    first = cli(*args)
+    assert first.returncode == 0 and first.stderr == ""
+    for _ in range(10):
+        again = cli(*args)
+        assert (again.returncode, again.stderr) == (0, ""), again.stderr
+        assert again.stdout == first.stdout
