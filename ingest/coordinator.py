@@ -297,8 +297,8 @@ class Coordinator:
         block = self.plan.block(self._assign(peer))
         peer.reading = block.index
         try:
-            self._send(sock, peer, [protocol.read_message(block.index, block.size,
-                                                          piece_sources(block, self.files))])
+            self._send(sock, peer, protocol.read_frames(block.index, block.size,
+                                                        piece_sources(block, self.files)))
         except _PeerLost as exc:
             self._lose(peer, str(exc))
             return False

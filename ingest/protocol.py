@@ -30,8 +30,8 @@ Coordinator -> worker:
   WELCOME {store, heartbeat_timeout, chunk_size}
                                              how to open the store; when to give up on us;
                                              the read size
-  READ    {block, size, pieces}              read, hash and store this block: its pieces as
-                                             [path (bytes), offset, length, *fingerprint]
+  READ    {block, size} + pieces frame       read, hash and store this block: its pieces,
+                                             [path, fingerprint, offset, length] each
   CHUNK   {block, last} + data frame         the next bytes of a block, in order
   ABORT   {block}                            drop a block whose source changed while read
   STOP    {}                                 no more work: exit
@@ -46,14 +46,12 @@ not yet consumed (counted back by CREDIT), so the worker needs no limits of its 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 
 from ingest.reader import PieceSource
-from ingest.walk import Fingerprint
 
 PROTOCOL_VERSION = 2
 
@@ -89,15 +87,14 @@ def decode(frame: bytes | memoryview) -> dict[str, Any]:
     return msg
 
 
-def read_message(block: int, size: int, pieces: Iterable[PieceSource]) -> bytes:
-    """The header of a READ for a block of ``size`` bytes made of ``pieces``.
+def read_frames(block: int, size: int, pieces: Sequence[PieceSource]) -> list[bytes]:
+    """A READ for a block of ``size`` bytes: the header, then its pieces as one msgpack
+    frame of ``[path, fingerprint, offset, length]`` (a path that is not valid UTF-8
+    travels with surrogate escapes, as the file system gave it)."""
+    return [encode(READ, block=block, size=size),
+            msgpack.packb(pieces, unicode_errors="surrogateescape")]
 
-    Paths travel as bytes: a source path need not be valid UTF-8.
-    """
-    return encode(READ, block=block, size=size,
-                  pieces=[[os.fsencode(p.path), p.offset, p.length, *p.fingerprint] for p in pieces])
 
-
-def read_pieces(msg: dict[str, Any]) -> list[PieceSource]:
-    """The pieces listed in a decoded READ."""
-    return [PieceSource(os.fsdecode(row[0]), Fingerprint(*row[3:]), row[1], row[2]) for row in msg["pieces"]]
+def read_pieces(frame: bytes | memoryview) -> Sequence[tuple]:
+    """The pieces of a READ's second frame, as tuples the reader takes as they are."""
+    return msgpack.unpackb(frame, use_list=False, unicode_errors="surrogateescape")

@@ -60,7 +60,12 @@ def describe_change(old: Fingerprint, new: Fingerprint) -> str:
 
 class PieceSource(NamedTuple):
     """Where one piece of a block comes from: ``length`` bytes at ``offset`` of the file
-    at ``path``, which must still match ``fingerprint`` when read."""
+    at ``path``, which must still match ``fingerprint`` when read.
+
+    The reader takes any 4-tuple in this order (the fingerprint as a plain tuple too):
+    a worker reads the pieces of a READ as msgpack decodes them, with no object per
+    piece built in Python.
+    """
 
     path: str
     fingerprint: Fingerprint
@@ -102,19 +107,20 @@ class BlockReader:
             raise Unreadable(path, exc.strerror or str(exc)) from None
 
     @staticmethod
-    def _check_unchanged(piece: PieceSource, fd: int) -> None:
+    def _check_unchanged(path: str, fingerprint: tuple[int, ...], fd: int) -> None:
         now = Fingerprint.of(os.fstat(fd))
-        if now != piece.fingerprint:
-            raise FileChanged(piece.path, describe_change(piece.fingerprint, now))
+        if now != fingerprint:
+            raise FileChanged(path, describe_change(Fingerprint(*fingerprint), now))
 
-    def _read_into(self, piece: PieceSource, fd: int, view: memoryview, offset: int) -> int:
+    def _read_into(self, path: str, fingerprint: tuple[int, ...], fd: int, view: memoryview,
+                   offset: int) -> int:
         try:
             got = os.preadv(fd, [view], offset)
         except OSError as exc:
-            raise Unreadable(piece.path, exc.strerror or str(exc)) from None
+            raise Unreadable(path, exc.strerror or str(exc)) from None
         if got == 0:
-            self._check_unchanged(piece, fd)
-            raise FileChanged(piece.path, "shorter than when walked")
+            self._check_unchanged(path, fingerprint, fd)
+            raise FileChanged(path, "shorter than when walked")
         return got
 
     def chunks(self, size: int, pieces: Iterable[PieceSource], digests: list[int] | None = None,
@@ -138,11 +144,10 @@ class BlockReader:
 
         buf, limit = next_buffer()
         filled = 0
-        for piece in pieces:
-            fd = self._open(piece.path)
+        for path, fingerprint, offset, left in pieces:
+            fd = self._open(path)
             hasher = xxhash.xxh3_64() if digests is not None else None
             try:
-                offset, left = piece.offset, piece.length
                 while left:
                     if filled == limit:
                         remaining -= filled
@@ -150,12 +155,12 @@ class BlockReader:
                         (buf, limit), filled = next_buffer(), 0
                     want = min(left, limit - filled)
                     with memoryview(buf) as view:
-                        got = self._read_into(piece, fd, view[filled:filled + want], offset)
+                        got = self._read_into(path, fingerprint, fd, view[filled:filled + want], offset)
                         if hasher is not None:
                             hasher.update(view[filled:filled + got])
                     filled, offset, left = filled + got, offset + got, left - got
                     self.bytes_read += got
-                self._check_unchanged(piece, fd)
+                self._check_unchanged(path, fingerprint, fd)
                 if hasher is not None:
                     digests.append(hasher.intdigest())
             finally:

@@ -95,9 +95,10 @@ def test_a_second_block_goes_to_a_worker_only_when_it_is_ready_and_every_idle_wo
     assert not coordinator._may_take(first)       # at blocks_per_worker (2)
 
 
-def test_a_read_message_lists_every_piece_even_with_a_path_that_is_not_utf8():
+def test_a_read_lists_every_piece_even_with_a_path_that_is_not_utf8():
     pieces = [PieceSource("/data/a b:c", Fingerprint(5, 1, 2, 3, 4), 0, 5),
               PieceSource("/data/\udcff/x", Fingerprint(2**40, 2**62, 2**63 - 1, 7, 8), 64, 2**33)]
-    msg = protocol.decode(protocol.read_message(7, 5 + 2**33, pieces))
+    header, frame = protocol.read_frames(7, 5 + 2**33, pieces)
+    msg = protocol.decode(header)
     assert (msg["t"], msg["block"], msg["size"]) == (protocol.READ, 7, 5 + 2**33)
-    assert protocol.read_pieces(msg) == pieces
+    assert protocol.read_pieces(frame) == tuple(tuple(p) for p in pieces)

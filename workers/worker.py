@@ -23,6 +23,7 @@ import zmq
 
 from ingest import protocol
 from ingest.errors import IngestError
+from ingest.gcpause import collector_paused
 from ingest.keep.store import BlockStore, BlockWriter, open_store
 from ingest.reader import BlockReader, FileChanged, Unreadable
 
@@ -110,7 +111,7 @@ class _Worker:
             self.committer.jobs.put((block, self.writer, self.md5.hexdigest(), self.size, None))
             self.block = self.writer = self.md5 = None
 
-    def on_read(self, header: dict) -> None:
+    def on_read(self, header: dict, pieces_frame: zmq.Frame) -> None:
         """Read a block from the files it lists, hash it, queue its commit."""
         block = header["block"]
         if self.reader is None:
@@ -124,7 +125,8 @@ class _Worker:
             self.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
             return
         try:
-            chunks = self.reader.chunks(header["size"], protocol.read_pieces(header), digests, self.read_buffer)
+            pieces = protocol.read_pieces(pieces_frame.buffer)
+            chunks = self.reader.chunks(header["size"], pieces, digests, self.read_buffer)
             for data, last in chunks:
                 md5.update(data)
                 writer.write(data)
@@ -232,7 +234,8 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
                 header = protocol.decode(frames[0].buffer)
                 kind = header["t"]
                 if kind == protocol.READ:
-                    worker.on_read(header)
+                    with collector_paused():  # one tuple per piece, none kept
+                        worker.on_read(header, frames[1])
                 elif kind == protocol.CHUNK:
                     worker.on_chunk(header, frames[1])
                 elif kind == protocol.ABORT:
