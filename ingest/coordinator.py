@@ -7,11 +7,11 @@ has room; a worker holds at most ``blocks_per_worker`` unfinished blocks.
 
 A local worker gets one READ per block, listing the block's pieces (path, range,
 fingerprint), and reads the files itself, so the bytes never cross the socket and
-the per-file reads of small files are spread over the workers. Other workers (remote ones, or all when ``put.local_reads`` is off)
-get the bytes streamed: the coordinator reads each block and sends its chunks
-without copies (``copy=False``), all to the same worker, with credit-based flow
-control (at most ``window_chunks`` chunks not yet consumed), so memory is bounded
-whatever the tree size.
+the per-file reads of small files are spread over the workers. Other workers
+(remote ones, or all when ``put.local_reads`` is off) get the bytes streamed: the
+coordinator reads each block and sends its chunks without copies (``copy=False``),
+all to the same worker, with credit-based flow control (at most ``window_chunks``
+chunks not yet consumed), so memory is bounded whatever the tree size.
 
 Liveness: both sides send a HEARTBEAT when they have had nothing else to say for a
 while. A worker that goes silent, disconnects or (when local) exits loses its

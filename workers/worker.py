@@ -1,11 +1,12 @@
 """The worker: get each block's bytes, hash and store them, reply with locators.
 
 A block's bytes either arrive in CHUNK messages, or (a local worker sent READ) are
-read here from the source files the READ lists, into one reused buffer. Either way the main thread appends each chunk to the block's
-writer and updates the block's MD5 as the bytes arrive, with no second pass. When a block's last chunk
-arrives, the commit (fsync and rename, or the HTTP PUT) runs in a committer thread so
-the next block can already stream in; the committer reports back through an inproc
-socket, and the main thread forwards the result to the coordinator.
+read here from the source files the READ lists, into one reused buffer. Either way
+the main thread appends each chunk to the block's writer and updates the block's MD5
+as the bytes arrive, with no second pass. When a block's last chunk arrives, the
+commit (fsync and rename, or the HTTP PUT) runs in a committer thread so the next
+block can already stream in; the committer reports back through an inproc socket,
+and the main thread forwards the result to the coordinator.
 """
 
 from __future__ import annotations
@@ -76,9 +77,8 @@ class _Worker:
         self.sock = sock
         self.store = store
         self.committer = committer
-        self.chunk_size = chunk_size
-        self.reader: BlockReader | None = None  # for READ blocks, made at the first
-        self.read_buffer = bytearray()
+        self.reader = BlockReader(chunk_size)    # for READ blocks
+        self.read_buffer: bytearray | None = None  # allocated at the first READ
         self.last_sent = time.monotonic()
         self.block: int | None = None      # block being received
         self.writer: BlockWriter | None = None
@@ -114,9 +114,8 @@ class _Worker:
     def on_read(self, header: dict, pieces_frame: zmq.Frame) -> None:
         """Read a block from the files it lists, hash it, queue its commit."""
         block = header["block"]
-        if self.reader is None:
-            self.reader = BlockReader(self.chunk_size)
-            self.read_buffer = bytearray(self.chunk_size)
+        if self.read_buffer is None:
+            self.read_buffer = bytearray(self.reader.chunk_size)
         digests: list[int] = []
         md5, size = hashlib.md5(), 0
         try:
