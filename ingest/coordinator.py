@@ -365,10 +365,21 @@ class Coordinator:
                   "it reads the files itself" if reads else "blocks are streamed to it")
 
     def _turn_away_latecomers(self, sock: zmq.Socket) -> None:
-        """Answer workers whose HELLO arrived as the run ended, so they exit at once."""
+        """Answer workers whose HELLO arrived as the run ended, so they exit at once.
+
+        Anything else is dropped, including the rest of a message whose receipt an
+        interrupt (Ctrl-C, SIGTERM) cut short.
+        """
         while sock.poll(0):
-            identity, header = sock.recv_multipart()[:2]
-            if protocol.decode(header)["t"] == protocol.HELLO:
+            frames = sock.recv_multipart()
+            if len(frames) < 2:
+                continue
+            identity, header = frames[:2]
+            try:
+                kind = protocol.decode(header)["t"]
+            except ValueError:
+                continue
+            if kind == protocol.HELLO:
                 try:
                     sock.send_multipart([identity, protocol.encode(protocol.STOP)], zmq.NOBLOCK)
                 except zmq.ZMQError:

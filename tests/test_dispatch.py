@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
+import time
 from pathlib import Path
 
 import pytest
+import zmq
 from trees import MiB, make_mixed_tree
 
 from ingest import protocol
@@ -102,3 +104,28 @@ def test_a_read_lists_every_piece_even_with_a_path_that_is_not_utf8():
     msg = protocol.decode(header)
     assert (msg["t"], msg["block"], msg["size"]) == (protocol.READ, 7, 5 + 2**33)
     assert protocol.read_pieces(frame) == tuple(tuple(p) for p in pieces)
+
+
+def test_leaving_drops_the_rest_of_a_message_an_interrupt_cut_short():
+    settings = Settings()
+    settings.put.workers = 0
+    ctx = zmq.Context()
+    cut, late = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    hello = protocol.encode(protocol.HELLO, pid=1, host="h", version=protocol.PROTOCOL_VERSION)
+    try:
+        with Coordinator(settings) as coordinator:
+            for dealer in (cut, late):
+                dealer.connect(coordinator._address)
+            cut.send(hello)
+            assert coordinator._sock.poll(5000)
+            coordinator._sock.recv()  # its identity frame only, as when SIGTERM strikes mid-message
+            late.send(hello)
+            assert late.poll(0) == 0
+            time.sleep(0.2)  # let the second HELLO arrive before the coordinator leaves
+        # leaving did not trip over the leftover frame, and answered the latecomer
+        assert late.poll(5000)
+        assert protocol.decode(late.recv())["t"] == protocol.STOP
+    finally:
+        cut.close(linger=0)
+        late.close(linger=0)
+        ctx.term()
