@@ -113,7 +113,7 @@ class Settings:
         return int(self.put.workers)
 
     def store_spec(self) -> dict[str, Any]:
-        """The store description sent to workers (see ingest.keep.store.open_store)."""
+        """The store description sent to workers (see ingest.keep.factory.open_store)."""
         if self.store.type == "keep":
             return {"type": "keep", "services": list(self.store.services),
                     "token": self.store.token or None, "replication": self.store.replication,

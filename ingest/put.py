@@ -21,7 +21,8 @@ from ingest.coordinator import Coordinator
 from ingest.errors import EXIT_INTERRUPTED, IngestError, StoreError
 from ingest.gcpause import collector_paused
 from ingest.journal import JournalWriter
-from ingest.keep.store import StoredBlock, open_store
+from ingest.keep.factory import open_store
+from ingest.keep.store import StoredBlock
 from ingest.manifest import Manifest, Segment
 from ingest.plan import Plan
 from ingest.progress import Display, NoDisplay, Tracker

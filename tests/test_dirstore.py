@@ -8,7 +8,7 @@ import pytest
 
 from ingest.errors import BlockCorrupt, BlockNotFound, StoreError
 from ingest.keep.dirstore import TMP_PREFIX, DirectoryStore
-from ingest.keep.store import open_store
+from ingest.keep.factory import open_store
 
 
 def put(store, data: bytes) -> str:

@@ -270,7 +270,7 @@ def test_keepstore_still_refuses_a_genuine_collision(tmp_path, monkeypatch):
     from test_keepstore_units import _put_request
 
     from ingest.keep.dirstore import DirectoryStore
-    from ingest.keep.server import KeepstoreServer, ServerConfig
+    from ingest.keepstore.server import KeepstoreServer, ServerConfig
 
     md5 = hashlib.md5(b"foo").hexdigest()
     vol = tmp_path / "v"

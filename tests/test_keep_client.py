@@ -16,8 +16,9 @@ from keepstore_fixture import SIGNING_KEY, TOKEN
 
 from ingest.errors import BlockNotFound, ConfigError, StoreError
 from ingest.keep.client import KeepClient, rendezvous_order, static_services
+from ingest.keep.factory import open_store
 from ingest.keep.signing import verify_signature
-from ingest.keep.store import StoredBlock, open_store
+from ingest.keep.store import StoredBlock
 
 pytestmark = pytest.mark.timeout(60)
 

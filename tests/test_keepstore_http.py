@@ -302,7 +302,7 @@ def test_admin_auth(keepstore_signed):
         assert req("GET", ks.url + path + f"?api_token={ROOT_TOKEN}").status == 200
     assert req("DELETE", ks.url + EMPTY + "+0").status == 401
     assert req("DELETE", ks.url + EMPTY + "+0", token=ROOT_TOKEN).status == 405
-    # TOUCH is refused by aiohttp's parser (see ingest/keep/server.py).
+    # TOUCH is refused by aiohttp's parser (see ingest/keepstore/server.py).
     assert req("TOUCH", ks.url + EMPTY + "+0", token=ROOT_TOKEN).status == 400
 
 

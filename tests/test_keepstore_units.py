@@ -15,7 +15,7 @@ from multidict import MultiDict
 from ingest.errors import StoreFull
 from ingest.keep.dirstore import DirectoryBlockWriter
 from ingest.keep.locator import BLOCK_SIZE_MAX
-from ingest.keep.server import (
+from ingest.keepstore.server import (
     KeepstoreServer,
     LocatorInfo,
     MemoryBudget,

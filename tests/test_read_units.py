@@ -193,7 +193,7 @@ def test_loading_by_pdh_names_a_missing_or_corrupt_manifest_block(tmp_path):
 def test_save_manifest_through_a_signing_keepstore_returns_the_signed_locator(keepstore_factory, tmp_path):
     from keepstore_fixture import SIGNING_KEY, TOKEN
 
-    from ingest.keep.store import open_store
+    from ingest.keep.factory import open_store
 
     ks = keepstore_factory(signing_key=SIGNING_KEY)
     spec = {"type": "keep", "services": [ks.url], "token": TOKEN, "replication": 1, "backoff_start": 0}

@@ -25,7 +25,8 @@ import zmq
 from ingest import protocol
 from ingest.errors import IngestError
 from ingest.gcpause import collector_paused
-from ingest.keep.store import BlockStore, BlockWriter, open_store
+from ingest.keep.factory import open_store
+from ingest.keep.store import BlockStore, BlockWriter
 from ingest.reader import BlockReader, FileChanged, Unreadable
 
 log = logging.getLogger("keep-ingest.worker")

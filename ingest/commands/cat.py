@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def run(args: argparse.Namespace) -> int:
     # Imported when the command runs: keeps start-up cheap for every command.
-    from ingest.keep.store import open_store
+    from ingest.keep.factory import open_store
     from ingest.read.cat import stream_file
     from ingest.read.names import collection_path
     from ingest.read.select import select

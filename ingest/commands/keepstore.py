@@ -8,8 +8,8 @@ import sys
 
 from ingest.errors import EXIT_OK, ConfigError, UsageError
 from ingest.keep.locator import BLOCK_SIZE_MAX
-from ingest.keep.server_defaults import DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
 from ingest.keep.signing import DEFAULT_TTL
+from ingest.keepstore.defaults import DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("keep-ingest.keepstore")
 
@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def run(args: argparse.Namespace) -> int:
     # The HTTP server stack loads only for this command, not for every keep-ingest start.
-    from ingest.keep.server import ServerConfig, parse_listen, run_server
+    from ingest.keepstore.server import ServerConfig, parse_listen, run_server
 
     try:
         host, port = parse_listen(args.listen)

@@ -119,7 +119,7 @@ def _summary(result: PutResult, pdh: str) -> str:
 def run(args: argparse.Namespace) -> int:
     # Imported when the command runs: keeps start-up cheap for every command.
     import workers  # noqa: F401  (local workers are forked from this process: they inherit it)
-    from ingest.keep.store import open_store
+    from ingest.keep.factory import open_store
     from ingest.put import dry_run, run_put
     from ingest.read.source import save_manifest
 

@@ -1,5 +1,2 @@
-"""Keep: locators, the block store interface and its implementations."""
-
-from ingest.keep.store import BlockStore, BlockWriter, StoredBlock, open_store
-
-__all__ = ["BlockStore", "BlockWriter", "StoredBlock", "open_store"]
+"""Keep: locators, signatures, the block store interface and its implementations
+(the directory store, the HTTP Keep client), and the factory that builds them."""

@@ -3,14 +3,14 @@
 A worker streams a block's bytes into a :class:`BlockWriter` as chunks arrive (it
 computes the MD5 itself, as the bytes pass), then commits it under that MD5. The
 store answers with the locator to put in the manifest, possibly signed, and the
-number of replicas it confirmed. Stores are built from a plain ``spec`` dict so the
-same description can travel to worker processes (also remote ones) in msgpack.
+number of replicas it confirmed. Stores are built from a plain ``spec`` dict (see
+:mod:`ingest.keep.factory`) so the same description can travel to worker processes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from ingest.errors import StoreError
 from ingest.keep.locator import EMPTY_BLOCK_MD5, Locator, LocatorError
@@ -64,26 +64,3 @@ def block_to_read(locator: str) -> Locator | None:
     except LocatorError as exc:
         raise StoreError(str(exc)) from None
     return None if loc.md5 == EMPTY_BLOCK_MD5 and loc.size == 0 else loc
-
-
-def open_store(spec: dict[str, Any]) -> BlockStore:
-    """Build the store a spec describes.
-
-    * ``{"type": "directory", "path": DIR, "fsync": bool}``: a local directory store.
-    * ``{"type": "keep", "services": [URL, ...], "token": str | None,
-      "replication": int, ...}``: Keep services over HTTP; the other keys
-      (``service_type``, ``service_uuids``, ``retries``, ``backoff_start``,
-      ``backoff_max``, ``connect_timeout``, ``read_timeout``, ``pool_maxsize``,
-      ``insecure``, ``ca_certs``, ``extra_headers``) are described in
-      :mod:`ingest.keep.client`.
-    """
-    kind = spec.get("type")
-    if kind == "directory":
-        from ingest.keep.dirstore import DirectoryStore
-
-        return DirectoryStore(spec["path"], fsync=spec.get("fsync", True))
-    if kind == "keep":
-        from ingest.keep.client import KeepClient
-
-        return KeepClient.from_spec(spec)
-    raise ValueError(f"unknown block store type {kind!r}")

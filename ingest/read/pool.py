@@ -28,8 +28,9 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from ingest.errors import IngestError
+from ingest.keep.factory import open_store
 from ingest.keep.locator import Locator
-from ingest.keep.store import BlockStore, open_store
+from ingest.keep.store import BlockStore
 
 PARENT_POLL_S = 0.2
 STOP_GRACE_S = 5.0

@@ -16,8 +16,9 @@ from typing import Protocol
 
 from ingest.config import Settings
 from ingest.errors import IngestError, StoreError
+from ingest.keep.factory import open_store
 from ingest.keep.locator import BLOCK_SIZE_MAX, Locator, LocatorError
-from ingest.keep.store import BlockStore, open_store
+from ingest.keep.store import BlockStore
 from ingest.manifest import Manifest, ManifestError, parse_manifest
 
 

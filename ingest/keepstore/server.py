@@ -48,8 +48,8 @@ from aiohttp.abc import AbstractAccessLogger
 from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
 from ingest.keep.dirstore import DirectoryStore
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5
-from ingest.keep.server_defaults import DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
 from ingest.keep.signing import DEFAULT_TTL, SignatureError, SignatureExpired, sign_locator, verify_signature
+from ingest.keepstore.defaults import DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("keep-ingest.keepstore")
 
