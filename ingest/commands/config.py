@@ -31,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def effective(settings: Settings) -> dict[str, tuple[object, str]]:
-    """Every setting as ``{"section.key": (value, origin)}``, secrets redacted."""
+    """Every setting as ``{"section.key": (value, origin)}``, secrets redacted; last,
+    ``md5``: the MD5 engine of this host (see ingest.md5lanes)."""
+    from ingest import md5lanes
+
     out: dict[str, tuple[object, str]] = {}
     for section in dataclasses.fields(settings):
         if section.name == "origins":
@@ -42,6 +45,8 @@ def effective(settings: Settings) -> dict[str, tuple[object, str]]:
             if key in SECRETS and value:
                 value = "<redacted>"
             out[key] = (value, settings.origin(key))
+    engine = md5lanes.engine()
+    out["md5"] = (engine.name, f"{engine.origin}; {engine.lanes_text}")
     return out
 
 
