@@ -182,6 +182,11 @@ def test_the_local_socket_answers_only_workers_holding_the_runs_key():
                 frames = coordinator._local.sock.recv_multipart(copy=False)
                 assert frames[1].get("User-Id") == "local"
                 assert not coordinator._local.sock.poll(500)
+                # and it is welcomed without the store's description: it inherited it
+                coordinator._handle(coordinator._local, frames)
+                kind, fields, _ = ours.next_message(5)
+                assert kind == protocol.WELCOME and "store" not in fields
+                assert not plain.heard_anything() and not keyed.heard_anything()
     finally:
         ctx.term()
 
