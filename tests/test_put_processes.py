@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import uuid
 
 import psutil
-from conftest import finish, processes_tagged, spawn_cli
+from conftest import finish, free_port, kill_all, processes_tagged, spawn_cli
 from trees import MiB, fill
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path):
+def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path, link_keys):
     src = tmp_path / "src"
     for i in range(20):
         fill(src / f"d{i % 3}" / f"f{i}", 1000 * i + 1, f"f{i}")
@@ -41,13 +34,10 @@ def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path):
             assert code == 0 or (code == 1 and "no coordinator answered" in err), err
         assert 0 in [code for code, _, _ in outcomes]
     finally:
-        for p in [coordinator, *workers]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(coordinator, *workers)
 
 
-def test_worker_without_a_coordinator_gives_up_with_a_clear_message(cli):
+def test_worker_without_a_coordinator_gives_up_with_a_clear_message(cli, link_keys):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = cli("worker", "--connect", endpoint, "--wait", "1", timeout=60)
     assert proc.returncode == 1
