@@ -89,6 +89,8 @@ def _store_error(exc: OSError, what: str) -> StoreError:
 class DirectoryStore:
     """Blocks stored as files under one root directory."""
 
+    buffers_whole_blocks = False   # streamed into a temporary file
+
     def __init__(self, root: str, fsync: bool = True):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.fsync = fsync
