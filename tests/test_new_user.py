@@ -229,6 +229,18 @@ def test_the_readmes_cron_line_works_literally_and_is_silent_while_the_last_run_
     assert failed.returncode == 1 and "ERROR: source" in failed.stderr
 
 
+def test_the_cron_profile_works_on_a_fresh_account(tmp_path, src):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "ingest", "put", "-q", "--config", str(REPO_ROOT / "configs/cron.toml"),
+                           "--store", str(tmp_path / "store"), str(src)], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = (home / ".local/state/keep-ingest/cron-progress.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["done"] is True
+
+
 def test_a_held_lock_is_a_warning_not_an_error(cli, tmp_path, src):
     ok(cli("put", "-q", "--store", str(tmp_path / "store"), str(src)))
     (lock,) = (tmp_path / "xdg-state" / "keep-ingest" / "runs").glob("*/lock")
@@ -377,3 +389,18 @@ def test_options_are_never_abbreviated_and_typos_get_the_subcommands_usage(cli, 
     assert proc.returncode == 2 and proc.stderr.startswith("usage: keep-ingest config show ")
     proc = ok(cli("ls", "-vv", "--json", "/dev/null"))  # short flags still combine
     assert proc.stdout == "[]\n"
+
+
+def test_an_unexpected_failure_is_one_line_never_a_traceback(monkeypatch, capsys):
+    import ingest.commands.status
+    from ingest.cli import main
+
+    def broken(args):
+        raise FileNotFoundError(2, "No such file or directory", "/some/where")
+
+    monkeypatch.setattr(ingest.commands.status, "run", broken)
+    assert main(["status", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert err == ("keep-ingest: ERROR: internal error: FileNotFoundError: [Errno 2] No such file or directory: "
+                   "'/some/where' (please report it; -vv shows where it happened)\n")
+    assert json.loads(out)["exit_code"] == 1

@@ -239,12 +239,14 @@ def run(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _progress_stream(settings: Settings) -> Iterator[IO[str]]:
-    """stderr, or the progress file opened for appending."""
+    """stderr, or the progress file opened for appending (its directory created when
+    missing), before any work starts."""
     if not settings.put.progress_file:
         yield sys.stderr
         return
     path = os.path.expanduser(settings.put.progress_file)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as for --manifest-out
         f = open(path, "a", encoding="utf-8")
     except OSError as exc:
         raise IngestError(f"cannot open progress file {path}: {exc.strerror}") from None
