@@ -180,9 +180,9 @@ class RunState:
             return
         records, _, _ = read_journal(self.journal_path)
         keep = [r for r in records if r["t"] != "block" or block_key(r["pieces"]) in live]
-        runs = [i for i, r in enumerate(keep) if r["t"] == "run"]
-        dones = [i for i, r in enumerate(keep) if r["t"] == "done"]
-        drop = set(runs[:-1]) | set(dones[:-1])
+        drop: set[int] = set()
+        for kind in ("run", "done", "failed"):  # only the last of each
+            drop.update([i for i, r in enumerate(keep) if r["t"] == kind][:-1])
         rewrite_journal(self.journal_path, [r for i, r in enumerate(keep) if i not in drop])
 
 

@@ -345,8 +345,26 @@ def test_partial_success_names_what_was_stored(fakes):
     with pytest.raises(StoreError) as err:
         store.put(b"half")
     msg = str(err.value)
-    assert f"stored 1 on {good.url}" in msg and f"{bad.url}: HTTP 503: down" in msg
+    assert f"{good.url}: stored 1" in msg and f"{bad.url}: HTTP 503: down" in msg
     assert len(good.requests) == 1 and len(bad.requests) == FAST["retries"] + 1
+    store.close()
+
+
+def test_too_few_services_for_the_replication_says_so_not_that_none_answered(fakes):
+    only = fakes([ok_put()])
+    store = KeepClient([only.url], TOKEN, replication=2, **FAST)
+    assert store.max_replicas() == 1
+    with pytest.raises(StoreError) as err:
+        store.put(b"lonely")
+    msg = str(err.value)
+    assert "no service answered" not in msg
+    assert f"{only.url}: stored 1" in msg and "only 1 writable service(s) for 2 copies" in msg
+    store.close()
+
+
+def test_max_replicas_is_unknown_behind_a_proxy(fakes):
+    store = KeepClient([fakes([]).url], TOKEN, replication=2, service_type="proxy", **FAST)
+    assert store.max_replicas() is None
     store.close()
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
+import secrets
 import signal
+import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
@@ -16,6 +18,7 @@ from ingest.commands.common import add_store_arguments, add_walk_arguments, sett
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
 from ingest.errors import EXIT_USAGE as EXIT_PENDING
 from ingest.progress import MODES, human_bytes, make_display
+from ingest.words import plural
 
 if TYPE_CHECKING:
     from ingest.config import Settings
@@ -96,18 +99,59 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.set_defaults(func=run)
 
 
-def _write_atomically(path: str, text: str) -> None:
+def _temporary_beside(path: str) -> tuple[int, str]:
+    """A new file next to ``path`` (same directory, so a rename replaces it atomically),
+    open for writing, with the mode any new file gets (0666 less the umask): a
+    manifest is not a secret (a signed locator is of use only with the token it was
+    signed for), so it gets what a shell redirection would give it."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=directory)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
+
+
+def prepare_manifest_out(path: str) -> None:
+    """Before any work starts: make sure the manifest can be written to ``path``, found
+    by trying (a file is created beside it and removed). Missing directories are
+    created, as for the store and the state directory."""
+    directory = os.path.dirname(os.path.abspath(path))
     try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "it is a directory")
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except FileExistsError:  # a file where a directory should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+        fd, tmp = _temporary_beside(path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        where = "" if isinstance(exc, IsADirectoryError) else f" in {directory}"
+        raise IngestError(f"--manifest-out {path}: cannot write the manifest{where}: "
+                          f"{exc.strerror or exc}") from None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write the file whole or not at all; a file it replaces keeps its mode."""
+    tmp = ""
+    try:
+        fd, tmp = _temporary_beside(path)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        os.unlink(tmp)
-        raise IngestError(f"cannot write manifest to {path}: {exc.strerror}") from None
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise IngestError(f"cannot write manifest to {path}: {exc.strerror or exc}") from None
 
 
 SHOWN_CHANGES = 20
@@ -115,15 +159,16 @@ SHOWN_CHANGES = 20
 
 def _summary(result: PutResult, pdh: str) -> str:
     rate = result.bytes_uploaded / result.seconds if result.seconds > 0 else 0.0
-    lines = [f"keep-ingest: {result.files} files, {human_bytes(result.bytes)} in {result.blocks} blocks; "
-             f"uploaded {human_bytes(result.bytes_uploaded)} ({result.blocks_uploaded} blocks) in "
+    lines = [f"keep-ingest: {plural(result.files, 'file')}, {human_bytes(result.bytes)} in "
+             f"{plural(result.blocks, 'block')}; "
+             f"uploaded {human_bytes(result.bytes_uploaded)} ({plural(result.blocks_uploaded, 'block')}) in "
              f"{result.seconds:.2f} s ({human_bytes(rate)}/s), reused {human_bytes(result.bytes_reused)}; "
              f"portable data hash {pdh}"]
     if result.bytes_reused and result.changed:
         items = list(result.changed.items())
         lines += [f"  uploaded {path} ({', '.join(reasons)})" for path, reasons in items[:SHOWN_CHANGES]]
         if len(items) > SHOWN_CHANGES:
-            lines.append(f"  ... and {len(items) - SHOWN_CHANGES} more files (see --json)")
+            lines.append(f"  ... and {plural(len(items) - SHOWN_CHANGES, 'more file')} (see --json)")
     return "\n".join(lines)
 
 
@@ -151,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
     })
     if args.dry_run:
         return _report_dry_run(args, dry_run(settings, args.sources))
+    if args.manifest_out:
+        prepare_manifest_out(args.manifest_out)
     signal.signal(signal.SIGTERM, _interrupt)
     with _progress_stream(settings) as stream:
         display = make_display(settings.put.progress, quiet=args.quiet > 0, stream=stream)
@@ -159,7 +206,13 @@ def run(args: argparse.Namespace) -> int:
     text, pdh = result.text, result.pdh
     if args.manifest_out:
         _write_atomically(args.manifest_out, text)
-    saved = save_manifest(open_store(settings.store_spec()), result.manifest) if args.save_manifest else None
+    saved = None
+    if args.save_manifest:
+        store = open_store(settings.store_spec())
+        try:
+            saved = save_manifest(store, result.manifest)
+        finally:
+            store.close()
     if args.json:
         json.dump({"pdh": pdh, **_counters(result), "seconds": round(result.seconds, 3),
                    "store": settings.describe_store(), "state": result.state_dir,
@@ -178,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"keep-ingest: manifest stored in Keep as {saved}", file=sys.stderr)
     if result.unreadable:
         listed = "\n  ".join(f"{p}: {r}" for p, r in sorted(result.unreadable.items()))
-        print(f"keep-ingest: partial: left out {len(result.unreadable)} unreadable path(s):\n  {listed}",
+        print(f"keep-ingest: partial: left out {plural(len(result.unreadable), 'unreadable path')}:\n  {listed}",
               file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
@@ -186,12 +239,14 @@ def run(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _progress_stream(settings: Settings) -> Iterator[IO[str]]:
-    """stderr, or the progress file opened for appending."""
+    """stderr, or the progress file opened for appending (its directory created when
+    missing), before any work starts."""
     if not settings.put.progress_file:
         yield sys.stderr
         return
     path = os.path.expanduser(settings.put.progress_file)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as for --manifest-out
         f = open(path, "a", encoding="utf-8")
     except OSError as exc:
         raise IngestError(f"cannot open progress file {path}: {exc.strerror}") from None
@@ -223,7 +278,8 @@ def _report_dry_run(args: argparse.Namespace, result: PutResult) -> int:
         for path, reasons in result.changed.items():
             print(f"{path}\t{', '.join(reasons)}")
     if not args.quiet:
-        print(f"keep-ingest: dry run: {len(result.changed)} files in {result.blocks_uploaded} blocks "
+        print(f"keep-ingest: dry run: {plural(len(result.changed), 'file')} in "
+              f"{plural(result.blocks_uploaded, 'block')} "
               f"({human_bytes(result.bytes - result.bytes_reused)}) "
               f"would be uploaded; {human_bytes(result.bytes_reused)} already stored", file=sys.stderr)
     return EXIT_PENDING if result.blocks_uploaded else EXIT_OK

@@ -10,6 +10,7 @@ import time
 
 from ingest.commands.common import settings_from
 from ingest.errors import EXIT_OK
+from ingest.words import plural
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -43,6 +44,7 @@ def describe_run(run_dir: str) -> dict[str, object]:
         "bytes_stored": sum(sum(p[6] for p in b["pieces"]) for b in blocks),
         "last_checkpoint": os.stat(journal).st_mtime if os.path.exists(journal) else None,
         "finished": done[-1] if done and records[-1]["t"] == "done" else None,
+        "failed": records[-1] if records and records[-1]["t"] == "failed" else None,
         "torn_tail": torn,
         "locked": is_locked(lock),
     }
@@ -65,13 +67,15 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info))
             continue
-        finished = info["finished"]
+        finished, failed = info["finished"], info["failed"]
         status = (f"running: {info['holder']}" if info["locked"]
                   else f"finished, portable data hash {finished['pdh']}" if finished
-                  else "interrupted: run the same command again to resume")
+                  else f"failed (exit {failed['exit']}): {failed['error'].splitlines()[0]}" if failed
+                  else "stopped before the end (interrupted or killed): run the same command again to resume")
         print(f"{' '.join(info['sources'])}\n"
               f"  store:           {info['store']}\n"
-              f"  journaled:       {info['blocks_stored']} blocks, {info['bytes_stored']} bytes\n"
+              f"  journaled:       {plural(info['blocks_stored'], 'block')}, "
+              f"{plural(info['bytes_stored'], 'byte')}\n"
               f"  last checkpoint: {_when(info['last_checkpoint'])}\n"
               f"  status:          {status}\n"
               f"  state:           {info['state']}")

@@ -32,7 +32,7 @@ import random
 import secrets
 import string
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,6 +215,55 @@ class KeepClient:
                 down[service.root] = self._network_error(exc)
         return down
 
+    def writable_services(self) -> list[KeepService]:
+        return [s for s in self.services if not s.read_only]
+
+    def max_replicas(self, down: Collection[str] = ()) -> int | None:
+        """The writable services (not in ``down``), each holding one copy; None behind a proxy."""
+        writable = [s for s in self.writable_services() if s.root not in down]
+        if any(s.service_type != "disk" for s in writable):
+            return None
+        return len(writable)
+
+    def check_block(self, locator: str) -> None:
+        """HEAD the block on the services in rendezvous order until ``replication``
+        copies of the right size are confirmed (one behind a proxy, which does not
+        say how many it has); keepstore checks the MD5 of what it holds for a HEAD."""
+        self._check_open()
+        loc = block_to_read(locator)
+        if loc is None:
+            return
+        want = self.replication if self.max_replicas() is not None else 1
+        found = 0
+        problems: list[str] = []
+        missing = 0
+        timeout = urllib3.Timeout(connect=self.options.connect_timeout, read=self.options.read_timeout)
+        for service in rendezvous_order(loc.md5, self.services):
+            try:
+                resp = self._http.request("HEAD", service.root + locator, headers=self._headers(new_request_id()),
+                                          timeout=timeout, retries=False, redirect=False)
+                resp.drain_conn()
+            except urllib3.exceptions.HTTPError as exc:
+                problems.append(f"{service.root}: {self._network_error(exc)}")
+                continue
+            length = resp.headers.get("Content-Length")
+            if 200 <= resp.status < 300 and length == str(loc.size):
+                found += 1
+                if found >= want:
+                    return
+            elif 200 <= resp.status < 300:
+                problems.append(f"{service.root}: HTTP {resp.status} with Content-Length {str(length)[:20]}")
+            elif resp.status in NOT_FOUND_STATUSES:
+                missing += 1
+            else:
+                problems.append(f"{service.root}: HTTP {resp.status}")
+        where = f" ({'; '.join(problems)})" if problems else ""
+        if found == 0 and not problems:
+            raise BlockNotFound(self._scrub(f"block {loc.stripped()} not found on {missing} service(s)"))
+        if found:
+            raise BlockNotFound(self._scrub(f"block {loc.stripped()}: {found} of {want} copies found{where}"))
+        raise StoreError(self._scrub(f"block {loc.stripped()}: no service confirmed it{where}"))
+
     def close(self) -> None:
         """Release connections. Safe to call from another thread while a put or get
         runs: that call stops at its next backoff or round with a StoreError (a
@@ -299,7 +348,7 @@ class KeepClient:
         if size == 0 and md5_hex == EMPTY_BLOCK_MD5:
             return StoredBlock(EMPTY_BLOCK_LOCATOR, replicas=self.replication)
         want = self.replication
-        order = rendezvous_order(md5_hex, [s for s in self.services if not s.read_only])
+        order = rendezvous_order(md5_hex, self.writable_services())
         states = [_ServiceState(s) for s in order]
         request_id = new_request_id()
         stored = 0
@@ -323,13 +372,7 @@ class KeepClient:
                 assert locator is not None
                 log.debug("stored %s+%d: %d replicas (request %s)", md5_hex, size, stored, request_id)
                 return StoredBlock(locator, stored)
-        tried = [st for st in states if st.tries]
-        detail = "; ".join(f"{st.service.root}: {st.last_error}" for st in tried if st.last_error)
-        ok = [st.service.root for st in states if st.replicas]
-        msg = (f"could not store block {md5_hex}+{size} with {want} replicas "
-               f"(stored {stored}{' on ' + ', '.join(ok) if ok else ''}) after {rounds} "
-               f"round(s) on {len(tried)} service(s): {detail or 'no service answered'}")
-        raise StoreError(self._scrub(msg))
+        raise StoreError(self._scrub(_put_failure(md5_hex, size, want, stored, rounds, states)))
 
     def _put_round(self, candidates: list[_ServiceState], view: memoryview, md5_hex: str, size: int,
                    needed: int, parallel: int, request_id: str, attempt: int) -> tuple[int, str | None]:
@@ -489,6 +532,23 @@ class KeepClient:
             if not reusable:
                 resp.close()
             resp.release_conn()
+
+
+def _put_failure(md5_hex: str, size: int, want: int, stored: int, rounds: int,
+                 states: list[_ServiceState]) -> str:
+    """Why a block could not get its copies: what each writable service did."""
+    outcomes = []
+    for st in states:
+        if st.replicas:
+            outcomes.append(f"{st.service.root}: stored {st.replicas}")
+        elif st.last_error:
+            outcomes.append(f"{st.service.root}: {st.last_error}")
+        elif not st.tries:
+            outcomes.append(f"{st.service.root}: not tried")
+    if len(states) < want:
+        outcomes.append(f"only {len(states)} writable service(s) for {want} copies")
+    return (f"could not store block {md5_hex}+{size} with {want} replicas (stored {stored}) after "
+            f"{rounds} round(s): {'; '.join(outcomes) or 'no writable service'}")
 
 
 class KeepBlockWriter:
