@@ -11,10 +11,9 @@ import signal
 import socket
 import threading
 import time
-
-import pytest
 import urllib.parse
 
+import pytest
 import urllib3
 from keepstore_fixture import ROOT_TOKEN, SIGNING_KEY, TOKEN
 
