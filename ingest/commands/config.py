@@ -32,13 +32,13 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def effective(settings: Settings) -> dict[str, tuple[object, str]]:
     """Every setting as ``{"section.key": (value, origin)}``, secrets redacted."""
+    from ingest.config import sections
+
     out: dict[str, tuple[object, str]] = {}
-    for section in dataclasses.fields(settings):
-        if section.name == "origins":
-            continue
-        for f in dataclasses.fields(getattr(settings, section.name)):
-            key = f"{section.name}.{f.name}"
-            value = getattr(getattr(settings, section.name), f.name)
+    for section in sections():
+        for f in dataclasses.fields(getattr(settings, section)):
+            key = f"{section}.{f.name}"
+            value = getattr(getattr(settings, section), f.name)
             if key in SECRETS and value:
                 value = "<redacted>"
             out[key] = (value, settings.origin(key))

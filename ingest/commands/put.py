@@ -13,6 +13,13 @@ from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
 from ingest.commands.common import add_store_arguments, add_walk_arguments, settings_from
+from ingest.commands.saving import (
+    add_collection_arguments,
+    collection_overrides,
+    describe_saved,
+    open_saver,
+    saved_json,
+)
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
 from ingest.errors import EXIT_USAGE as EXIT_PENDING
 from ingest.progress import MODES, human_bytes, make_display
@@ -54,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     resume.add_argument("--no-resume", "--reset-state", dest="reset_state", action="store_true",
                         help="discard this run's checkpoints and start afresh (also the way out "
                              "of a damaged journal)")
+    resume.add_argument("--resume", dest="reset_state", action="store_false",
+                        help="reuse what earlier runs stored (the default)")
     resume.add_argument("--dry-run", action="store_true",
                         help="read no data, upload nothing: list what would be uploaded and why; "
                              "exit 2 if anything would be, 0 if not")
@@ -82,6 +91,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                      help="print only the portable data hash")
     out.add_argument("--json", action="store_true",
                      help="print one JSON object: pdh, files, bytes, blocks, bytes_uploaded, seconds")
+    add_collection_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -134,15 +144,22 @@ def run(args: argparse.Namespace) -> int:
         "put.skip_unreadable": (args.skip_unreadable, "--skip-unreadable"),
         "put.progress": (args.progress, "--progress"),
         "put.progress_file": (args.progress_file, "--progress-file"),
+        **collection_overrides(args),
     })
+    saver = open_saver(args, settings)   # with a cluster: found now, before any worker starts
     if args.dry_run:
         return _report_dry_run(args, dry_run(settings, args.sources))
     signal.signal(signal.SIGTERM, _interrupt)
-    with _progress_stream(settings) as stream:
-        display = make_display(settings.put.progress, quiet=args.quiet > 0, stream=stream)
-        result = run_put(settings, args.sources, verify_content=args.verify_content,
-                         reset=args.reset_state, display=display)
-    text, pdh = result.text, result.pdh
+    try:
+        with _progress_stream(settings) as stream:
+            display = make_display(settings.put.progress, quiet=args.quiet > 0, stream=stream)
+            result = run_put(settings, args.sources, verify_content=args.verify_content,
+                             reset=args.reset_state, display=display, hooks=saver)
+    finally:
+        if saver:
+            saver.client.close()
+    collection = saver.saved if saver else None
+    text, pdh = result.text, collection.pdh if collection else result.pdh
     if args.manifest_out:
         _write_atomically(args.manifest_out, text)
     saved = save_manifest(open_store(settings.store_spec()), result.manifest) if args.save_manifest else None
@@ -150,18 +167,23 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"pdh": pdh, **_counters(result), "seconds": round(result.seconds, 3),
                    "store": settings.describe_store(), "state": result.state_dir,
                    "manifest_out": args.manifest_out, "manifest_locator": saved, "changed": _changed(result),
+                   "collection": saved_json(collection),
                    "unreadable": [{"path": p, "reason": r} for p, r in sorted(result.unreadable.items())],
                    "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
                   sys.stdout)
         sys.stdout.write("\n")
     elif args.portable_data_hash:
         print(pdh)
+    elif collection:
+        print(collection.uuid)
     elif not args.manifest_out:
         sys.stdout.write(text)
     if not args.quiet:
         print(_summary(result, pdh), file=sys.stderr)
         if saved:
             print(f"keep-ingest: manifest stored in Keep as {saved}", file=sys.stderr)
+        if collection:
+            print(describe_saved(collection), file=sys.stderr)
     if result.unreadable:
         listed = "\n  ".join(f"{p}: {r}" for p, r in sorted(result.unreadable.items()))
         print(f"keep-ingest: partial: left out {len(result.unreadable)} unreadable path(s):\n  {listed}",
