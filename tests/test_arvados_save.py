@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from arvados_api_server import PROJECT_UUID, USER_TOKEN, USER_UUID
-from arvados_cluster import cluster, fresh_cluster  # noqa: F401
 from conftest import finish, spawn_cli
 from trees import MiB, fill, make_awkward_tree, read_tree
 

@@ -165,8 +165,9 @@ class ApiClient:
         hint = {401: " (the token is missing, wrong or expired: check ARVADOS_API_TOKEN)",
                 403: " (permission denied)"}.get(status, "")
         code = EXIT_NOPERM if status in (401, 403) else EXIT_UNAVAILABLE if status >= 500 else EXIT_ERROR
-        message = (f"Arvados API server {self.host} refused {what}: HTTP {status}{hint}"
-                   f"{': ' + text if text else ''} (request {request_id})")
+        message = f"Arvados API server {self.host} refused {what}: HTTP {status}{hint}{': ' + text if text else ''}"
+        if request_id not in message:
+            message += f" (request {request_id})"
         return ApiError(self._scrub(message), status, tuple(self._scrub(e) for e in errors), code)
 
     def _scrub(self, text: str) -> str:
