@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="PATH", help="files or directories to upload")
     add_store_arguments(p)
-    p.add_argument("--workers", type=_workers, metavar="N",
+    p.add_argument("--workers", "--threads", type=_workers, metavar="N",
                    help="local worker processes ('auto': one per CPU; 0: remote workers only)")
     link = p.add_argument_group("remote workers (see 'keep-ingest keys')")
     link.add_argument("--listen", metavar="ENDPOINT",
@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     resume = p.add_argument_group("checkpoints and resume")
     resume.add_argument("--state-dir", metavar="DIR",
                         help="where run journals and locks live (default: $XDG_STATE_HOME/keep-ingest)")
-    resume.add_argument("--no-resume", "--reset-state", dest="reset_state", action="store_true",
+    resume.add_argument("--no-resume", "--reset-state", "--no-cache", dest="reset_state", action="store_true",
                         help="discard this run's checkpoints and start afresh (also the way out "
                              "of a damaged journal)")
     resume.add_argument("--resume", dest="reset_state", action="store_false",

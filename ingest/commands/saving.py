@@ -50,8 +50,15 @@ def add_collection_arguments(parser: argparse.ArgumentParser) -> None:
         "a collection is saved and its uuid printed")
     g.add_argument("--stream", "--as-stream", action="store_true",
                    help="print the manifest and save no collection (without a cluster: always)")
+    g.add_argument("--manifest", "--as-manifest", "--in-manifest", action="store_true",
+                   help="save a collection and print its uuid (the default with a cluster)")
     g.add_argument("--normalize", action="store_true",
                    help="accepted for arv-put's sake: the manifest is always normalized")
+    g.add_argument("--batch", action="store_true",
+                   help="accepted for arv-put's sake: checkpoints are never fatal (blocks whose "
+                        "signatures expire are simply stored again)")
+    g.add_argument("--silent", dest="quiet", action="count",
+                   help="as -q: only errors (the uuid or manifest is still printed)")
     g.add_argument("--name", metavar="NAME",
                    help="collection name (default: 'Saved at <UTC time> by user@host'; made unique)")
     g.add_argument("--project-uuid", metavar="UUID",
