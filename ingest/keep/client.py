@@ -332,16 +332,24 @@ class KeepClient:
             if self._closed:
                 raise StoreError(f"{self.describe()}: client closed while storing block {md5_hex}+{size}")
             rounds = attempt + 1
-            got, loc = self._put_round(candidates, view, md5_hex, size, self._shortfall(states, stored),
-                                       parallel, request_id, attempt)
-            stored += got
-            locator = loc or locator
+            while candidates:
+                got, loc = self._put_round(candidates, view, md5_hex, size, self._shortfall(states, stored),
+                                           parallel, request_id, attempt)
+                stored += got
+                locator = loc or locator
+                if self._shortfall(states, stored) <= 0:
+                    break
+                # Copies still missing (a storage class unconfirmed, fewer replicas than
+                # hoped): the services not yet asked this round are asked now.
+                candidates = [st for st in candidates if st.tries <= attempt and not st.done and not st.dead]
             if self._shortfall(states, stored) <= 0:
                 assert locator is not None
                 log.debug("stored %s+%d: %d replicas (request %s)", md5_hex, size, stored, request_id)
                 return StoredBlock(locator, stored)
         tried = [st for st in states if st.tries]
         detail = "; ".join(f"{st.service.root}: {st.last_error}" for st in tried if st.last_error)
+        if not detail and self.classes:
+            detail = "; ".join(f"{st.service.root}: confirmed {st.classes or 'no class'}" for st in tried)
         ok = [st.service.root for st in states if st.replicas]
         missing = self._classes_missing(states)
         classes = f" in storage class(es) {', '.join(missing)}" if stored >= want and missing else ""
