@@ -225,3 +225,13 @@ def test_reruns_of_a_saved_run_create_new_collections_like_arv_put(fresh_cluster
         assert proc.returncode == 0, proc.stderr
         uuids.append(proc.stdout.strip())
     assert len(set(uuids)) == 2 and len(fresh_cluster.state.collections) == 2
+
+
+def test_dry_run_and_stream_against_the_cluster_save_nothing(fresh_cluster, tmp_path, tree):
+    pending = keep_ingest(tmp_path, fresh_cluster, "--dry-run", str(tree) + "/")
+    assert pending.returncode == 2, pending.stderr
+    stream = keep_ingest(tmp_path, fresh_cluster, "--stream", str(tree) + "/")
+    assert stream.returncode == 0 and "+A" in stream.stdout
+    assert not fresh_cluster.state.collections
+    done = keep_ingest(tmp_path, fresh_cluster, "--dry-run", str(tree) + "/")
+    assert done.returncode == 0, done.stderr          # the same run: everything is stored already
