@@ -4,6 +4,7 @@ saves, updates and resumes saves there, read back by the official SDK."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -47,7 +48,6 @@ def sdk_read(cluster, tmp_path: Path, uuid: str) -> tuple[dict[str, bytes], str]
         "print(json.dumps({'pdh': c.portable_data_hash(), 'files': dict(walk(c, ''))}))\n")
     proc = run([sys.executable, "-c", code, uuid], cluster.env(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    import json
     doc = json.loads(proc.stdout)
     return {p: bytes.fromhex(h) for p, h in doc["files"].items()}, doc["pdh"]
 
@@ -146,6 +146,8 @@ def test_kill_9_during_the_save_then_a_rerun_leaves_one_collection(fresh_cluster
     fresh_cluster.state.hold_create = None
     assert len(fresh_cluster.state.collections) == (1 if when == "after" else 0)
     blocks = fresh_cluster.stored_blocks()
+    status = run([sys.executable, "-m", "ingest", "status", "--json"], fresh_cluster.env(tmp_path))
+    assert json.loads(status.stdout)["save_pending"] is True, status.stdout
     again = keep_ingest(tmp_path, fresh_cluster, str(tree) + "/")
     assert again.returncode == 0, again.stderr
     assert len(fresh_cluster.state.collections) == 1
@@ -154,6 +156,9 @@ def test_kill_9_during_the_save_then_a_rerun_leaves_one_collection(fresh_cluster
     assert fresh_cluster.stored_blocks() == blocks          # nothing uploaded again
     files, _ = sdk_read(fresh_cluster, tmp_path, record["uuid"])
     assert files == read_tree(tree)
+    status = run([sys.executable, "-m", "ingest", "status", "--json"], fresh_cluster.env(tmp_path))
+    info = json.loads(status.stdout)
+    assert info["collection"]["uuid"] == record["uuid"] and info["finished"] and not info["save_pending"]
 
 
 def test_a_lost_create_answer_is_looked_up_not_repeated(fresh_cluster, tmp_path, tree):
