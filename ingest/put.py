@@ -16,7 +16,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ingest.config import Settings
 from ingest.coordinator import Coordinator
@@ -55,6 +55,16 @@ class PutResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)     # left out (--skip-unreadable)
     state_dir: str = ""
+
+
+class RunHooks(Protocol):
+    """What a caller adds to a run (ingest.save saves the collection through them)."""
+
+    def planned(self, walk: WalkResult, plan: Plan) -> None:
+        """The tree is planned and nothing is uploaded yet; raise to stop the run."""
+
+    def finished(self, result: PutResult, journal: JournalWriter, index: ResumeIndex) -> None:
+        """Every block is stored and journaled; the run still holds its lock."""
 
 
 def build_manifest(walk: WalkResult, plan: Plan, locators: list[str]) -> Manifest:
@@ -237,8 +247,8 @@ def check_store(settings: Settings) -> None:
     services = settings.origin("store.services")
     if most is not None and most < want:
         raise ConfigError(
-            f"replication {want} ({settings.origin('store.replication')}) needs {want} writable Keep "
-            f"services, but {plural(most, 'is', 'are')} given ({services}): lower it with --replication "
+            f"replication {want} ({settings.origin('store.replication')}) needs {want} copies, but the "
+            f"writable Keep services given ({services}) can hold {most}: lower it with --replication "
             f"{max(most, 1)} (or store.replication in the profile), or add services (--keep URL, repeatable)")
     if not down:
         return
@@ -267,10 +277,11 @@ def dry_run(settings: Settings, sources: list[str]) -> PutResult:
 
 
 def run_put(settings: Settings, sources: list[str], verify_content: bool = False,
-            reset: bool = False, display: Display | None = None) -> PutResult:
+            reset: bool = False, display: Display | None = None, hooks: RunHooks | None = None) -> PutResult:
     """Upload the sources, resuming from the run's journal; return the result.
 
     ``display`` shows progress (see ingest.progress); it is closed before returning.
+    ``hooks`` are called once the tree is planned and once everything is stored.
     """
     display = display or NoDisplay()
     started = time.monotonic()
@@ -286,11 +297,13 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
         journal = state.open_writer(valid)
         try:
             journal.append(_run_record(identity))
-            run = _attempt(settings, sources, index, verify_content, journal, display)
+            run = _attempt(settings, sources, index, verify_content, journal, display, hooks)
             run.tracker.close()
             result = run.result(started, state.dir)
             journal.append({"t": "done", "pdh": result.pdh,
                             "files": result.files, "bytes": result.bytes, "finished": time.time()})
+            if hooks:
+                hooks.finished(result, journal, index)
         except KeyboardInterrupt:
             raise IngestError(f"interrupted; every block stored so far is checkpointed in {state.dir}; "
                               "run the same command again to resume", EXIT_INTERRUPTED) from None
@@ -309,7 +322,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
 
 
 def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_content: bool,
-             journal: JournalWriter, display: Display) -> _Run:
+             journal: JournalWriter, display: Display, hooks: RunHooks | None) -> _Run:
     """Walk and upload; walk again when files change under the reader, or to leave out
     unreadable files (--skip-unreadable). Without that option an unreadable file fails
     the run once everything else is stored and checkpointed."""
@@ -321,6 +334,8 @@ def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_
             # Workers start first: they are forked small, and start up during the walk.
             with Coordinator(settings) as coordinator:
                 run = _Run(settings, sources, index, verify_content, leave_out, display)
+                if hooks:
+                    hooks.planned(run.walk, run.plan)
                 log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",
                          len(run.walk.files), run.walk.total_bytes, run.plan.block_count, len(run.todo),
                          settings.describe_store(), run.plan.block_count - len(run.todo))
