@@ -162,3 +162,17 @@ def test_trash_at_reads_like_arv_put():
         parse_trash_at("2025-01-01", now)
     with pytest.raises(ConfigError, match="expected a date"):
         parse_trash_at("tomorrow", now)
+
+
+def test_hosts_and_uuids_match_whole_never_with_a_trailing_newline():
+    from ingest.arvados.client import check_host
+    from ingest.arvados.collections import check_collection_uuid
+    from ingest.errors import IngestError
+
+    assert check_host("api.example:443", "$ARVADOS_API_HOST") == "api.example:443"
+    assert check_collection_uuid("zzzzz-4zz18-0123456789abcde", "--update-collection")
+    for bad in ("api.example\n", "api.example:443\n"):
+        with pytest.raises(IngestError):
+            check_host(bad, "$ARVADOS_API_HOST")
+    with pytest.raises(IngestError):
+        check_collection_uuid("zzzzz-4zz18-0123456789abcde\n", "--update-collection")

@@ -31,14 +31,14 @@ log = logging.getLogger("keep-ingest.arvados")
 
 TEMPORARY_STATUSES = frozenset({408, 423, 429, 500, 502, 503, 504})
 DISCOVERY_PATH = "discovery/v1/apis/arvados/v1/rest"
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _MAX_ERROR_BODY = 1 << 16
 
 
 def check_host(host: str, origin: str) -> str:
     """``HOST[:PORT]`` as ``ARVADOS_API_HOST`` gives it; refused (naming ``origin``)
     with a scheme, a path or anything else a host cannot hold."""
-    if not _HOST_RE.match(host):
+    if not _HOST_RE.fullmatch(host):
         hint = " (without https://)" if "://" in host else ""
         raise ConfigError(f"{origin}: the API host must be HOST or HOST:PORT{hint}, not {host!r}")
     return host

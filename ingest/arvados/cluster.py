@@ -21,8 +21,8 @@ from ingest.keep.client import static_services
 DEFAULT_MAX_REQUEST_SIZE = 128 * 1024 * 1024   # the API server's default (API.MaxRequestSize)
 DEFAULT_REPLICATION = 2
 DEFAULT_SIGNATURE_TTL = 1209600
-_UUID_RE = re.compile(r"^[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}$")
-_SERVICE_HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[?[0-9A-Fa-f:.]+\]?)$")
+_UUID_RE = re.compile(r"[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}")
+_SERVICE_HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[?[0-9A-Fa-f:.]+\]?)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ def _positive_int(doc: dict[str, Any], key: str, default: int) -> int:
 
 def _service_root(host: str, item: dict[str, Any]) -> str:
     name, port, ssl = item.get("service_host"), item.get("service_port"), item.get("service_ssl_flag")
-    if not isinstance(name, str) or not _SERVICE_HOST_RE.match(name) \
+    if not isinstance(name, str) or not _SERVICE_HOST_RE.fullmatch(name) \
             or isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536 \
             or not isinstance(ssl, bool):
         raise ApiError(f"Arvados API server {host}: Keep service {str(item.get('uuid'))[:40]!r} has a "
@@ -84,7 +84,7 @@ def services_from_api(host: str, listing: Any) -> list[KeepService]:
         if not isinstance(item, dict):
             raise ApiError(f"Arvados API server {host}: keep_services/accessible gave a malformed item")
         uuid, kind = item.get("uuid"), item.get("service_type", "disk")
-        if not isinstance(uuid, str) or not _UUID_RE.match(uuid) or not isinstance(kind, str):
+        if not isinstance(uuid, str) or not _UUID_RE.fullmatch(uuid) or not isinstance(kind, str):
             raise ApiError(f"Arvados API server {host}: Keep service with a malformed uuid or type "
                            f"({str(uuid)[:40]!r}, {str(kind)[:40]!r})")
         root = _service_root(host, item)

@@ -8,9 +8,9 @@ from typing import Any
 from ingest.arvados.client import ApiClient
 from ingest.errors import EXIT_USAGE, ApiError, UsageError
 
-USER_UUID_RE = re.compile(r"^[a-z0-9]{5}-tpzed-[a-z0-9]{15}$")
-GROUP_UUID_RE = re.compile(r"^[a-z0-9]{5}-j7d0g-[a-z0-9]{15}$")
-COLLECTION_UUID_RE = re.compile(r"^[a-z0-9]{5}-4zz18-[a-z0-9]{15}$")
+USER_UUID_RE = re.compile(r"[a-z0-9]{5}-tpzed-[a-z0-9]{15}")
+GROUP_UUID_RE = re.compile(r"[a-z0-9]{5}-j7d0g-[a-z0-9]{15}")
+COLLECTION_UUID_RE = re.compile(r"[a-z0-9]{5}-4zz18-[a-z0-9]{15}")
 
 
 def _record(answer: Any, what: str, host: str) -> dict[str, Any]:
@@ -29,9 +29,9 @@ def owner_uuid(client: ApiClient, project_uuid: str | None) -> str:
     else the token's user (arv-put's ``desired_project_uuid``)."""
     if not project_uuid:
         return current_user(client)["uuid"]
-    if USER_UUID_RE.match(project_uuid):
+    if USER_UUID_RE.fullmatch(project_uuid):
         path = f"users/{project_uuid}"
-    elif GROUP_UUID_RE.match(project_uuid):
+    elif GROUP_UUID_RE.fullmatch(project_uuid):
         path = f"groups/{project_uuid}"
     else:
         raise UsageError(f"--project-uuid {project_uuid!r}: not a project (xxxxx-j7d0g-...) or "
@@ -46,7 +46,7 @@ def owner_uuid(client: ApiClient, project_uuid: str | None) -> str:
 
 
 def check_collection_uuid(uuid: str, flag: str) -> str:
-    if not COLLECTION_UUID_RE.match(uuid):
+    if not COLLECTION_UUID_RE.fullmatch(uuid):
         raise ApiError(f"{flag} {uuid!r}: not a collection uuid (xxxxx-4zz18-...)", exit_code=EXIT_USAGE)
     return uuid
 
