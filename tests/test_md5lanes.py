@@ -269,9 +269,9 @@ def test_without_the_extension_put_warns_in_verbose_and_config_show_says_so(tmp_
 @needs_ext
 def test_config_show_names_the_engine_and_where_the_choice_came_from(cli):
     detected = json.loads(cli("config", "show", "--json", env={"KEEP_INGEST_MD5": ""}).stdout)["md5"]
-    assert detected == {"value": ext.kernels()[0], "origin": f"detected; {ext.LANES[ext.kernels()[0]]} lanes"}
+    assert detected == {"value": ext.kernels()[0], "origin": "detected", "note": f"{ext.LANES[ext.kernels()[0]]} lanes"}
     forced = cli("config", "show", env={"KEEP_INGEST_MD5": "portable"}).stdout.splitlines()[-1]
-    assert forced.startswith('md5 = "portable"') and forced.endswith("# $KEEP_INGEST_MD5; 4 lanes")
+    assert forced.startswith('md5 = "portable"') and forced.endswith("# $KEEP_INGEST_MD5 (4 lanes)")
 
 
 def test_a_bad_engine_choice_stops_put_before_any_work(cli, tmp_path):
