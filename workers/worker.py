@@ -279,6 +279,7 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
     results.bind(_RESULTS_ADDR)
     committer = _Committer(ctx)
     store = None
+    worker = None
     coordinator_gone = False
     try:
         sock.connect(address)
@@ -328,7 +329,6 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
                 elif msg.kind == protocol.ABORT:
                     worker.on_abort(msg)
                 elif msg.kind == protocol.STOP:
-                    worker.drop_all()
                     if "error" in msg.fields:
                         log.error("coordinator at %s dropped worker %d: %s", address, os.getpid(), msg["error"])
                         return 1
@@ -337,7 +337,6 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
             if _parent_gone(parent_pid) or now - last_heard > silence_limit:
                 coordinator_gone = True
                 log.error("coordinator at %s is gone; worker %d exiting", address, os.getpid())
-                worker.drop_all()
                 return 1
             if len(worker.lanes):
                 worker.read_lanes()
@@ -349,9 +348,12 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
         log.error("%s", exc)
         return 1
     finally:
+        # Blocks still being read or received are dropped, whatever ended the loop.
         # After STOP the queue is empty in a run that went well; otherwise the
         # coordinator has stopped listening, so queued blocks are dropped and closing
         # the store ends a commit that is waiting to retry.
+        if worker is not None:
+            worker.drop_all()
         committer.cancel_pending()
         if store is not None:
             store.close()
