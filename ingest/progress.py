@@ -149,7 +149,10 @@ def _bar(snap: Snapshot, width: int, unicode: bool) -> str:
         size = max(1, width // 5)
         start = int((snap.elapsed % PULSE_S) / PULSE_S * (width + size)) - size
         return "".join(full if start <= i < start + size else empty for i in range(width))
-    fraction = 1.0 if not snap.bytes_total else (snap.bytes_done + snap.bytes_in_flight) / snap.bytes_total
+    if snap.phase == DONE or not snap.bytes_total:
+        fraction = 1.0 if snap.phase == DONE else 0.0
+    else:
+        fraction = (snap.bytes_done + snap.bytes_in_flight) / snap.bytes_total
     filled = min(width, int(fraction * width))
     return full * filled + empty * (width - filled)
 
@@ -157,8 +160,10 @@ def _bar(snap: Snapshot, width: int, unicode: bool) -> str:
 def _percent(snap: Snapshot) -> str:
     if snap.phase in (WALK, CHECK):
         return ""
-    if snap.phase == DONE or not snap.bytes_total:
+    if snap.phase == DONE:
         return "100.0%"
+    if not snap.bytes_total:
+        return "0.0%"
     # Rounded down and short of 100 until the end, so 100% means done.
     tenths = min(999, math.floor(1000 * (snap.bytes_done + snap.bytes_in_flight) / snap.bytes_total))
     return f"{tenths / 10:.1f}%"
