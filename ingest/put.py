@@ -16,7 +16,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ingest.config import Settings
 from ingest.coordinator import Coordinator
@@ -55,6 +55,16 @@ class PutResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)     # left out (--skip-unreadable)
     state_dir: str = ""
+
+
+class RunHooks(Protocol):
+    """What a caller adds to a run (ingest.save saves the collection through them)."""
+
+    def planned(self, walk: WalkResult, plan: Plan) -> None:
+        """The tree is planned and nothing is uploaded yet; raise to stop the run."""
+
+    def finished(self, result: PutResult, journal: JournalWriter, index: ResumeIndex) -> None:
+        """Every block is stored and journaled; the run still holds its lock."""
 
 
 def build_manifest(walk: WalkResult, plan: Plan, locators: list[str]) -> Manifest:
@@ -233,26 +243,27 @@ def check_store(settings: Settings) -> None:
     store = open_store(settings.store_spec())
     try:
         down = store.unreachable()
-        most, answering = store.max_replicas(), store.max_replicas(down)
+        can_hold = None if len(down) == len(settings.store.services) else store.max_replicas(down)
+        writable = len(store.writable_services()) if settings.store.type == "keep" else 1
     finally:
         store.close()
     want = settings.store.replication if settings.store.type == "keep" else 1
     services = settings.origin("store.services")
-    if most is not None and most < want:
-        raise ConfigError(
-            f"replication {want} ({settings.origin('store.replication')}) needs {want} writable Keep "
-            f"services, but {plural(most, 'is', 'are')} given ({services}): lower it with --replication "
-            f"{max(most, 1)} (or store.replication in the profile), or add services (--keep URL, repeatable)")
-    if not down:
-        return
     listed = "; ".join(f"{url}: {error}" for url, error in down.items())
-    if len(down) == len(settings.store.services):
+    if down and len(down) == len(settings.store.services):
         raise StoreError(f"no Keep service answers ({services}): {listed}")
-    if answering is not None and answering < want:
-        raise StoreError(f"only {answering} of {most} writable Keep services answer, fewer than the "
-                         f"{want} copies asked for (replication, {settings.origin('store.replication')}): {listed}")
-    log.warning("some Keep services do not answer (%s), the others will take their blocks: %s",
-                services, listed)
+    if can_hold is not None and can_hold < want:
+        if down:
+            raise StoreError(f"only {writable - len(down)} of {writable} writable Keep services answer, and they "
+                             f"can hold {can_hold} of the {want} copies asked for (replication, "
+                             f"{settings.origin('store.replication')}): {listed}")
+        raise ConfigError(
+            f"replication {want} ({settings.origin('store.replication')}) needs {want} copies, but the "
+            f"writable Keep services given ({services}) can hold {can_hold}: lower it with --replication "
+            f"{max(can_hold, 1)} (or store.replication in the profile), or add services (--keep URL, repeatable)")
+    if down:
+        log.warning("some Keep services do not answer (%s), the others will take their blocks: %s",
+                    services, listed)
 
 
 def _run_record(identity: RunIdentity) -> dict[str, Any]:
@@ -270,10 +281,11 @@ def dry_run(settings: Settings, sources: list[str]) -> PutResult:
 
 
 def run_put(settings: Settings, sources: list[str], verify_content: bool = False,
-            reset: bool = False, display: Display | None = None) -> PutResult:
+            reset: bool = False, display: Display | None = None, hooks: RunHooks | None = None) -> PutResult:
     """Upload the sources, resuming from the run's journal; return the result.
 
     ``display`` shows progress (see ingest.progress); it is closed before returning.
+    ``hooks`` are called once the tree is planned and once everything is stored.
     """
     display = display or NoDisplay()
     started = time.monotonic()
@@ -290,11 +302,13 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
         journal = state.open_writer(valid)
         try:
             journal.append(_run_record(identity))
-            run = _attempt(settings, sources, index, verify_content, journal, tracker)
+            run = _attempt(settings, sources, index, verify_content, journal, tracker, hooks)
             tracker.close()
             result = run.result(started, state.dir)
             journal.append({"t": "done", "pdh": result.pdh,
                             "files": result.files, "bytes": result.bytes, "finished": time.time()})
+            if hooks:
+                hooks.finished(result, journal, index)
         except KeyboardInterrupt:
             raise IngestError(f"interrupted; every block stored so far is checkpointed in {state.dir}; "
                               "run the same command again to resume", EXIT_INTERRUPTED) from None
@@ -313,7 +327,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
 
 
 def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_content: bool,
-             journal: JournalWriter, tracker: Tracker) -> _Run:
+             journal: JournalWriter, tracker: Tracker, hooks: RunHooks | None) -> _Run:
     """Walk and upload; walk again when files change under the reader, or to leave out
     unreadable files (--skip-unreadable). Without that option an unreadable file fails
     the run once everything else is stored and checkpointed."""
@@ -325,6 +339,8 @@ def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_
             # Workers start first: they are forked small, and start up during the walk.
             with Coordinator(settings) as coordinator:
                 run = _Run(settings, sources, index, verify_content, leave_out, tracker)
+                if hooks:
+                    hooks.planned(run.walk, run.plan)
                 log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",
                          len(run.walk.files), run.walk.total_bytes, run.plan.block_count, len(run.todo),
                          settings.describe_store(), run.plan.block_count - len(run.todo))

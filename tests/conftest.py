@@ -2,7 +2,8 @@
 
 The keepstore fixtures live in ``keepstore_fixture.py`` (see its docstring):
 ``keepstore_factory``, ``keepstore``, ``keepstore_signed``, ``keepstores3``; the
-fault-injecting proxy in ``fault_proxy.py``: ``fault_proxy``.
+fault-injecting proxy in ``fault_proxy.py``: ``fault_proxy``; the test Arvados
+cluster in ``arvados_cluster.py``: ``cluster``, ``fresh_cluster``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from fault_proxy import fault_proxy  # noqa: F401
 from keepstore_fixture import keepstore, keepstore_factory, keepstore_signed, keepstores3  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The test Arvados cluster's fixtures (cluster, fresh_cluster): see arvados_cluster.py.
+pytest_plugins = ["arvados_cluster"]
 
 
 def cli_env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -362,10 +362,15 @@ def test_too_few_services_for_the_replication_says_so_not_that_none_answered(fak
     store.close()
 
 
-def test_max_replicas_is_unknown_behind_a_proxy(fakes):
-    store = KeepClient([fakes([]).url], TOKEN, replication=2, service_type="proxy", **FAST)
-    assert store.max_replicas() is None
-    store.close()
+def test_a_proxy_is_asked_how_many_copies_it_can_hold_with_the_empty_block(fakes):
+    for answer, expected in ((ok_put("2"), 2), (ok_put("1"), 1), ((500, {}, b"no"), None)):
+        proxy = fakes([answer])
+        store = KeepClient([proxy.url], TOKEN, replication=2, service_type="proxy", **FAST)
+        assert store.max_replicas() == expected
+        (request,) = proxy.requests
+        assert request["method"] == "PUT" and request["path"] == "/d41d8cd98f00b204e9800998ecf8427e"
+        assert request["body"] == b"" and request["headers"]["X-Keep-Desired-Replicas"] == "2"
+        store.close()
 
 
 def test_token_never_in_messages_or_logs(fakes, caplog):

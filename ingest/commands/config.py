@@ -51,14 +51,14 @@ def _resolved(settings: Settings) -> dict[str, tuple[object, str]]:
 def effective(settings: Settings) -> dict[str, tuple[object, str, str]]:
     """Every setting as ``{"section.key": (value, origin, note)}``, secrets redacted;
     paths shown resolved, the note saying what an empty or "auto" value stands for."""
+    from ingest.config import sections
+
     out: dict[str, tuple[object, str, str]] = {}
     resolved = _resolved(settings)
-    for section in dataclasses.fields(settings):
-        if section.name == "origins":
-            continue
-        for f in dataclasses.fields(getattr(settings, section.name)):
-            key = f"{section.name}.{f.name}"
-            value, note = resolved.get(key, (getattr(getattr(settings, section.name), f.name), ""))
+    for section in sections():
+        for f in dataclasses.fields(getattr(settings, section)):
+            key = f"{section}.{f.name}"
+            value, note = resolved.get(key, (getattr(getattr(settings, section), f.name), ""))
             if key in SECRETS and value:
                 value = "<redacted>"
             out[key] = (value, settings.origin(key), note)

@@ -15,6 +15,13 @@ from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
 from ingest.commands.common import add_store_arguments, add_walk_arguments, settings_from
+from ingest.commands.saving import (
+    add_collection_arguments,
+    collection_overrides,
+    describe_saved,
+    open_saver,
+    saved_json,
+)
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
 from ingest.errors import EXIT_USAGE as EXIT_PENDING
 from ingest.progress import MODES, human_bytes, make_display
@@ -43,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="PATH", help="files or directories to upload")
     add_store_arguments(p)
-    p.add_argument("--workers", type=_workers, metavar="N",
+    p.add_argument("--workers", "--threads", type=_workers, metavar="N",
                    help="local worker processes ('auto': one per CPU; 0: remote workers only)")
     link = p.add_argument_group("remote workers (see 'keep-ingest keys')")
     link.add_argument("--listen", metavar="ENDPOINT",
@@ -65,9 +72,11 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     resume = p.add_argument_group("checkpoints and resume")
     resume.add_argument("--state-dir", metavar="DIR",
                         help="where run journals and locks live (default: $XDG_STATE_HOME/keep-ingest)")
-    resume.add_argument("--no-resume", "--reset-state", dest="reset_state", action="store_true",
+    resume.add_argument("--no-resume", "--reset-state", "--no-cache", dest="reset_state", action="store_true",
                         help="discard this run's checkpoints and start afresh (also the way out "
                              "of a damaged journal)")
+    resume.add_argument("--resume", dest="reset_state", action="store_false",
+                        help="reuse what earlier runs stored (the default)")
     resume.add_argument("--dry-run", action="store_true",
                         help="read no data, upload nothing: list what would be uploaded and why; "
                              "exit 2 if anything would be, 0 if not")
@@ -96,6 +105,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                      help="print only the portable data hash")
     out.add_argument("--json", action="store_true",
                      help="print one JSON object: pdh, files, bytes, blocks, bytes_uploaded, seconds")
+    add_collection_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -196,17 +206,24 @@ def run(args: argparse.Namespace) -> int:
         "put.skip_unreadable": (args.skip_unreadable, "--skip-unreadable"),
         "put.progress": (args.progress, "--progress"),
         "put.progress_file": (args.progress_file, "--progress-file"),
+        **collection_overrides(args),
     })
+    saver = open_saver(args, settings)   # with a cluster: found now, before any worker starts
     if args.dry_run:
         return _report_dry_run(args, dry_run(settings, args.sources))
     if args.manifest_out:
         prepare_manifest_out(args.manifest_out)
     signal.signal(signal.SIGTERM, _interrupt)
-    with _progress_stream(settings) as stream:
-        display = make_display(settings.put.progress, quiet=args.quiet > 0, stream=stream)
-        result = run_put(settings, args.sources, verify_content=args.verify_content,
-                         reset=args.reset_state, display=display)
-    text, pdh = result.text, result.pdh
+    try:
+        with _progress_stream(settings) as stream:
+            display = make_display(settings.put.progress, quiet=args.quiet > 0, stream=stream)
+            result = run_put(settings, args.sources, verify_content=args.verify_content,
+                             reset=args.reset_state, display=display, hooks=saver)
+    finally:
+        if saver:
+            saver.client.close()
+    collection = saver.saved if saver else None
+    text, pdh = result.text, collection.pdh if collection else result.pdh
     if args.manifest_out:
         _write_atomically(args.manifest_out, text)
     saved = None
@@ -220,18 +237,23 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"pdh": pdh, **_counters(result), "seconds": round(result.seconds, 3),
                    "store": settings.describe_store(), "state": result.state_dir,
                    "manifest_out": args.manifest_out, "manifest_locator": saved, "changed": _changed(result),
+                   "collection": saved_json(collection),
                    "unreadable": [{"path": p, "reason": r} for p, r in sorted(result.unreadable.items())],
                    "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
                   sys.stdout)
         sys.stdout.write("\n")
     elif args.portable_data_hash:
         print(pdh)
+    elif collection:
+        print(collection.uuid)
     elif not args.manifest_out:
         sys.stdout.write(text)
     if not args.quiet:
         print(_summary(result, pdh), file=sys.stderr)
         if saved:
             print(f"keep-ingest: manifest stored in Keep as {saved}", file=sys.stderr)
+        if collection:
+            print(describe_saved(collection), file=sys.stderr)
     if result.unreadable:
         listed = "\n  ".join(f"{p}: {r}" for p, r in sorted(result.unreadable.items()))
         print(f"keep-ingest: partial: left out {plural(len(result.unreadable), 'unreadable path')}:\n  {listed}",

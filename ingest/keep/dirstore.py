@@ -45,8 +45,8 @@ TMP_PREFIX = "tmp-keep-ingest-"
 TMP_MAX_AGE = 24 * 3600  # seconds unmodified before a temporary file counts as abandoned
 READ_CHUNK = 1 << 20
 
-_PREFIX_DIR_RE = re.compile(r"^[0-9a-f]+$")
-_BLOCK_FILE_RE = re.compile(r"^[0-9a-f]{32}$")
+_PREFIX_DIR_RE = re.compile(r"[0-9a-f]+")
+_BLOCK_FILE_RE = re.compile(r"[0-9a-f]{32}")
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -322,12 +322,12 @@ class DirectoryStore:
         for sub in subdirs:
             if not (sub.startswith(prefix) or prefix.startswith(sub)):
                 continue
-            if not _PREFIX_DIR_RE.match(sub):
+            if not _PREFIX_DIR_RE.fullmatch(sub):
                 continue
             subpath = os.path.join(self.root, sub)
             try:
                 with os.scandir(subpath) as it:
-                    entries = sorted((e for e in it if _BLOCK_FILE_RE.match(e.name)
+                    entries = sorted((e for e in it if _BLOCK_FILE_RE.fullmatch(e.name)
                                       and e.name.startswith(prefix)), key=lambda e: e.name)
             except NotADirectoryError:
                 continue

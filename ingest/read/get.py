@@ -43,7 +43,7 @@ from ingest.read.select import select
 log = logging.getLogger("keep-ingest.get")
 
 TMP_PREFIX = ".keep-ingest-get-"
-TMP_RE = re.compile(r"^\.keep-ingest-get-[0-9a-f]{16}\.tmp$")
+TMP_RE = re.compile(r"\.keep-ingest-get-[0-9a-f]{16}\.tmp")
 PROGRESS_EVERY_S = 5.0
 MAX_LISTED = 10
 
@@ -239,7 +239,7 @@ class _Getter:
         for d in dirs:
             try:
                 with os.scandir(d) as it:
-                    stale = [e.path for e in it if TMP_RE.match(e.name) and e.path not in finals
+                    stale = [e.path for e in it if TMP_RE.fullmatch(e.name) and e.path not in finals
                              and e.is_file(follow_symlinks=False)]
             except OSError:
                 continue
