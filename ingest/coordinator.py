@@ -59,7 +59,7 @@ from ingest.link import (
     private_ipc_endpoint,
 )
 from ingest.plan import Plan
-from ingest.progress import Tracker
+from ingest.progress import NoDisplay, Tracker
 from ingest.protocol import Message, ProtocolError
 from ingest.reader import BlockReader, Chunk, FileChanged, Unreadable, piece_sources
 from ingest.receipts import check_receipt
@@ -168,6 +168,7 @@ class Coordinator:
         self._failures: Counter[int] = Counter()
         self._pending: deque[int] = deque()
         self._remaining = 0
+        self.progress = Tracker(NoDisplay())   # run() is given the run's
 
     # -- lifecycle -------------------------------------------------------
 

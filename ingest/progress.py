@@ -335,10 +335,10 @@ class Tracker:
     host (remote).
     """
 
-    def __init__(self, display: Display, interval: float = 1.0):
+    def __init__(self, display: Display, interval: float = 1.0, started: float | None = None):
         self.display = display
         self.interval = min(interval, display.max_interval)
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started   # the run's start, by the monotonic clock
         self._shown = -math.inf
         self._reset(left_out=0)
 

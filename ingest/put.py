@@ -298,7 +298,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
             state.reset()
         index, valid = state.load()
         check_store(settings)
-        tracker = Tracker(display, settings.put.progress_interval)
+        tracker = Tracker(display, settings.put.progress_interval, started)
         journal = state.open_writer(valid)
         try:
             journal.append(_run_record(identity))
