@@ -15,6 +15,11 @@ Rows (``Row.key``):
   127.0.0.1. CPU seconds and peak memory are the client's alone (keep-ingest's
   coordinator and workers, or arv-put's engine process); the server's are measured
   apart (``server_cpu_s``, ``server_peak_rss``, ``server_peak_pss``);
+* ``ki-remote`` / ``ki-remote-plain``: keep-ingest with no local workers and two
+  ``keep-ingest worker`` processes connected over TCP on 127.0.0.1, every byte
+  streamed to them: with the link's CURVE encryption (the default), and with
+  ``--insecure-plaintext-workers``, for what the encryption costs; CPU and memory
+  are the coordinator's and the workers' together;
 * ``base`` / ``base-nofsync``: with ``--baseline SRC``, keep-ingest run from another
   source tree (a checkout of another revision), for before/after figures side by side.
 """
@@ -63,11 +68,14 @@ ROWS: dict[str, Row] = {r.key: r for r in (
     Row("arvput-keep", "arv-put engine", "keepstore"),
     Row("ki-w1", "keep-ingest", "dir, fsync", 1, "arvput"),
     Row("ki-w4", "keep-ingest", "dir, fsync", 4, "arvput"),
+    Row("ki-remote", "keep-ingest", "dir, fsync, remote over tcp, CURVE", 2, "arvput"),
+    Row("ki-remote-plain", "keep-ingest", "dir, fsync, remote over tcp, plaintext", 2, "arvput"),
     # Only with --baseline SRC: keep-ingest from another source tree (another revision).
     Row("base", "keep-ingest @baseline", "dir, fsync", 2, "arvput"),
     Row("base-nofsync", "keep-ingest @baseline", "dir, no fsync", 2, "arvput"),
 )}
 BASELINE_ROWS = ("base", "base-nofsync")
+REMOTE_ROWS = ("ki-remote", "ki-remote-plain")
 
 
 @dataclass
@@ -105,6 +113,36 @@ def _env(src: str = REPO_ROOT, **extra: str) -> dict[str, str]:
 def _keep_ingest(workers: int, store_args: list[str], source: str) -> list[str]:
     return [sys.executable, "-m", "ingest", "put", "-q", "--portable-data-hash",
             "--workers", str(workers), *store_args, source]
+
+
+def _with_remote_workers(put: list[str], workers: int, scratch: str, env: dict[str, str],
+                         plaintext: bool) -> list[str]:
+    """A shell command running ``put`` with no local workers, listening on a free
+    loopback port, and ``workers`` remote worker processes connected to it; the key
+    pairs go to a config directory in ``scratch`` (set in ``env``)."""
+    import shlex
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    env["XDG_CONFIG_HOME"] = os.path.join(scratch, "config")
+    worker = [sys.executable, "-m", "ingest", "worker", "-q", "--connect", endpoint]
+    put = put[:-1] + ["--listen", endpoint, put[-1]]
+    put[put.index("--workers") + 1] = "0"
+    if plaintext:
+        worker.append("--insecure-plaintext")
+        put.insert(-1, "--insecure-plaintext-workers")
+    else:
+        from ingest.link import make_key_pair
+
+        key_dir = os.path.join(env["XDG_CONFIG_HOME"], "keep-ingest", "link")
+        make_key_pair(key_dir, "coordinator")
+        public, _ = make_key_pair(key_dir, "worker")
+        os.makedirs(os.path.join(key_dir, "workers"))
+        shutil.copy(public, os.path.join(key_dir, "workers"))
+    starts = " ".join(f"{shlex.join(worker)} &" for _ in range(workers))
+    return ["sh", "-c", f"{starts} {shlex.join(put)}; status=$?; wait; exit $status"]
 
 
 def _md5sum(dataset: Dataset) -> list[str]:
@@ -157,6 +195,8 @@ def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
                         f.write(NO_FSYNC_PROFILE)
                     store_args += ["--config", profile]
             cmd = _keep_ingest(row.workers or 2, store_args, source)
+            if row.key in REMOTE_ROWS:
+                cmd = _with_remote_workers(cmd, row.workers or 2, scratch, env, plaintext=row.key.endswith("plain"))
         elif row.tool == "arv-put engine":
             target = ["--keep", keepstore.url] if keepstore else ["--local-store", store]
             cmd = [sys.executable, "-m", "bench.arvput_job", *target, source]

@@ -28,6 +28,13 @@ def default_store_path() -> str:
     return os.path.join(base, "keep-ingest", "store")
 
 
+def default_key_dir() -> str:
+    """Where ``keep-ingest keys`` writes the worker link's key pairs, and ``put`` and
+    ``worker`` look for them: ``$XDG_CONFIG_HOME/keep-ingest/link`` (~/.config)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "keep-ingest", "link")
+
+
 @dataclass
 class StoreSettings:
     """Where blocks go: a local directory store, or Keep services over HTTP."""
@@ -61,6 +68,10 @@ class PutSettings:
     local_reads: bool = True         # local workers read the files themselves (false: stream every byte)
     worker_timeout: int = 120        # seconds without any connected worker before giving up
     heartbeat_timeout: int = 10      # seconds of silence after which a worker (or coordinator) is lost
+    block_timeout: int = 600         # seconds a worker may hold blocks without progress before losing them
+    link_key: str = ""               # the coordinator's secret key file for --listen; empty: the default
+    worker_keys: list[str] = field(default_factory=list)  # remote workers' public keys (files or dirs)
+    insecure_plaintext: bool = False  # --listen without authentication or encryption (never on a network)
     skip_unreadable: bool = False    # finish without files that cannot be read (exit 3) instead of failing
     progress: str = "auto"           # auto (a live display on a terminal), tty, json, batch, none
     progress_file: str = ""          # json/batch progress lines go here (appended); empty: stderr
@@ -107,6 +118,16 @@ class Settings:
         return self.store_path
 
     @property
+    def link_key_path(self) -> str:
+        """The coordinator's secret key file for remote workers."""
+        return os.path.expanduser(self.put.link_key or os.path.join(default_key_dir(), "coordinator.key_secret"))
+
+    @property
+    def worker_key_paths(self) -> list[str]:
+        """Where the public keys of the remote workers a run accepts are."""
+        return [os.path.expanduser(p) for p in self.put.worker_keys] or [os.path.join(default_key_dir(), "workers")]
+
+    @property
     def local_worker_count(self) -> int:
         if self.put.workers == "auto":
             return os.cpu_count() or 1
@@ -138,6 +159,7 @@ _CHECKS: dict[str, _Check] = {
     "put.worker_timeout": (lambda v: v >= 1, "must be 1 or more"),
     "put.change_retries": (lambda v: v >= 0, "must be 0 or more"),
     "put.heartbeat_timeout": (lambda v: v >= 1, "must be 1 or more"),
+    "put.block_timeout": (lambda v: v >= 1, "must be 1 or more"),
     "put.progress": (lambda v: v in ("auto", "tty", "json", "batch", "none"),
                      "must be auto, tty, json, batch or none"),
     "put.progress_interval": (lambda v: v > 0, "must be more than 0"),
@@ -226,6 +248,9 @@ def _check_consistent(settings: Settings) -> None:
     if settings.put.workers == 0 and not settings.put.listen:
         raise ConfigError(f"{settings.origin('put.workers')}: workers = 0 (remote workers only) "
                           "needs a listen address (put.listen or --listen)")
+    if settings.put.insecure_plaintext and not settings.put.listen:
+        raise ConfigError(f"{settings.origin('put.insecure_plaintext')}: insecure_plaintext applies to the "
+                          "remote worker link only; it needs a listen address (put.listen or --listen)")
     store = settings.store
     if store.type == "keep" and not store.services:
         raise ConfigError(f"{settings.origin('store.type')}: a Keep store needs services: "

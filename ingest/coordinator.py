@@ -1,9 +1,11 @@
-"""ZeroMQ dispatch: hand each block to one worker, collect locators.
+"""ZeroMQ dispatch: hand each block to one worker, collect checked locators.
 
-The coordinator binds a ROUTER socket (a private abstract-namespace ipc socket by
-default, so nothing is left on disk, or ``--listen`` for remote workers) and forks
-its local worker processes before the walk, then hands blocks to whichever worker
-has room; a worker holds at most ``blocks_per_worker`` unfinished blocks.
+The coordinator binds one ROUTER socket per link (see ingest.link): a private ipc
+socket, in a directory only this user can enter, for the local workers it forks
+before the walk, and with ``--listen`` a TCP one for remote workers. Both use CURVE:
+a local worker proves the per-run key it inherited, a remote one a key the
+coordinator was given. It hands blocks to whichever worker has room; a worker holds
+at most ``blocks_per_worker`` unfinished blocks.
 
 A local worker gets one READ per block, listing the block's pieces (path, range,
 fingerprint), and reads the files itself, so the bytes never cross the socket and
@@ -13,33 +15,54 @@ coordinator reads each block and sends its chunks without copies (``copy=False``
 all to the same worker, with credit-based flow control (at most ``window_chunks``
 chunks not yet consumed), so memory is bounded whatever the tree size.
 
+Every message is checked (ingest.protocol for its form, here for what it claims:
+a block the peer holds, credit for bytes it was sent, a receipt that agrees with the
+plan, see ingest.receipts). A peer that breaks the protocol is dropped, its blocks go
+to the others, and a remote key that does so three times is refused for the rest of
+the run; nothing a peer sends can end the run with a traceback.
+
 Liveness: both sides send a HEARTBEAT when they have had nothing else to say for a
-while. A worker that goes silent, disconnects or (when local) exits loses its
-unfinished blocks to the others, and a local one is replaced. A file that cannot be
-read costs only its block: the others go on, and the caller decides what to do.
+while. A worker that goes silent, disconnects, (when local) exits, or holds blocks
+without progress for ``block_timeout`` seconds loses its unfinished blocks to the
+others, and a local one is replaced. A file that cannot be read costs only its
+block: the others go on, and the caller decides what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
-import secrets
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import xxhash
 import zmq
 
 from ingest import protocol, worker_logs
 from ingest.config import Settings
 from ingest.errors import IngestError, StoreError
+from ingest.keep.locator import Locator
 from ingest.keep.store import StoredBlock
+from ingest.link import (
+    CoordinatorLink,
+    WorkerCredentials,
+    load_authorized_keys,
+    load_key_pair,
+    peer_address,
+    peer_user,
+    private_ipc_endpoint,
+)
 from ingest.plan import Plan
 from ingest.progress import Tracker
+from ingest.protocol import Message, ProtocolError
 from ingest.reader import BlockReader, Chunk, FileChanged, Unreadable, piece_sources
+from ingest.receipts import check_receipt
 from ingest.walk import SourceFile
 
 log = logging.getLogger(__name__)
@@ -47,30 +70,59 @@ log = logging.getLogger(__name__)
 POLL_MS = 200
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 STOP_GRACE_S = 10.0
+STRIKES = 3                     # bad messages after which a remote key is refused for the run
+BLOCK_FAILURES = 3              # FAILED receipts from remote workers after which a block fails the run
+INBOUND_FRAME_MAX = 8 * protocol.DIGESTS_PER_FRAME + protocol.HEADER_MAX
+
+
+@dataclass(frozen=True)
+class _Link:
+    """One of the coordinator's sockets: ``local`` (its forked workers) or ``remote``."""
+
+    name: str
+    sock: zmq.Socket
+    address: str
 
 
 @dataclass
 class _Peer:
     """What the coordinator knows of one connected worker."""
 
+    link: _Link
     identity: bytes
     pid: int
     name: str
+    user: str                        # its authenticated name: "local", a key's name, "" in plaintext
     credit: int
     last_heard: float
     reads: bool = False              # reads blocks itself (READ), else gets CHUNKs
     reading: int | None = None       # the READ block it has not finished reading
+    read_left: int = 0               # bytes of that block it has yet to say it read
     last_sent: float = 0.0
+    last_progress: float = 0.0       # when it last moved a block on (or was given one)
     open_blocks: set[int] = field(default_factory=set)
     stream: Iterator[tuple[Chunk, bool]] | None = None
     stream_block: int = -1
+    stream_hash: Any = None          # xxh3 of the bytes of stream_block sent so far
+    stream_digests: list[int] = field(default_factory=list)  # and of each of its pieces
+    sent: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # streamed block -> those two
+    outstanding: int = 0             # streamed bytes not yet credited back
+
+    @property
+    def key(self) -> tuple[str, bytes]:
+        return self.link.name, self.identity
+
+    @property
+    def local(self) -> bool:
+        return self.link.name == "local"
 
 
 class _PeerLost(Exception):
     """Sending to a worker failed: it is gone."""
 
 
-def _local_worker_main(address: str, parent_pid: int, local_token: str | None) -> None:
+def _local_worker_main(address: str, parent_pid: int, credentials: WorkerCredentials,
+                       store_spec: dict[str, Any]) -> None:
     """Body of a local worker process (forked with SIGINT and SIGTERM blocked): ignore
     Ctrl-C, the coordinator stops us; die quietly on SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -78,7 +130,7 @@ def _local_worker_main(address: str, parent_pid: int, local_token: str | None) -
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     from workers import run_worker
 
-    code = run_worker(address, parent_pid=parent_pid, local_token=local_token)
+    code = run_worker(address, credentials, store_spec=store_spec, parent_pid=parent_pid)
     worker_logs.flush_in_worker()
     os._exit(code)
 
@@ -86,7 +138,7 @@ def _local_worker_main(address: str, parent_pid: int, local_token: str | None) -
 class Coordinator:
     """The workers of one attempt at a run, and the dispatch of its blocks to them.
 
-    Opened (as a context manager) before the walk: the socket is bound and the local
+    Opened (as a context manager) before the walk: the sockets are bound and the local
     workers are forked while the coordinator is still small, so they share none of
     the file list and start up while it walks. ``run`` then stores a plan's blocks;
     leaving stops every worker.
@@ -99,35 +151,54 @@ class Coordinator:
         self.max_blocks = settings.put.blocks_per_worker
         self.heartbeat_timeout = float(settings.put.heartbeat_timeout)
         self.heartbeat_interval = self.heartbeat_timeout / 5
-        self.peers: dict[bytes, _Peer] = {}
+        self.block_timeout = float(settings.put.block_timeout)
+        self.replication = settings.store.replication if settings.store.type == "keep" else 1
+        self.peers: dict[tuple[str, bytes], _Peer] = {}
         self.processes: dict[int, multiprocessing.Process] = {}
         self.restarts_left = 2 * settings.local_worker_count + 2
         self.unreadable: dict[str, str] = {}  # path -> why it could not be read
         self.bytes_read_by_workers = 0
-        # Local workers say this token in their HELLO: they may be sent READs.
-        self._local_token = secrets.token_hex(8) if settings.put.local_reads else None
-        self._address = settings.put.listen or f"ipc://@keep-ingest-{os.getpid()}-{secrets.token_hex(6)}"
+        self._links: list[_Link] = []
+        self._security: CoordinatorLink | None = None
+        self._exits = contextlib.ExitStack()
         self._ctx: zmq.Context | None = None
-        self._sock: zmq.Socket | None = None
-        self._digests: dict[int, list[int]] = {}
+        self._poller = zmq.Poller()
+        self._in_store: Callable[[Locator], bool] | None = None
+        self._strikes: Counter[str] = Counter()
+        self._failures: Counter[int] = Counter()
         self._pending: deque[int] = deque()
         self._remaining = 0
 
     # -- lifecycle -------------------------------------------------------
 
     def __enter__(self) -> Coordinator:
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.LINGER, 1000)
+        put = self.settings.put
+        remote_key = remote_workers = None
+        if put.listen and not put.insecure_plaintext:  # key errors come before anything starts
+            remote_key = load_key_pair(self.settings.link_key_path)
+            remote_workers = load_authorized_keys(self.settings.worker_key_paths)
         try:
-            self._sock.bind(self._address)
-        except zmq.ZMQError as exc:
-            self._sock.close()
-            self._ctx.term()
-            raise IngestError(f"cannot listen for workers on {self._address}: {exc}") from None
-        if self.settings.put.listen:
-            log.info("accepting workers on %s", self._address)
+            local_address = self._exits.enter_context(private_ipc_endpoint())
+            self._ctx = zmq.Context()
+            self._security = CoordinatorLink(self._ctx, remote_key, remote_workers)
+            self._local = self._bind("local", local_address, self._security.secure_local)
+            if put.listen:
+                self._bind("remote", put.listen, self._security.secure_remote)
+                if put.insecure_plaintext:
+                    log.warning("INSECURE: the worker link on %s is neither authenticated nor encrypted: "
+                                "anyone who can reach it receives the store's credentials and the files' bytes",
+                                put.listen)
+                else:
+                    log.info("accepting workers on %s (CURVE: %d worker keys accepted)",
+                             put.listen, len(remote_workers or {}))
+        except BaseException:
+            self._close()
+            raise
+        if self.settings.store.type == "directory":
+            from ingest.keep.dirstore import DirectoryStore
+
+            store = DirectoryStore(self.settings.store_path, fsync=False)
+            self._in_store = lambda loc: store.contains(loc.md5, loc.size)
         if multiprocessing.get_start_method(allow_none=True) != "fork":
             multiprocessing.set_start_method("fork", force=True)  # multiprocessing-logging needs it
         worker_logs.start_forwarding()
@@ -135,21 +206,47 @@ class Coordinator:
             self._start_local_worker()
         return self
 
+    def _bind(self, name: str, address: str, secure: Callable[[zmq.Socket], None]) -> _Link:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, INBOUND_FRAME_MAX)
+        secure(sock)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise IngestError(f"cannot listen for workers on {address}: {exc}") from None
+        link = _Link(name, sock, address)
+        self._links.append(link)
+        self._poller.register(sock, zmq.POLLIN)
+        return link
+
     def __exit__(self, *exc_info: object) -> None:
-        sock = self._sock
-        self._turn_away_latecomers(sock)
+        for link in self._links:
+            self._turn_away_latecomers(link.sock)
         for peer in self.peers.values():
-            self._send(sock, peer, [protocol.encode(protocol.STOP)], quiet=True)
+            self._send(peer, [protocol.encode(protocol.STOP)], quiet=True)
             if peer.stream is not None:
                 peer.stream.close()  # closes the file that stream has open
         self._stop_local_workers()
         worker_logs.stop_forwarding()
-        sock.close()
-        self._ctx.term()
+        self._close()
+
+    def _close(self) -> None:
+        for link in self._links:
+            link.sock.close()
+        self._links.clear()
+        if self._security is not None:
+            self._security.close()
+        if self._ctx is not None:
+            self._ctx.term()
+        self._exits.close()
 
     def _start_local_worker(self) -> None:
         proc = multiprocessing.get_context("fork").Process(
-            target=_local_worker_main, args=(self._address, os.getpid(), self._local_token),
+            target=_local_worker_main,
+            args=(self._local.address, os.getpid(), self._security.local_credentials(), self.settings.store_spec()),
             name="keep-ingest-worker", daemon=True)
         # Until the worker has set its own handlers, a stop signal must not run ours
         # (put's SIGTERM handler raises KeyboardInterrupt): the child starts with them blocked.
@@ -162,7 +259,7 @@ class Coordinator:
 
     def _stop_local_workers(self) -> None:
         """Wait for local workers to exit; those that never connected hold no work."""
-        connected = {peer.pid for peer in self.peers.values()}
+        connected = {peer.pid for peer in self.peers.values() if peer.local}
         for pid, proc in self.processes.items():
             if pid not in connected:
                 proc.terminate()
@@ -191,20 +288,21 @@ class Coordinator:
         self._pending = deque(block_indexes)
         self._remaining = len(block_indexes)
         if self._remaining:
-            self._dispatch(self._sock)
+            self._dispatch()
 
     # -- the dispatch loop ----------------------------------------------------
 
-    def _dispatch(self, sock: zmq.Socket) -> None:
+    def _dispatch(self) -> None:
         timeout_s = self.settings.put.worker_timeout
         last_worker_seen = time.monotonic()
         while self._remaining:
-            sent = self._send_round(sock)
-            events = sock.poll(0 if sent else POLL_MS)
-            while events:
-                self._handle(sock, sock.recv_multipart())
-                events = sock.poll(0)
-            self._keep_alive(sock)
+            sent = self._send_round()
+            events = dict(self._poller.poll(0 if sent else POLL_MS))
+            for link in self._links:
+                while events.get(link.sock):
+                    self._handle(link, link.sock.recv_multipart(copy=False))
+                    events[link.sock] = link.sock.poll(0)
+            self._keep_alive()
             self._check_local_workers()
             self.progress.tick()
             if self.peers:
@@ -216,53 +314,60 @@ class Coordinator:
                 raise IngestError(f"no worker connected within {timeout_s:g} s "
                                   f"(listening on {self.settings.put.listen or 'a local socket'})")
 
-    def _send(self, sock: zmq.Socket, peer: _Peer, frames: list, quiet: bool = False) -> None:
+    def _send(self, peer: _Peer, frames: list, quiet: bool = False) -> None:
         try:
-            sock.send_multipart([peer.identity, *frames], zmq.NOBLOCK, copy=False)
+            peer.link.sock.send_multipart([peer.identity, *frames], zmq.NOBLOCK, copy=False)
             peer.last_sent = time.monotonic()
         except zmq.ZMQError as exc:
             if not quiet:
                 raise _PeerLost(f"cannot reach it ({exc})") from None
 
-    def _send_round(self, sock: zmq.Socket) -> bool:
+    def _send_round(self) -> bool:
         """Send its next block to each reading worker that is ready for one, and at
         most one chunk to each streamed worker that has credit; True if anything was sent."""
         sent = False
         for peer in list(self.peers.values()):
             if peer.reads:
-                sent = self._send_read(sock, peer) or sent
-                continue
-            if peer.credit < self.chunk_size:
-                continue
-            if peer.stream is None:
-                if not self._may_take(peer):
-                    continue
-                index = self._assign(peer)
-                self._digests[index] = []
-                block = self.plan.block(index)
-                peer.stream = self.reader.chunks(block.size, piece_sources(block, self.files), self._digests[index])
-                peer.stream_block = index
-            try:
-                try:
-                    data, last = next(peer.stream)
-                except Unreadable as exc:
-                    self._send(sock, peer, [protocol.encode(protocol.ABORT, block=peer.stream_block)], quiet=True)
-                    peer.stream = None
-                    self._skip_block(peer, peer.stream_block, exc.path, exc.reason)
-                    continue
-                except FileChanged:
-                    self._send(sock, peer, [protocol.encode(protocol.ABORT, block=peer.stream_block)], quiet=True)
-                    raise
-                header = protocol.encode(protocol.CHUNK, block=peer.stream_block, last=last)
-                self._send(sock, peer, [header, data])
-            except _PeerLost as exc:
-                self._lose(peer, str(exc))
-                continue
-            peer.credit -= len(data)
-            if last:
-                peer.stream = None
-            sent = True
+                sent = self._send_read(peer) or sent
+            elif peer.credit >= self.chunk_size:
+                sent = self._send_chunk(peer) or sent
         return sent
+
+    def _send_chunk(self, peer: _Peer) -> bool:
+        """The next chunk of the block streaming to this worker (starting its next
+        block if none is); True if sent."""
+        if peer.stream is None:
+            if not self._may_take(peer):
+                return False
+            index = self._assign(peer)
+            block = self.plan.block(index)
+            peer.stream_digests = []
+            peer.stream = self.reader.chunks(block.size, piece_sources(block, self.files), peer.stream_digests)
+            peer.stream_block, peer.stream_hash = index, xxhash.xxh3_64()
+        index = peer.stream_block
+        try:
+            try:
+                data, last = next(peer.stream)
+            except Unreadable as exc:
+                self._send(peer, [protocol.encode(protocol.ABORT, block=index)], quiet=True)
+                peer.stream = None
+                self._skip_block(peer, index, exc.path, exc.reason)
+                return False
+            except FileChanged:
+                self._send(peer, [protocol.encode(protocol.ABORT, block=index)], quiet=True)
+                raise
+            peer.stream_hash.update(data)
+            self._send(peer, [protocol.encode(protocol.CHUNK, block=index, last=last), data])
+        except _PeerLost as exc:
+            self._lose(peer, str(exc))
+            return False
+        peer.credit -= len(data)
+        peer.outstanding += len(data)
+        peer.last_progress = time.monotonic()
+        if last:
+            peer.sent[index] = (peer.stream_hash.intdigest(), peer.stream_digests)
+            peer.stream = peer.stream_hash = None
+        return True
 
     def _may_take(self, peer: _Peer) -> bool:
         """Whether a worker may take one more block now.
@@ -278,7 +383,7 @@ class Coordinator:
             return False
         if not peer.open_blocks:
             return True
-        connected = {p.pid for p in self.peers.values()}
+        connected = {p.pid for p in self.peers.values() if p.local}
         waiting = sum(1 for pid in self.processes if pid not in connected)
         idle = sum(1 for p in self.peers.values() if not p.open_blocks)
         return len(self._pending) > waiting + idle
@@ -286,19 +391,20 @@ class Coordinator:
     def _assign(self, peer: _Peer) -> int:
         """Take the next pending block for this worker."""
         index = self._pending.popleft()
+        if not peer.open_blocks:
+            peer.last_progress = time.monotonic()  # its block clock starts now
         peer.open_blocks.add(index)
         log.debug("block %d to %s", index, peer.name)
         return index
 
-    def _send_read(self, sock: zmq.Socket, peer: _Peer) -> bool:
+    def _send_read(self, peer: _Peer) -> bool:
         """Give a reading worker its next block if it may take one; True if sent."""
         if not self._may_take(peer):
             return False
         block = self.plan.block(self._assign(peer))
-        peer.reading = block.index
+        peer.reading, peer.read_left = block.index, block.size
         try:
-            self._send(sock, peer, protocol.read_frames(block.index, block.size,
-                                                        piece_sources(block, self.files)))
+            self._send(peer, protocol.read_frames(block.index, block.size, piece_sources(block, self.files)))
         except _PeerLost as exc:
             self._lose(peer, str(exc))
             return False
@@ -309,60 +415,148 @@ class Coordinator:
         log.error("cannot read %s: %s", path, reason)
         self.unreadable[path] = reason
         peer.open_blocks.discard(index)
-        self._digests.pop(index, None)
         self._remaining -= 1
 
-    def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
-        """Handle one worker message."""
-        identity, msg = frames[0], protocol.decode(frames[1])
-        kind = msg["t"]
-        if kind == protocol.HELLO:
-            self._welcome(sock, identity, msg)
-            return
-        peer = self.peers.get(identity)
-        if peer is None:
-            log.debug("ignoring %r from a worker no longer counted", kind)
-            return
-        peer.last_heard = time.monotonic()
+    # -- what workers say ---------------------------------------------------------
+
+    def _handle(self, link: _Link, frames: list[zmq.Frame]) -> None:
+        """Check and act on one message; a peer that breaks the protocol is dropped."""
+        identity, body = frames[0].bytes, frames[1:]
+        peer = self.peers.get((link.name, identity))
+        try:
+            msg = protocol.parse(body, protocol.FROM_WORKER)
+            if msg.kind == protocol.HELLO:
+                self._welcome(link, identity, msg, peer_user(body[0]), peer_address(body[0]))
+            elif peer is None:
+                log.debug("ignoring %s from a worker no longer counted", msg.kind)
+            else:
+                peer.last_heard = time.monotonic()
+                self._on_message(peer, msg)
+        except ProtocolError as exc:
+            if peer is not None:
+                self._misbehaved(peer, str(exc))
+            else:
+                log.warning("ignoring a bad message from an unknown peer on the %s link: %s", link.name, exc)
+
+    def _on_message(self, peer: _Peer, msg: Message) -> None:
+        kind = msg.kind
         if kind == protocol.CREDIT:
+            if peer.reads or msg["bytes"] > peer.outstanding:
+                raise ProtocolError(f"a CREDIT for {msg['bytes']} bytes, of {peer.outstanding} sent")
+            peer.outstanding -= msg["bytes"]
             peer.credit += msg["bytes"]
+            peer.last_progress = time.monotonic()
             self.progress.worker_bytes(peer.name, msg["bytes"])
         elif kind == protocol.PROGRESS:
+            if peer.reading is None:
+                raise ProtocolError("a PROGRESS while it reads no block")
+            if msg["bytes"] > peer.read_left or (msg["last"] and msg["bytes"] != peer.read_left):
+                raise ProtocolError(f"a PROGRESS of {msg['bytes']} bytes (last: {msg['last']}) with "
+                                    f"{peer.read_left} bytes of block {peer.reading} to read")
+            peer.read_left -= msg["bytes"]
             if msg["last"]:
                 peer.reading = None
+            peer.last_progress = time.monotonic()
             self.bytes_read_by_workers += msg["bytes"]
             self.progress.worker_bytes(peer.name, msg["bytes"])
         elif kind == protocol.STORED:
-            index = msg["block"]
-            if index in peer.open_blocks:
-                peer.open_blocks.discard(index)
-                self._remaining -= 1
-                digests = msg["digests"] if peer.reads else self._digests.pop(index)
-                self.on_stored(index, StoredBlock(msg["locator"], msg["replicas"]), digests)
-        elif kind == protocol.UNREADABLE:
-            peer.reading = None
-            self._skip_block(peer, msg["block"], msg["path"], msg["reason"])
-        elif kind == protocol.CHANGED:
-            raise FileChanged(msg["path"], msg["why"])
+            self._on_stored(peer, msg)
         elif kind == protocol.FAILED:
-            raise StoreError(f"{peer.name}: {msg['error']}")
+            self._on_failed(peer, msg)
+        elif kind in (protocol.UNREADABLE, protocol.CHANGED):
+            if not peer.reads:
+                raise ProtocolError(f"{protocol.named(kind)} from a worker that is streamed its blocks")
+            index = self._held(peer, msg)
+            if index != peer.reading or msg["path"] not in {p.path for p in piece_sources(self.plan.block(index),
+                                                                                           self.files)}:
+                raise ProtocolError(f"{protocol.named(kind)} for {msg['path']!r}, not a file of the block it is reading")
+            peer.reading = None
+            if kind == protocol.CHANGED:
+                raise FileChanged(msg["path"], msg["why"])
+            self._skip_block(peer, index, msg["path"], msg["reason"])
 
-    def _welcome(self, sock: zmq.Socket, identity: bytes, msg: dict) -> None:
-        name = f"worker {msg.get('pid')}@{msg.get('host')}"
-        reads = self._local_token is not None and msg.get("local") == self._local_token
-        peer = _Peer(identity, msg.get("pid", -1), name, credit=self.window, last_heard=time.monotonic(),
-                     reads=reads)
-        if msg.get("version") != protocol.PROTOCOL_VERSION:
-            log.warning("refusing %s: protocol version %s, expected %s",
-                        name, msg.get("version"), protocol.PROTOCOL_VERSION)
-            self._send(sock, peer, [protocol.encode(protocol.STOP, error="protocol version mismatch")], quiet=True)
+    def _held(self, peer: _Peer, msg: Message) -> int:
+        """The block a message is about, which must be one the peer holds."""
+        index = msg["block"]
+        if index not in peer.open_blocks:
+            raise ProtocolError(f"{protocol.named(msg.kind)} for block {index}, which it does not hold")
+        return index
+
+    def _on_stored(self, peer: _Peer, msg: Message) -> None:
+        index = self._held(peer, msg)
+        if peer.reads:
+            if index == peer.reading:
+                raise ProtocolError(f"a STORED for block {index} before it said it read it")
+            stored, digests = check_receipt(msg, self.plan.block_size_of(index), self.replication,
+                                            pieces=len(self.plan.block(index).pieces), in_store=self._in_store)
+        elif index not in peer.sent:
+            raise ProtocolError(f"a STORED for block {index} before it was sent the whole block")
+        else:
+            sent_xxh3, digests = peer.sent.pop(index)
+            stored, _ = check_receipt(msg, self.plan.block_size_of(index), self.replication,
+                                      sent_xxh3=sent_xxh3, in_store=self._in_store)
+        peer.open_blocks.discard(index)
+        peer.last_progress = time.monotonic()
+        self._remaining -= 1
+        self.on_stored(index, stored, digests)
+
+    def _on_failed(self, peer: _Peer, msg: Message) -> None:
+        index = self._held(peer, msg)
+        if peer.local:
+            raise StoreError(f"{peer.name}: {msg['error']}")
+        self._failures[index] += 1
+        if self._failures[index] >= BLOCK_FAILURES:
+            raise StoreError(f"block {index} could not be stored by {BLOCK_FAILURES} workers; "
+                             f"the last, {peer.name}, said: {msg['error']}")
+        log.warning("%s could not store block %d (%s); another worker will try", peer.name, index, msg["error"])
+        if peer.stream is not None and peer.stream_block == index:
+            peer.stream.close()
+            peer.stream = None
+        peer.open_blocks.discard(index)
+        peer.sent.pop(index, None)
+        if peer.reading == index:
+            peer.reading = None
+        self._pending.appendleft(index)
+
+    def _welcome(self, link: _Link, identity: bytes, msg: Message, user: str, address: str) -> None:
+        name = f"worker {msg['pid']}@{msg['host']}" + ("" if link.name == "local" else
+                                                       f" ({address or 'unknown address'}, key {user or 'none'})")
+        known = self.peers.get((link.name, identity))
+        if known is not None:
+            self._lose(known, "it said hello again")
+        if msg["version"] != protocol.PROTOCOL_VERSION:
+            self._refuse(link, identity, name, f"protocol version {msg['version']}, expected "
+                                               f"{protocol.PROTOCOL_VERSION}: use the same keep-ingest version")
             return
-        self.peers[identity] = peer
-        self._send(sock, peer, [protocol.encode(protocol.WELCOME, store=self.settings.store_spec(),
-                                                heartbeat_timeout=self.heartbeat_timeout,
-                                                chunk_size=self.chunk_size)], quiet=True)
-        log.debug("%s connected; %s", name,
-                  "it reads the files itself" if reads else "blocks are streamed to it")
+        if link.name == "remote" and user and self._strikes[user] >= STRIKES:
+            self._refuse(link, identity, name, f"key {user} sent bad messages {STRIKES} times in this run")
+            return
+        now = time.monotonic()
+        peer = _Peer(link, identity, msg["pid"], name, user, credit=self.window, last_heard=now,
+                     reads=link.name == "local" and self.settings.put.local_reads)
+        self.peers[peer.key] = peer
+        store = {} if peer.local else {"store": self.settings.store_spec()}
+        self._send(peer, [protocol.encode(protocol.WELCOME, heartbeat_timeout=self.heartbeat_timeout,
+                                          chunk_size=self.chunk_size, **store)], quiet=True)
+        log.debug("%s connected; %s", name, "it reads the files itself" if peer.reads else "blocks are streamed to it")
+
+    def _refuse(self, link: _Link, identity: bytes, name: str, why: str) -> None:
+        log.warning("refusing %s: %s", name, why)
+        try:
+            link.sock.send_multipart([identity, protocol.encode(protocol.STOP, error=why)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _misbehaved(self, peer: _Peer, why: str) -> None:
+        """Drop a peer that broke the protocol; a local one's process is replaced."""
+        self._lose(peer, f"it sent {why}")
+        self._send(peer, [protocol.encode(protocol.STOP, error=f"you sent {why}")], quiet=True)
+        if peer.local:
+            proc = self.processes.get(peer.pid)
+            if proc is not None:
+                proc.terminate()
+        elif peer.user:
+            self._strikes[peer.user] += 1
 
     def _turn_away_latecomers(self, sock: zmq.Socket) -> None:
         """Answer workers whose HELLO arrived as the run ended, so they exit at once.
@@ -374,14 +568,13 @@ class Coordinator:
             frames = sock.recv_multipart()
             if len(frames) < 2:
                 continue
-            identity, header = frames[:2]
             try:
-                kind = protocol.decode(header)["t"]
-            except ValueError:
+                kind = protocol.parse(frames[1:], protocol.FROM_WORKER).kind
+            except ProtocolError:
                 continue
             if kind == protocol.HELLO:
                 try:
-                    sock.send_multipart([identity, protocol.encode(protocol.STOP)], zmq.NOBLOCK)
+                    sock.send_multipart([frames[0], protocol.encode(protocol.STOP)], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
 
@@ -389,23 +582,27 @@ class Coordinator:
 
     def _lose(self, peer: _Peer, why: str) -> None:
         """Forget a worker; its unfinished blocks go back to the queue for the others."""
-        self.peers.pop(peer.identity, None)
+        if self.peers.get(peer.key) is not peer:
+            return
+        del self.peers[peer.key]
         if peer.stream is not None:
             peer.stream.close()
         for index in sorted(peer.open_blocks, reverse=True):
-            self._digests.pop(index, None)
             self._pending.appendleft(index)
         log.warning("%s lost (%s); %d unfinished blocks go to other workers",
                     peer.name, why, len(peer.open_blocks))
 
-    def _keep_alive(self, sock: zmq.Socket) -> None:
+    def _keep_alive(self) -> None:
         now = time.monotonic()
         for peer in list(self.peers.values()):
             if now - peer.last_heard > self.heartbeat_timeout:
                 self._lose(peer, f"silent for {self.heartbeat_timeout:g} s")
+            elif peer.open_blocks and now - peer.last_progress > self.block_timeout:
+                self._lose(peer, f"no progress on its blocks for {self.block_timeout:g} s")
+                self._send(peer, [protocol.encode(protocol.STOP, error="no progress on your blocks")], quiet=True)
             elif now - peer.last_sent > self.heartbeat_interval:
                 try:
-                    self._send(sock, peer, [protocol.encode(protocol.HEARTBEAT)])
+                    self._send(peer, [protocol.encode(protocol.HEARTBEAT)])
                 except _PeerLost as exc:
                     self._lose(peer, str(exc))
 
@@ -415,7 +612,7 @@ class Coordinator:
                 continue
             del self.processes[pid]
             proc.join()
-            for peer in [p for p in self.peers.values() if p.pid == pid]:
+            for peer in [p for p in self.peers.values() if p.local and p.pid == pid]:
                 self._lose(peer, f"process exited with code {proc.exitcode}")
             if self.restarts_left > 0:
                 self.restarts_left -= 1

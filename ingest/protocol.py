@@ -1,59 +1,71 @@
-"""Messages between the coordinator and its workers.
+"""Messages between the coordinator and its workers, and checking them.
 
 Every message is a ZeroMQ multipart message whose first frame is a msgpack map with
-a type ``t``; a CHUNK carries the block's bytes as a second, raw frame (sent and
-received without copies). The coordinator binds a ROUTER socket; each worker
-connects a DEALER socket.
+a type ``t``; some carry further frames (a CHUNK's bytes, a READ's pieces, a
+STORED's piece digests), sent and received without copies. The coordinator binds a
+ROUTER socket per link (see ingest.link: a private one for its forked workers, and
+``--listen`` for remote ones); each worker connects a DEALER socket.
 
 A block reaches a worker in one of two ways. A *local* worker, forked by the
-coordinator, says in its HELLO the token it inherited; it gets one READ per block,
-listing the block's pieces, and reads the source files itself (no copy of the bytes
-through the socket, and the per-file work of small files is shared among the
-workers). Any other worker (``keep-ingest worker
---connect``, or every worker when ``put.local_reads`` is off) gets the bytes
-streamed to it in CHUNKs.
+coordinator, gets one READ per block listing the block's pieces and reads the source
+files itself (no copy of the bytes through the socket, and the per-file work of
+small files is shared among the workers). A remote worker (``keep-ingest worker
+--connect``, or every worker when ``put.local_reads`` is off) gets the bytes streamed
+to it in CHUNKs.
 
 Worker -> coordinator:
-  HELLO   {pid, host, version[, local]}      a worker connected (local: the token a
-                                             local worker inherited from its coordinator)
-  CREDIT  {bytes}                            a chunk was consumed: that many bytes of window free
-  PROGRESS {bytes, last}                     that many more bytes of a READ block read
-                                             (last: the block is read, ready for another)
-  STORED  {block, locator, replicas, size[, digests]}
-                                             a block is durable in the store (digests: the
-                                             xxh3-64 of each piece, for a READ block)
-  FAILED  {block, error}                     a block could not be stored (error names the store)
-  UNREADABLE {block, path, reason}           a READ block's file could not be read: block dropped
-  CHANGED {block, path, why}                 a READ block's file changed while read: block dropped
-  HEARTBEAT {}                               nothing else to say lately: still alive
+  HELLO   {pid, host, version}           a worker connected
+  CREDIT  {bytes}                        a streamed chunk was consumed: that much window free
+  PROGRESS {bytes, last}                 that many more bytes of a READ block read
+                                         (last: the block is read, ready for another)
+  STORED  {block, locator, replicas, size[, xxh3]} [+ digest frames]
+                                         a block is durable in the store; a READ block
+                                         comes with the xxh3-64 of each piece (packed
+                                         little-endian u64, in frames of at most
+                                         DIGESTS_PER_FRAME), a streamed one with the
+                                         xxh3-64 of all the bytes received
+  FAILED  {block, error}                 a block could not be stored (error names the store)
+  UNREADABLE {block, path, reason}       a READ block's file could not be read: block dropped
+  CHANGED {block, path, why}             a READ block's file changed while read: block dropped
+  HEARTBEAT {}                           nothing else to say lately: still alive
 Coordinator -> worker:
-  WELCOME {store, heartbeat_timeout, chunk_size}
-                                             how to open the store; when to give up on us;
-                                             the read size
-  READ    {block, size} + pieces frame       read, hash and store this block: its pieces,
-                                             [path, fingerprint, offset, length] each
-  CHUNK   {block, last} + data frame         the next bytes of a block, in order
-  ABORT   {block}                            drop a block whose source changed while read
-  STOP    {}                                 no more work: exit
-  HEARTBEAT {}                               as above; a worker that hears nothing for
-                                             heartbeat_timeout seconds exits
+  WELCOME {heartbeat_timeout, chunk_size[, store]}
+                                         when to give up on us; the read size; how to
+                                         open the store (remote workers only: a local
+                                         one inherited it)
+  READ    {block, size} + pieces frame   read, hash and store this block: its pieces,
+                                         [path, fingerprint, offset, length] each
+  CHUNK   {block, last} + data frame     the next bytes of a block, in order
+  ABORT   {block}                        drop a block whose source changed while read
+  STOP    {[error]}                      no more work (or: refused, and why): exit
+  HEARTBEAT {}                           as above; a worker that hears nothing for
+                                         heartbeat_timeout seconds exits
+
+:func:`parse` checks every message that arrives against its type's schema (the
+fields, their types and ranges, the number and size of the extra frames) and raises
+:class:`ProtocolError` saying what is wrong; what a field means for the run (is this
+block the peer's? is the locator's size the plan's?) is the receiver's to check.
 
 Flow control is the coordinator's: it gives a worker at most ``blocks_per_worker``
 unfinished blocks, a reading worker its next block only once it has read the last,
-and, for streamed blocks, at most ``window_chunks`` chunks it has
-not yet consumed (counted back by CREDIT), so the worker needs no limits of its own.
+and, for streamed blocks, at most ``window_chunks`` chunks it has not yet consumed
+(counted back by CREDIT), so the worker needs no limits of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import zmq
 
 from ingest.reader import PieceSource
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 HELLO = "hello"
 CREDIT = "credit"
@@ -69,22 +81,125 @@ ABORT = "abort"
 STOP = "stop"
 HEARTBEAT = "heartbeat"
 
+FROM_WORKER = frozenset({HELLO, CREDIT, PROGRESS, STORED, FAILED, UNREADABLE, CHANGED, HEARTBEAT})
+FROM_COORDINATOR = frozenset({WELCOME, READ, CHUNK, ABORT, STOP, HEARTBEAT})
+
+DIGESTS_PER_FRAME = 1 << 17           # 1 MiB of packed digests per frame
+HEADER_MAX = 64 * 1024                # a header frame is small: a few fields
+TEXT_MAX = 16 * 1024                  # error messages, reasons, host names
+PATH_MAX = 64 * 1024
+U64_MAX = (1 << 64) - 1
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; the text says what is wrong with it."""
+
+
+def named(kind: str) -> str:
+    """A message type as errors name it: ``a STORED``, ``an UNREADABLE``."""
+    return f"{'an' if kind[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {kind.upper()}"
+
+
+_Check = tuple[Callable[[Any], bool], str]
+
+
+def _uint(limit: int = U64_MAX) -> _Check:
+    return (lambda v: type(v) is int and 0 <= v <= limit, f"an integer from 0 to {limit}")
+
+
+def _text(limit: int) -> _Check:
+    return (lambda v: type(v) is str and len(v) <= limit, f"a string of at most {limit} characters")
+
+
+_UINT = _uint()
+_BOOL: _Check = (lambda v: type(v) is bool, "true or false")
+_POSITIVE: _Check = (lambda v: type(v) in (int, float) and 0 < v < 1e9, "a positive number")
+_MAP: _Check = (lambda v: type(v) is dict, "a map")
+_TEXT = _text(TEXT_MAX)
+_PATH = _text(PATH_MAX)
+
+
+@dataclass(frozen=True)
+class _Schema:
+    fields: dict[str, _Check]
+    optional: dict[str, _Check]
+    frames: tuple[int, int] = (0, 0)   # how many frames may follow the header
+
+
+_SCHEMAS: dict[str, _Schema] = {
+    HELLO: _Schema({"pid": _UINT, "host": _TEXT, "version": _UINT}, {}),
+    CREDIT: _Schema({"bytes": _UINT}, {}),
+    PROGRESS: _Schema({"bytes": _UINT, "last": _BOOL}, {}),
+    STORED: _Schema({"block": _UINT, "locator": _text(1024), "replicas": _UINT, "size": _UINT},
+                    {"xxh3": _UINT}, (0, 1 << 16)),
+    FAILED: _Schema({"block": _UINT, "error": _TEXT}, {}),
+    UNREADABLE: _Schema({"block": _UINT, "path": _PATH, "reason": _TEXT}, {}),
+    CHANGED: _Schema({"block": _UINT, "path": _PATH, "why": _TEXT}, {}),
+    HEARTBEAT: _Schema({}, {}),
+    WELCOME: _Schema({"heartbeat_timeout": _POSITIVE, "chunk_size": _uint(1 << 30)}, {"store": _MAP}),
+    READ: _Schema({"block": _UINT, "size": _UINT}, {}, (1, 1)),
+    CHUNK: _Schema({"block": _UINT, "last": _BOOL}, {}, (1, 1)),
+    ABORT: _Schema({"block": _UINT}, {}),
+    STOP: _Schema({}, {"error": _TEXT}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A checked message: its type, its header's fields, and the frames after it."""
+
+    kind: str
+    fields: dict[str, Any]
+    frames: Sequence[Any] = ()
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+
+def _buffer(frame: Any) -> Any:
+    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+
 
 def encode(msg_type: str, **fields: Any) -> bytes:
     """The header frame of a message."""
     fields["t"] = msg_type
-    return msgpack.packb(fields)
+    return msgpack.packb(fields, unicode_errors="surrogateescape")
 
 
-def decode(frame: bytes | memoryview) -> dict[str, Any]:
-    """Decode a header frame; raises ValueError on garbage."""
+def parse(frames: Sequence[Any], allowed: frozenset[str]) -> Message:
+    """Check a received message (its frames, without the ROUTER's identity frame)
+    against the schema of its type; raise ProtocolError saying what is wrong."""
+    if not frames:
+        raise ProtocolError("an empty message")
+    header = _buffer(frames[0])
+    if len(header) > HEADER_MAX:
+        raise ProtocolError(f"a header of {len(header)} bytes (at most {HEADER_MAX})")
     try:
-        msg = msgpack.unpackb(frame)
+        fields = msgpack.unpackb(header, unicode_errors="surrogateescape", strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise ValueError(f"undecodable message: {exc}") from None
-    if not isinstance(msg, dict) or "t" not in msg:
-        raise ValueError("message without a type")
-    return msg
+        raise ProtocolError(f"an undecodable header ({type(exc).__name__})") from None
+    if type(fields) is not dict:
+        raise ProtocolError(f"a header that is a {type(fields).__name__}, not a map")
+    kind = fields.pop("t", None)
+    if kind not in allowed:
+        raise ProtocolError(f"a message of unknown or unexpected type {kind!r}"[:200])
+    schema = _SCHEMAS[kind]
+    for name, (ok, what) in schema.fields.items():
+        if name not in fields:
+            raise ProtocolError(f"{named(kind)} without {name!r}")
+        if not ok(fields[name]):
+            raise ProtocolError(f"{named(kind)} whose {name!r} is not {what}")
+    for name, (ok, what) in schema.optional.items():
+        if name in fields and not ok(fields[name]):
+            raise ProtocolError(f"{named(kind)} whose {name!r} is not {what}")
+    low, high = schema.frames
+    if not low <= len(frames) - 1 <= high:
+        raise ProtocolError(f"{named(kind)} with {len(frames) - 1} frames after its header "
+                            f"({low} to {high} expected)")
+    return Message(kind, fields, frames[1:])
 
 
 def read_frames(block: int, size: int, pieces: Sequence[PieceSource]) -> list[bytes]:
@@ -95,6 +210,30 @@ def read_frames(block: int, size: int, pieces: Sequence[PieceSource]) -> list[by
             msgpack.packb(pieces, unicode_errors="surrogateescape")]
 
 
-def read_pieces(frame: bytes | memoryview) -> Sequence[tuple]:
-    """The pieces of a READ's second frame, as tuples the reader takes as they are."""
-    return msgpack.unpackb(frame, use_list=False, unicode_errors="surrogateescape")
+def read_pieces(frame: Any) -> Sequence[tuple]:
+    """The pieces of a READ's second frame, as tuples the reader takes as they are
+    (a malformed frame makes the reader raise TypeError or ValueError)."""
+    return msgpack.unpackb(_buffer(frame), use_list=False, unicode_errors="surrogateescape")
+
+
+def digest_frames(digests: Sequence[int]) -> list[bytes]:
+    """Piece digests as STORED's extra frames: packed little-endian u64s."""
+    packed = array("Q", digests)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    data = packed.tobytes()
+    step = 8 * DIGESTS_PER_FRAME
+    return [data[i:i + step] for i in range(0, len(data), step)]
+
+
+def frame_digests(frames: Sequence[Any]) -> list[int]:
+    """The digests of STORED's extra frames; ProtocolError if a frame is not whole u64s."""
+    digests = array("Q")
+    for frame in frames:
+        data = _buffer(frame)
+        if len(data) % 8 or len(data) > 8 * DIGESTS_PER_FRAME:
+            raise ProtocolError(f"a digest frame of {len(data)} bytes")
+        digests.frombytes(data)
+    if sys.byteorder != "little":
+        digests.byteswap()
+    return digests.tolist()

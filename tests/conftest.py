@@ -26,6 +26,7 @@ def cli_env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, st
     env = dict(os.environ)
     env["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
     env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg-config")
     env["PYTHONPATH"] = str(REPO_ROOT)
     env.update(extra or {})
     return env
@@ -67,6 +68,29 @@ def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
             proc.kill()
             out, err = proc.communicate()
     return proc.returncode, out, err
+
+
+def make_link_keys(base: Path) -> dict[str, Path]:
+    """Key pairs for the remote worker link where CLI runs with ``cli_env(base)`` look
+    by default: the coordinator's, and one worker's, whose public key the coordinator
+    accepts. Returns their paths by name (and ``workers``, the accepted keys' dir)."""
+    from ingest.link import make_key_pair
+
+    key_dir = base / "xdg-config" / "keep-ingest" / "link"
+    paths: dict[str, Path] = {}
+    for name in ("coordinator", "worker"):
+        public, secret = make_key_pair(str(key_dir), name)
+        paths[f"{name}.key"], paths[f"{name}.key_secret"] = Path(public), Path(secret)
+    (key_dir / "workers").mkdir()
+    shutil.copy(paths["worker.key"], key_dir / "workers" / "worker.key")
+    paths["workers"] = key_dir / "workers"
+    return paths
+
+
+@pytest.fixture
+def link_keys(tmp_path) -> dict[str, Path]:
+    """``make_link_keys`` for CLI runs under tmp_path."""
+    return make_link_keys(tmp_path)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from trees import MiB, make_mixed_tree
 
 from ingest import protocol
 from ingest.config import Settings
-from ingest.coordinator import Coordinator, _Peer
+from ingest.coordinator import Coordinator, _Link, _Peer
 from ingest.reader import PieceSource
 from ingest.walk import Fingerprint
 
@@ -66,8 +66,8 @@ def _coordinator() -> Coordinator:
 
 
 def _peer(coordinator: Coordinator, pid: int, open_blocks: set[int]) -> _Peer:
-    peer = _Peer(identity=str(pid).encode(), pid=pid, name=f"worker {pid}", credit=0, last_heard=0.0,
-                 reads=True, open_blocks=set(open_blocks))
+    peer = _Peer(_Link("local", None, "ipc://unused"), identity=str(pid).encode(), pid=pid, name=f"worker {pid}",
+                 user="local", credit=0, last_heard=0.0, reads=True, open_blocks=set(open_blocks))
     coordinator.peers[peer.identity] = peer
     return peer
 
@@ -101,8 +101,8 @@ def test_a_read_lists_every_piece_even_with_a_path_that_is_not_utf8():
     pieces = [PieceSource("/data/a b:c", Fingerprint(5, 1, 2, 3, 4), 0, 5),
               PieceSource("/data/\udcff/x", Fingerprint(2**40, 2**62, 2**63 - 1, 7, 8), 64, 2**33)]
     header, frame = protocol.read_frames(7, 5 + 2**33, pieces)
-    msg = protocol.decode(header)
-    assert (msg["t"], msg["block"], msg["size"]) == (protocol.READ, 7, 5 + 2**33)
+    msg = protocol.parse([header, frame], protocol.FROM_COORDINATOR)
+    assert (msg.kind, msg["block"], msg["size"]) == (protocol.READ, 7, 5 + 2**33)
     assert protocol.read_pieces(frame) == tuple(tuple(p) for p in pieces)
 
 
@@ -115,16 +115,17 @@ def test_leaving_drops_the_rest_of_a_message_an_interrupt_cut_short():
     try:
         with Coordinator(settings) as coordinator:
             for dealer in (cut, late):
-                dealer.connect(coordinator._address)
+                coordinator._security.local_credentials().secure(dealer)
+                dealer.connect(coordinator._local.address)
             cut.send(hello)
-            assert coordinator._sock.poll(5000)
-            coordinator._sock.recv()  # its identity frame only, as when SIGTERM strikes mid-message
+            assert coordinator._local.sock.poll(5000)
+            coordinator._local.sock.recv()  # its identity frame only, as when SIGTERM strikes mid-message
             late.send(hello)
             assert late.poll(0) == 0
             time.sleep(0.2)  # let the second HELLO arrive before the coordinator leaves
         # leaving did not trip over the leftover frame, and answered the latecomer
         assert late.poll(5000)
-        assert protocol.decode(late.recv())["t"] == protocol.STOP
+        assert protocol.parse([late.recv()], protocol.FROM_COORDINATOR).kind == protocol.STOP
     finally:
         cut.close(linger=0)
         late.close(linger=0)

@@ -18,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path):
+def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path, link_keys):
     src = tmp_path / "src"
     for i in range(20):
         fill(src / f"d{i % 3}" / f"f{i}", 1000 * i + 1, f"f{i}")
@@ -47,7 +47,7 @@ def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path):
                 p.wait()
 
 
-def test_worker_without_a_coordinator_gives_up_with_a_clear_message(cli):
+def test_worker_without_a_coordinator_gives_up_with_a_clear_message(cli, link_keys):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = cli("worker", "--connect", endpoint, "--wait", "1", timeout=60)
     assert proc.returncode == 1

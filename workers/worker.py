@@ -7,6 +7,12 @@ as the bytes arrive, with no second pass. When a block's last chunk arrives, the
 commit (fsync and rename, or the HTTP PUT) runs in a committer thread so the next
 block can already stream in; the committer reports back through an inproc socket,
 and the main thread forwards the result to the coordinator.
+
+A local worker inherits the store's description and the link's keys from the
+coordinator that forked it, and exits as soon as that process is gone. A remote one
+is given its key pair and the coordinator's public key, gets the store's description
+in WELCOME over the encrypted link, and is never sent a READ (it cannot see the
+coordinator's files, and must not read its own host's on anyone's word).
 """
 
 from __future__ import annotations
@@ -20,19 +26,31 @@ import threading
 import time
 from typing import Any
 
+import xxhash
 import zmq
 
 from ingest import protocol
 from ingest.errors import IngestError
 from ingest.gcpause import collector_paused
 from ingest.keep.factory import open_store
+from ingest.keep.locator import BLOCK_SIZE_MAX
 from ingest.keep.store import BlockStore, BlockWriter
+from ingest.link import WorkerCredentials
+from ingest.protocol import Message, ProtocolError
 from ingest.reader import BlockReader, FileChanged, Unreadable
 
 log = logging.getLogger("keep-ingest.worker")
 
-POLL_MS = 500
+POLL_MS = 100
 _RESULTS_ADDR = "inproc://committer-results"
+_REMOTE_KINDS = protocol.FROM_COORDINATOR - {protocol.READ}
+_REMOTE_FRAME_MAX = BLOCK_SIZE_MAX + protocol.HEADER_MAX  # a chunk is at most a block
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class _CoordinatorGone(Exception):
+    """The local worker's coordinator process has exited."""
 
 
 class _Committer(threading.Thread):
@@ -41,7 +59,8 @@ class _Committer(threading.Thread):
     def __init__(self, ctx: zmq.Context):
         super().__init__(name="committer", daemon=True)
         self._ctx = ctx
-        self.jobs: queue.Queue[tuple[int, BlockWriter, str, int, list[int] | None] | None] = queue.Queue()
+        self.jobs: queue.Queue[tuple[int, BlockWriter, str, int, dict[str, Any], list[bytes]] | None] = \
+            queue.Queue()
 
     def cancel_pending(self) -> None:
         """Drop the blocks still waiting to be committed (nobody will hear of them)."""
@@ -58,12 +77,11 @@ class _Committer(threading.Thread):
         out.connect(_RESULTS_ADDR)
         try:
             while (job := self.jobs.get()) is not None:
-                block, writer, md5_hex, size, digests = job
+                block, writer, md5_hex, size, extra, frames = job
                 try:
                     stored = writer.commit(md5_hex)
-                    extra = {} if digests is None else {"digests": digests}
-                    out.send(protocol.encode(protocol.STORED, block=block, locator=stored.locator,
-                                             replicas=stored.replicas, size=size, **extra))
+                    out.send_multipart([protocol.encode(protocol.STORED, block=block, locator=stored.locator,
+                                                        replicas=stored.replicas, size=size, **extra), *frames])
                 except IngestError as exc:
                     out.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
                 except Exception as exc:  # report, never die silently with a block in hand
@@ -74,26 +92,29 @@ class _Committer(threading.Thread):
 
 
 class _Worker:
-    def __init__(self, sock: zmq.Socket, store: BlockStore, committer: _Committer, chunk_size: int):
+    def __init__(self, sock: zmq.Socket, store: BlockStore, committer: _Committer, chunk_size: int,
+                 parent_pid: int | None):
         self.sock = sock
         self.store = store
         self.committer = committer
+        self.parent_pid = parent_pid
         self.reader = BlockReader(chunk_size)    # for READ blocks
         self.read_buffer: bytearray | None = None  # allocated at the first READ
         self.last_sent = time.monotonic()
         self.block: int | None = None      # block being received
         self.writer: BlockWriter | None = None
         self.md5: Any = None
+        self.xxh3: Any = None
         self.size = 0
         self.failed_block: int | None = None  # ignore further chunks of this block
 
-    def send(self, frame: bytes) -> None:
-        self.sock.send(frame)
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart(frames)
         self.last_sent = time.monotonic()
 
-    def on_chunk(self, header: dict, data: zmq.Frame) -> None:
-        block = header["block"]
-        view = data.buffer
+    def on_chunk(self, msg: Message) -> None:
+        block = msg["block"]
+        view = msg.frames[0].buffer
         self.send(protocol.encode(protocol.CREDIT, bytes=len(view)))
         if block == self.failed_block:
             return
@@ -101,20 +122,22 @@ class _Worker:
             if block != self.block:
                 self.drop_current()
                 self.block, self.writer = block, self.store.open_block()
-                self.md5, self.size = hashlib.md5(), 0
+                self.md5, self.xxh3, self.size = hashlib.md5(), xxhash.xxh3_64(), 0
             self.md5.update(view)
+            self.xxh3.update(view)
             self.writer.write(view)
             self.size += len(view)
         except IngestError as exc:
             self.fail(block, str(exc))
             return
-        if header["last"]:
-            self.committer.jobs.put((block, self.writer, self.md5.hexdigest(), self.size, None))
-            self.block = self.writer = self.md5 = None
+        if msg["last"]:
+            self.committer.jobs.put((block, self.writer, self.md5.hexdigest(), self.size,
+                                     {"xxh3": self.xxh3.intdigest()}, []))
+            self.block = self.writer = self.md5 = self.xxh3 = None
 
-    def on_read(self, header: dict, pieces_frame: zmq.Frame) -> None:
+    def on_read(self, msg: Message) -> None:
         """Read a block from the files it lists, hash it, queue its commit."""
-        block = header["block"]
+        block = msg["block"]
         if self.read_buffer is None:
             self.read_buffer = bytearray(self.reader.chunk_size)
         digests: list[int] = []
@@ -125,9 +148,10 @@ class _Worker:
             self.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
             return
         try:
-            pieces = protocol.read_pieces(pieces_frame.buffer)
-            chunks = self.reader.chunks(header["size"], pieces, digests, self.read_buffer)
-            for data, last in chunks:
+            pieces = protocol.read_pieces(msg.frames[0])
+            for data, last in self.reader.chunks(msg["size"], pieces, digests, self.read_buffer):
+                if _parent_gone(self.parent_pid):
+                    raise _CoordinatorGone
                 md5.update(data)
                 writer.write(data)
                 size += len(data)
@@ -141,18 +165,24 @@ class _Worker:
         except IngestError as exc:
             writer.abort()
             self.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
+        except (TypeError, ValueError) as exc:  # pieces that are not [path, fingerprint, offset, length]
+            writer.abort()
+            raise ProtocolError(f"a READ whose pieces are malformed ({exc})") from None
+        except BaseException:
+            writer.abort()
+            raise
         else:
-            self.committer.jobs.put((block, writer, md5.hexdigest(), size, digests))
+            self.committer.jobs.put((block, writer, md5.hexdigest(), size, {}, protocol.digest_frames(digests)))
 
-    def on_abort(self, header: dict) -> None:
-        if header["block"] == self.block:
+    def on_abort(self, msg: Message) -> None:
+        if msg["block"] == self.block:
             log.debug("aborting block %d", self.block)
             self.drop_current()
 
     def drop_current(self) -> None:
         if self.writer is not None:
             self.writer.abort()
-        self.block = self.writer = self.md5 = None
+        self.block = self.writer = self.md5 = self.xxh3 = None
 
     def fail(self, block: int, error: str) -> None:
         self.drop_current()
@@ -164,58 +194,89 @@ def _parent_gone(parent_pid: int | None) -> bool:
     return parent_pid is not None and os.getppid() != parent_pid
 
 
-def _await_welcome(sock: zmq.Socket, address: str, parent_pid: int | None,
-                   wait_s: float) -> dict | None:
+def _handshake_failure(monitor: zmq.Socket | None) -> int | None:
+    """The first handshake-failure event the monitor has seen, if any (remote workers)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    while monitor is not None and monitor.poll(0):
+        event = recv_monitor_message(monitor)
+        if event["event"] & _HANDSHAKE_FAILED:
+            return event["event"]
+    return None
+
+
+def _await_welcome(sock: zmq.Socket, address: str, kinds: frozenset[str], parent_pid: int | None,
+                   wait_s: float, monitor: zmq.Socket | None) -> Message | None:
     """The coordinator's WELCOME, or None if it has no work left for us.
 
     A local worker waits as long as its coordinator lives (it may be walking a
-    large tree); another gives up after ``wait_s`` seconds.
+    large tree); another gives up after ``wait_s`` seconds, or at once when the
+    coordinator refuses its key (or is not the one whose key it was given).
     """
     deadline = time.monotonic() + wait_s
     while not sock.poll(POLL_MS):
         if _parent_gone(parent_pid):
             return None
+        failed = _handshake_failure(monitor)
+        if failed == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise IngestError(f"the coordinator at {address} refused this worker's key: add its public key "
+                              "(.key) to the coordinator's worker keys (put --worker-keys)")
+        if failed is not None:
+            raise IngestError(f"the secure handshake with {address} failed: is the coordinator's public key "
+                              "(--coordinator-key) the one of the run listening there, and is that a keep-ingest "
+                              "coordinator with CURVE on?")
         if parent_pid is None and time.monotonic() >= deadline:
             raise IngestError(f"no coordinator answered at {address} within {wait_s:g} s")
-    msg = protocol.decode(sock.recv_multipart()[0])
-    if msg["t"] == protocol.STOP:
-        if "error" in msg:
+    msg = protocol.parse(sock.recv_multipart(copy=False), kinds)
+    if msg.kind == protocol.STOP:
+        if "error" in msg.fields:
             raise IngestError(f"coordinator at {address} refused this worker: {msg['error']}")
         log.info("coordinator at %s has no work left", address)
         return None
-    if msg["t"] != protocol.WELCOME:
-        raise IngestError(f"unexpected first message {msg['t']!r} from {address}")
+    if msg.kind != protocol.WELCOME:
+        raise ProtocolError(f"a first message of type {msg.kind!r}, not a welcome")
     return msg
 
 
-def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0,
-               local_token: str | None = None) -> int:
+def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spec: dict[str, Any] | None = None,
+               parent_pid: int | None = None, wait_s: float = 30.0) -> int:
     """Serve one coordinator at ``address`` until it says STOP; return an exit code.
 
-    A local worker passes its coordinator's pid, and exits by itself if that
-    process goes away, and the token it inherited, by which the coordinator knows
-    it can read the source files itself; ``wait_s`` bounds the wait for the
-    coordinator's answer (for a worker that is not local).
+    ``credentials`` secure the link (None only for the insecure plaintext mode). A
+    local worker passes its coordinator's pid, and exits by itself if that process
+    goes away, and the store's spec it inherited; a remote one gets the spec in
+    WELCOME, and ``wait_s`` bounds its wait for the coordinator's answer.
     """
+    local = parent_pid is not None
+    kinds = protocol.FROM_COORDINATOR if local else _REMOTE_KINDS
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 2000)
+    if not local:
+        sock.setsockopt(zmq.MAXMSGSIZE, _REMOTE_FRAME_MAX)
+    if credentials is not None:
+        credentials.secure(sock)
+    monitor = None if local else sock.get_monitor_socket(_HANDSHAKE_FAILED)
     results = ctx.socket(zmq.PAIR)
     results.bind(_RESULTS_ADDR)
     committer = _Committer(ctx)
     store = None
+    coordinator_gone = False
     try:
         sock.connect(address)
-        local = {} if local_token is None else {"local": local_token}
         sock.send(protocol.encode(protocol.HELLO, pid=os.getpid(), host=socket.gethostname(),
-                                  version=protocol.PROTOCOL_VERSION, **local))
-        welcome = _await_welcome(sock, address, parent_pid, wait_s)
+                                  version=protocol.PROTOCOL_VERSION))
+        welcome = _await_welcome(sock, address, kinds, parent_pid, wait_s, monitor)
         if welcome is None:
+            coordinator_gone = _parent_gone(parent_pid)
             return 0
-        store = open_store(welcome["store"])
+        spec = store_spec if local else welcome.get("store")
+        if spec is None:
+            raise ProtocolError("a WELCOME without the store")
+        store = _open_store(spec, address)
         log.debug("worker %d serving %s, storing into %s", os.getpid(), address, store.describe())
         committer.start()
-        worker = _Worker(sock, store, committer, welcome["chunk_size"])
+        worker = _Worker(sock, store, committer, welcome["chunk_size"], parent_pid)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
@@ -224,31 +285,39 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
         while True:
             events = dict(poller.poll(POLL_MS))
             if results in events:
-                worker.send(results.recv())
+                worker.send(*results.recv_multipart())
             now = time.monotonic()
             if now - worker.last_sent > silence_limit / 5:
                 worker.send(protocol.encode(protocol.HEARTBEAT))
             if sock in events:
                 last_heard = now
-                frames = sock.recv_multipart(copy=False)
-                header = protocol.decode(frames[0].buffer)
-                kind = header["t"]
-                if kind == protocol.READ:
+                msg = protocol.parse(sock.recv_multipart(copy=False), kinds)
+                if msg.kind == protocol.READ:
                     with collector_paused():  # one tuple per piece, none kept
-                        worker.on_read(header, frames[1])
-                elif kind == protocol.CHUNK:
-                    worker.on_chunk(header, frames[1])
-                elif kind == protocol.ABORT:
-                    worker.on_abort(header)
-                elif kind == protocol.STOP:
+                        worker.on_read(msg)
+                elif msg.kind == protocol.CHUNK:
+                    worker.on_chunk(msg)
+                elif msg.kind == protocol.ABORT:
+                    worker.on_abort(msg)
+                elif msg.kind == protocol.STOP:
                     worker.drop_current()
+                    if "error" in msg.fields:
+                        log.error("coordinator at %s dropped worker %d: %s", address, os.getpid(), msg["error"])
+                        return 1
                     log.debug("worker %d told to stop; exiting", os.getpid())
                     break
             if _parent_gone(parent_pid) or now - last_heard > silence_limit:
+                coordinator_gone = True
                 log.error("coordinator at %s is gone; worker %d exiting", address, os.getpid())
                 worker.drop_current()
                 return 1
         return 0
+    except _CoordinatorGone:
+        coordinator_gone = True
+        return 1
+    except ProtocolError as exc:
+        log.error("coordinator at %s sent %s; worker %d exiting", address, exc, os.getpid())
+        return 1
     except IngestError as exc:
         log.error("%s", exc)
         return 1
@@ -263,7 +332,20 @@ def run_worker(address: str, parent_pid: int | None = None, wait_s: float = 30.0
             committer.jobs.put(None)
             committer.join()
             while results.poll(0):
-                sock.send(results.recv())
+                sock.send_multipart(results.recv_multipart())
+        if monitor is not None:
+            sock.disable_monitor()
+            monitor.close(linger=0)
         results.close(linger=0)
-        sock.close()
+        sock.close(linger=0 if coordinator_gone else None)
         ctx.term()
+
+
+def _open_store(spec: Any, address: str) -> BlockStore:
+    """The store a spec describes; IngestError naming the coordinator if it is not one."""
+    if not isinstance(spec, dict):
+        raise ProtocolError("a store description that is not a map")
+    try:
+        return open_store(spec)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise IngestError(f"coordinator at {address} described a store this worker cannot open: {exc}") from None

@@ -11,6 +11,7 @@ level a command imports only what ``register`` needs, and its implementation ins
 COMMANDS: tuple[str, ...] = (
     "put",
     "worker",
+    "keys",
     "keepstore",
     "ls",
     "cat",

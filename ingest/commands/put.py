@@ -42,8 +42,19 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     add_store_arguments(p)
     p.add_argument("--workers", type=_workers, metavar="N",
                    help="local worker processes ('auto': one per CPU; 0: remote workers only)")
-    p.add_argument("--listen", metavar="ENDPOINT",
-                   help="accept workers on this ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555")
+    link = p.add_argument_group("remote workers (see 'keep-ingest keys')")
+    link.add_argument("--listen", metavar="ENDPOINT",
+                      help="accept remote workers on this ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555; the "
+                           "link is authenticated and encrypted (CURVE)")
+    link.add_argument("--link-key", metavar="FILE",
+                      help="the coordinator's secret key file "
+                           "(default: $XDG_CONFIG_HOME/keep-ingest/link/coordinator.key_secret)")
+    link.add_argument("--worker-keys", action="append", metavar="PATH",
+                      help="a worker's public key file, or a directory of them, to accept (repeatable; "
+                           "default: $XDG_CONFIG_HOME/keep-ingest/link/workers/)")
+    link.add_argument("--insecure-plaintext-workers", dest="insecure_plaintext", action="store_true", default=None,
+                      help="INSECURE: accept any worker on --listen, unauthenticated and unencrypted: "
+                           "whoever connects receives the store's credentials and the files' bytes")
     p.add_argument("--chunk-size", type=int, metavar="BYTES", help="bytes per message to a worker")
     p.add_argument("--block-size", type=int, metavar="BYTES",
                    help="maximum block size (default and maximum 67108864; smaller changes the manifest)")
@@ -126,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args, {
         "put.workers": (args.workers, "--workers"),
         "put.listen": (args.listen, "--listen"),
+        "put.link_key": (args.link_key, "--link-key"),
+        "put.worker_keys": (args.worker_keys, "--worker-keys"),
+        "put.insecure_plaintext": (args.insecure_plaintext, "--insecure-plaintext-workers"),
         "put.chunk_size": (args.chunk_size, "--chunk-size"),
         "put.block_size": (args.block_size, "--block-size"),
         "put.exclude": (args.exclude, "--exclude"),
