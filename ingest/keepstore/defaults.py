@@ -3,3 +3,5 @@
 DEFAULT_MAX_BUFFERS = 4          # 64 MiB block buffers held at once
 DEFAULT_SHUTDOWN_TIMEOUT = 60.0  # seconds SIGTERM waits for requests in flight
 DEFAULT_READ_TIMEOUT = 60.0      # seconds a stalled request body may wait before 408
+DEFAULT_MIN_RATE = 32 * 1024       # bytes/s a PUT body or a GET response must average (0: no minimum)...
+DEFAULT_RATE_WINDOW = 30.0         # ...over each window of this many seconds, or it is aborted

@@ -21,6 +21,12 @@ GET first reserves its block's size from a :class:`MemoryBudget` of
 ``max_buffers`` x 64 MiB; requests beyond that wait, unread, with at most a
 socket read buffer each. Disk I/O and hashing run in a thread pool, never on the
 event loop.
+
+Hostile clients: a body that arrives, or a response that is read, slower than
+``min_rate`` on average over a ``rate_window`` is aborted (:mod:`.pace`; a PUT
+gets 408, a GET's connection is reset), and the peer is logged, so slow clients
+cannot keep the memory budget; a client leaving mid-response is logged as such,
+never as a server error.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +56,14 @@ from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
 from ingest.keep.dirstore import DirectoryStore
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5
 from ingest.keep.signing import DEFAULT_TTL, SignatureError, SignatureExpired, sign_locator, verify_signature
-from ingest.keepstore.defaults import DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
+from ingest.keepstore.defaults import (
+    DEFAULT_MAX_BUFFERS,
+    DEFAULT_MIN_RATE,
+    DEFAULT_RATE_WINDOW,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+)
+from ingest.keepstore.pace import Pace, TooSlow
 
 log = logging.getLogger("keep-ingest.keepstore")
 
@@ -82,6 +96,14 @@ class HTTPFailure(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class _ClientGone(Exception):
+    """The response cannot be finished: the client left, or reads too slowly."""
+
+    def __init__(self, resp: web.StreamResponse):
+        super().__init__("client gone")
+        self.resp = resp
 
 
 # --------------------------------------------------------------------------
@@ -337,6 +359,8 @@ class ServerConfig:
     io_threads: int = 0          # 0: 2 per buffer, at least 4
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT   # max silence while a PUT body arrives
+    min_rate: int = DEFAULT_MIN_RATE             # bytes/s a body or response must average...
+    rate_window: float = DEFAULT_RATE_WINDOW     # ...over each window of this many seconds (pace.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -493,6 +517,8 @@ class KeepstoreServer:
         try:
             try:
                 resp = await self._route(request)
+            except _ClientGone as gone:
+                return gone.resp  # aiohttp finds the connection closed and drops it
             except HTTPFailure as exc:
                 resp = _error_response(exc.status, exc.message)
             except StoreFull as exc:
@@ -575,29 +601,54 @@ class KeepstoreServer:
             "X-Keep-Storage-Classes-Confirmed": confirmed,
         })
 
-    async def _read_chunk(self, request: web.Request) -> bytes:
-        """The next piece of the body; 408 when the client sends nothing for too long.
+    def _pace(self, request: web.Request) -> Pace:
+        """The pace of one body or response (its peer noted now, while connected)."""
+        return Pace(self.config.min_rate, self.config.rate_window, time.monotonic(), peer=peer_of(request))
 
-        Without this a stalled client would hold its share of the memory budget
-        forever.
+    def _too_slow(self, request: web.Request, pace: Pace, what: str, exc: TooSlow) -> None:
+        log.warning("%s %s from %s: %s %s: aborted", request.method, request.rel_url.raw_path,
+                    pace.peer, what, exc)
+
+    async def _read_chunk(self, request: web.Request, pace: Pace) -> bytes:
+        """The next piece of the body; 408 when the client sends nothing for
+        ``read_timeout`` seconds, or less than ``min_rate`` over a ``rate_window``.
+
+        Without this a stalled or dribbling client would hold its share of the
+        memory budget for as long as it likes.
         """
+        silence_ends = time.monotonic() + self.config.read_timeout
         try:
-            async with asyncio.timeout(self.config.read_timeout):
-                return await request.content.readany()
-        except TimeoutError:
-            raise HTTPFailure(408, "timed out reading the request body") from None
+            while True:
+                now = time.monotonic()
+                try:
+                    async with asyncio.timeout(max(0.0, min(silence_ends, pace.deadline) - now)):
+                        chunk = await request.content.readany()
+                except TimeoutError:
+                    now = time.monotonic()
+                    if now >= silence_ends:
+                        raise HTTPFailure(408, "timed out reading the request body") from None
+                    pace.check(now)
+                    continue
+                pace.add(len(chunk), time.monotonic())
+                return chunk
+        except TooSlow as exc:
+            self._too_slow(request, pace, "request body arrived at", exc)
+            raise HTTPFailure(408, f"request body too slow: {exc}") from None
+        except HTTPFailure:
+            raise
         except Exception as exc:  # the client went away or framing broke
             raise HTTPFailure(400, f"reading request body: {exc or type(exc).__name__}") from None
 
     async def _receive_body(self, request: web.Request, declared: int | None) -> bytearray:
         """Read the whole body into one buffer; 413 past 64 MiB, 400 when cut short."""
+        pace = self._pace(request)
         if declared is not None:
             buf = bytearray(declared)
             view = memoryview(buf)
             pos = 0
             try:
                 while pos < declared:
-                    chunk = await self._read_chunk(request)
+                    chunk = await self._read_chunk(request, pace)
                     if not chunk:
                         break
                     view[pos:pos + len(chunk)] = chunk
@@ -609,13 +660,48 @@ class KeepstoreServer:
             return buf
         buf = bytearray()
         while True:
-            chunk = await self._read_chunk(request)
+            chunk = await self._read_chunk(request, pace)
             if not chunk:
                 break
             buf += chunk
             if len(buf) > BLOCK_SIZE_MAX:
                 raise HTTPFailure(413, "request entity too large")
         return buf
+
+    async def _send(self, request: web.Request, resp: web.StreamResponse, data: memoryview,
+                    pace: Pace) -> None:
+        """Write ``data`` to a prepared response, at the client's ``min_rate`` or faster.
+
+        A client that reads more slowly, or goes away, raises _ClientGone (the
+        connection is then dropped): it must not hold a block buffer for as long
+        as it likes, and its leaving is no error of ours.
+        """
+        writing: asyncio.Task | None = None
+        try:
+            for off in range(0, len(data), SEND_CHUNK):
+                piece = data[off:off + SEND_CHUNK]
+                writing = asyncio.ensure_future(resp.write(piece))
+                while not writing.done():
+                    await asyncio.wait([writing], timeout=max(0.0, pace.deadline - time.monotonic()))
+                    if not writing.done():
+                        pace.check(time.monotonic())
+                writing.result()
+                writing = None
+                pace.add(len(piece), time.monotonic())
+        except TooSlow as exc:
+            self._too_slow(request, pace, "response read at", exc)
+            _reset(request.transport)
+            raise _ClientGone(resp) from None
+        except ConnectionError:
+            log.info("%s %s from %s: the client went away before the end of the response",
+                     request.method, request.rel_url.raw_path, pace.peer)
+            raise _ClientGone(resp) from None
+        finally:
+            if writing is not None:
+                if not writing.done():
+                    writing.cancel()
+                elif not writing.cancelled():
+                    writing.exception()  # retrieved: the connection is gone anyway
 
     def _store_block(self, md5: str, data: memoryview, classes: list[str]) -> tuple[int, dict[str, int]]:
         """Store on the volumes (in a thread): reuse an existing copy or write one."""
@@ -715,9 +801,7 @@ class KeepstoreServer:
             resp.content_length = len(data)
             resp.content_type = "application/octet-stream"
             await resp.prepare(request)
-            view = memoryview(data)
-            for off in range(0, len(view), SEND_CHUNK):
-                await resp.write(view[off:off + SEND_CHUNK])
+            await self._send(request, resp, memoryview(data), self._pace(request))
             await resp.write_eof()
             return resp
         finally:
@@ -782,6 +866,7 @@ class KeepstoreServer:
         resp = web.StreamResponse(status=200)
         resp.content_type = "text/plain"
         started = False
+        pace = self._pace(request)
         for vol in volumes:
             def listing(v: Volume = vol) -> bytes:
                 return "".join(f"{b.md5}+{b.size} {b.mtime_ns}\n"
@@ -797,12 +882,36 @@ class KeepstoreServer:
                 await resp.prepare(request)
                 started = True
             if chunk:
-                await resp.write(chunk)
+                await self._send(request, resp, memoryview(chunk), pace)
         if not started:
             await resp.prepare(request)
-        await resp.write(b"\n")
+        await self._send(request, resp, memoryview(b"\n"), pace)
         await resp.write_eof()
         return resp
+
+
+def peer_of(request: web.BaseRequest) -> str:
+    """``host:port`` of the client, for logs."""
+    transport = request.transport
+    name = transport.get_extra_info("peername") if transport is not None else None
+    if not name:
+        return request.remote or "?"
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reset(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a connection with a reset, discarding what the kernel still buffers for it
+    (a plain close would keep feeding a slow reader from the socket buffer)."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 def _md5_hex(data: memoryview) -> str:
