@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import pytest
 import urllib3
 
+from ingest.keepstore.server import ACCEPT_BURST
+
 pytestmark = pytest.mark.timeout(90)
 
 MiB = 1 << 20
@@ -201,3 +203,169 @@ def test_a_client_leaving_mid_response_is_logged_without_a_traceback(keepstore_f
         time.sleep(0.05)
     assert "Traceback" not in ks.log()
     assert put_block(ks, b"still serving")
+
+
+# -- connections: idle, dribbled headers, pipelined headers, too many ------------------
+
+
+def closed_by_server(s: socket.socket, within: float) -> bool:
+    """True if the server closes ``s`` within ``within`` seconds (without answering 200)."""
+    s.settimeout(within)
+    try:
+        data = s.recv(65536)
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return not data.startswith(b"HTTP/1.1 200")
+
+
+def test_idle_connections_and_dribbled_headers_are_closed_after_the_idle_timeout(keepstore_factory):
+    ks = keepstore_factory(extra_args=["--idle-timeout", "1"])
+    silent = socket.create_connection(address(ks.url), timeout=5)
+    dribbler = socket.create_connection(address(ks.url), timeout=5)
+    with silent, dribbler:
+        request = b"GET /index HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        began = time.monotonic()
+        for i in range(len(request)):  # one byte every 0.05 s: never the end of the headers
+            try:
+                dribbler.sendall(request[i:i + 1])
+            except OSError:
+                break
+            if time.monotonic() - began > 5:
+                break
+            time.sleep(0.05)
+        assert closed_by_server(dribbler, 1)
+        assert closed_by_server(silent, 1)
+    # a connection that made one request is closed once idle for as long after its answer
+    with socket.create_connection(address(ks.url), timeout=5) as after_one:
+        after_one.sendall(b"GET /index HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert after_one.recv(65536).startswith(b"HTTP/1.1 200 ")
+        assert closed_by_server(after_one, 5)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_pipelined_requests_with_fat_headers_cannot_pile_up_in_memory(keepstore_factory):
+    """Connections that each hold a response they do not read (an 8 MiB block), first
+    alone, then with 40 requests of 30 headers of 8000 bytes pipelined behind it:
+    aiohttp would parse and keep 32 of them (about 17 MB a connection); the server
+    parses 2 ahead. What the pipelined ones add is the difference of the two."""
+    ks = keepstore_factory()
+    locator = put_block(ks, os.urandom(8 * MiB))
+    fat = b"".join(b"X-Pad-%d: " % k + b"a" * 8000 + b"\r\n" for k in range(30))
+    conns = []
+
+    def connect(pipelined: int) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(5)
+        s.connect(address(ks.url))
+        s.settimeout(0.3)  # a send the server no longer reads gives up soon
+        conns.append(s)
+        s.sendall(f"GET /{locator} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        try:
+            for _ in range(pipelined):
+                s.sendall(b"GET /index HTTP/1.1\r\nHost: x\r\n" + fat + b"\r\n")
+        except OSError:
+            pass  # the server stopped reading: that is the point
+
+    try:
+        time.sleep(0.3)
+        base = rss_mib(ks.pid)
+        for _ in range(10):
+            connect(0)
+        time.sleep(0.5)
+        alone = rss_mib(ks.pid) - base
+        for _ in range(10):
+            connect(40)
+        time.sleep(0.5)
+        with_pipelined = rss_mib(ks.pid) - base - alone
+    finally:
+        for s in conns:
+            s.close()
+    print(f"pipelining: {alone:.1f} MiB alone, {with_pipelined:.1f} MiB with pipelined requests")
+    assert with_pipelined - alone < 40, (
+        f"10 connections: {alone:.0f} MiB alone, {with_pipelined:.0f} MiB with pipelined requests")
+
+
+def spawn_limited(tmp_path, nofile: int, *args: str):
+    """A keepstore process whose open-files limit (soft and hard) is ``nofile``."""
+    import re
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    log_path = tmp_path / "ks.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ingest", "keepstore", "-v", "--listen", "127.0.0.1:0", "--no-fsync",
+             "--volume", str(tmp_path / "vol"), *args], stdout=log, stderr=log, env=env,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+    deadline = time.monotonic() + 20
+    while not (m := re.search(r"listening on (http://\S+/)", log_path.read_text())):
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+    return proc, m.group(1), log_path
+
+
+def test_many_idle_connections_cannot_lock_everyone_out(tmp_path):
+    proc, url, log_path = spawn_limited(tmp_path, 160)
+    idle = []
+    try:
+        for _ in range(200):  # more than the process has descriptors
+            idle.append(socket.create_connection(address(url), timeout=5))
+        time.sleep(0.5)
+        data = os.urandom(MiB)
+        md5 = hashlib.md5(data).hexdigest()
+        r = urllib3.PoolManager(retries=False).request(
+            "PUT", url + md5, body=data, timeout=urllib3.Timeout(connect=5, read=NORMAL_WAIT))
+        assert r.status == 200, r.data
+        closed = sum(closed_by_server(s, 0.01) for s in idle)
+    finally:
+        for s in idle:
+            s.close()
+        proc.terminate()
+        proc.wait(15)
+    log = log_path.read_text()
+    assert "at most 80 connections (not 512): the open-files limit is 160" in log, log
+    assert "connection limit 80 reached: closing the connection from 127.0.0.1:" in log
+    # the oldest idle ones made room (give or take one burst of accepts)
+    assert closed >= 200 - 80 - ACCEPT_BURST
+    assert "Too many open files" not in log and "Traceback" not in log
+
+
+def test_requests_beyond_the_waiting_limit_get_503_at_once(keepstore_factory):
+    ks = keepstore_factory(max_buffers=1, extra_args=["--max-queued", "2", "--min-rate", "1024"])
+    holder = Dribbler(ks.url, rate=16 * 1024, limit=3)  # above the minimum rate: it keeps the buffer
+    start(holder.run)
+    assert holder.connected.wait(10)
+    time.sleep(0.3)
+    waiting = []
+    try:
+        for _ in range(2):
+            s = socket.create_connection(address(ks.url), timeout=5)
+            s.sendall(f"PUT /{'1' * 32} HTTP/1.1\r\nHost: x\r\nContent-Length: {BLOCK}\r\n\r\n".encode())
+            waiting.append(s)
+        time.sleep(0.3)
+        with socket.create_connection(address(ks.url), timeout=5) as third:
+            third.sendall(f"PUT /{'2' * 32} HTTP/1.1\r\nHost: x\r\nContent-Length: {BLOCK}\r\n\r\n".encode())
+            answer = third.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"server busy: 2 requests already wait for memory" in answer
+        for s in waiting:  # the two in the queue are still waiting, unanswered
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+    finally:
+        for s in waiting:
+            s.close()

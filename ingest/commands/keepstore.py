@@ -10,7 +10,10 @@ from ingest.errors import EXIT_OK, ConfigError, UsageError
 from ingest.keep.locator import BLOCK_SIZE_MAX
 from ingest.keep.signing import DEFAULT_TTL
 from ingest.keepstore.defaults import (
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BUFFERS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUED,
     DEFAULT_MIN_RATE,
     DEFAULT_RATE_WINDOW,
     DEFAULT_READ_TIMEOUT,
@@ -73,6 +76,15 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                         "buffer; 0 for no minimum (default %(default)s)")
     p.add_argument("--rate-window", type=float, default=DEFAULT_RATE_WINDOW, metavar="SECONDS",
                    help="the window --min-rate is averaged over (default %(default)s)")
+    p.add_argument("--max-queued", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
+                   help="requests that may wait for a buffer; more are answered 503 at once "
+                        "(default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="open connections; a new one beyond closes the one idle longest "
+                        "(lowered to fit the open-files limit; default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+                   help="a connection must complete its next request's headers this soon after "
+                        "connecting or its previous response, or it is closed (default %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
                    metavar="SECONDS",
                    help="on SIGTERM, how long to wait for requests in flight (default %(default)s)")
@@ -93,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--read-timeout must be positive and --shutdown-timeout not negative")
     if args.min_rate < 0 or args.rate_window <= 0:
         raise UsageError("--min-rate must not be negative and --rate-window must be positive")
+    if args.max_queued < 0 or args.max_connections < 1 or args.idle_timeout <= 0:
+        raise UsageError("--max-queued must not be negative, --max-connections must be at least 1 "
+                         "and --idle-timeout positive")
     if args.blob_signing_ttl < 1:
         raise UsageError("--blob-signing-ttl must be positive")
     key = None
@@ -109,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
                           system_root_token=root_token, max_buffers=args.max_buffers,
                           min_free_space=args.min_free_space, fsync=args.fsync,
                           shutdown_timeout=args.shutdown_timeout, read_timeout=args.read_timeout,
-                          min_rate=args.min_rate, rate_window=args.rate_window)
+                          min_rate=args.min_rate, rate_window=args.rate_window,
+                          max_queued=args.max_queued, max_connections=args.max_connections,
+                          idle_timeout=args.idle_timeout)
 
     def announce(url: str) -> None:
         print(f"keepstore listening on {url}", file=sys.stderr, flush=True)

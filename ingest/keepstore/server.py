@@ -19,14 +19,15 @@ Memory: a block body is held in memory between receipt and the volume write (the
 MD5 must be checked before anything is stored), as keepstore does. Every PUT and
 GET first reserves its block's size from a :class:`MemoryBudget` of
 ``max_buffers`` x 64 MiB; requests beyond that wait, unread, with at most a
-socket read buffer each. Disk I/O and hashing run in a thread pool, never on the
-event loop.
+socket read buffer each, and at most ``max_queued`` of them (then 503). Disk I/O
+and hashing run in a thread pool, never on the event loop.
 
 Hostile clients: a body that arrives, or a response that is read, slower than
 ``min_rate`` on average over a ``rate_window`` is aborted (:mod:`.pace`; a PUT
 gets 408, a GET's connection is reset), and the peer is logged, so slow clients
-cannot keep the memory budget; a client leaving mid-response is logged as such,
-never as a server error.
+cannot keep the memory budget; connections are bounded in number, idle time and
+header size (:mod:`.connections`); a client leaving mid-response is logged as
+such, never as a server error.
 """
 
 from __future__ import annotations
@@ -56,8 +57,18 @@ from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
 from ingest.keep.dirstore import DirectoryStore
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5
 from ingest.keep.signing import DEFAULT_TTL, SignatureError, SignatureExpired, sign_locator, verify_signature
+from ingest.keepstore.connections import (
+    MAX_HEADERS,
+    ConnectionGuard,
+    fitting_limit,
+    limit_pipelining,
+    raise_fd_limit,
+)
 from ingest.keepstore.defaults import (
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BUFFERS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUED,
     DEFAULT_MIN_RATE,
     DEFAULT_RATE_WINDOW,
     DEFAULT_READ_TIMEOUT,
@@ -70,6 +81,8 @@ log = logging.getLogger("keep-ingest.keepstore")
 SEND_CHUNK = 256 * 1024
 READ_BUFSIZE = 256 * 1024
 LINGERING_TIME = 1.0
+LISTEN_BACKLOG = 128
+ACCEPT_BURST = 8
 
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, HEAD, PUT, OPTIONS",
@@ -186,17 +199,23 @@ def parse_storage_classes(value: str) -> list[str]:
 # --------------------------------------------------------------------------
 # Memory budget
 
+class Busy(Exception):
+    """Too many requests already wait for memory: answered 503 (clients retry)."""
+
+
 class MemoryBudget:
     """A first-come-first-served budget of bytes for in-memory block buffers.
 
     ``acquire(n)`` waits until ``n`` bytes are free and no earlier request is still
-    waiting, so a 64 MiB request is not starved by a stream of small ones.
+    waiting, so a 64 MiB request is not starved by a stream of small ones. At most
+    ``max_waiting`` requests wait; beyond that ``acquire`` raises :class:`Busy` at once.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_waiting: int = DEFAULT_MAX_QUEUED):
         if capacity < BLOCK_SIZE_MAX:
             raise ValueError("memory budget must hold at least one full block")
         self.capacity = capacity
+        self.max_waiting = max_waiting
         self.in_use = 0
         self.peak = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
@@ -206,6 +225,8 @@ class MemoryBudget:
         if not self._waiters and self.in_use + n <= self.capacity:
             self._take(n)
             return Lease(self, n)
+        if len(self._waiters) >= self.max_waiting:
+            raise Busy(f"server busy: {len(self._waiters)} requests already wait for memory")
         fut = asyncio.get_running_loop().create_future()
         entry = (n, fut)
         self._waiters.append(entry)
@@ -361,6 +382,9 @@ class ServerConfig:
     read_timeout: float = DEFAULT_READ_TIMEOUT   # max silence while a PUT body arrives
     min_rate: int = DEFAULT_MIN_RATE             # bytes/s a body or response must average...
     rate_window: float = DEFAULT_RATE_WINDOW     # ...over each window of this many seconds (pace.py)
+    max_queued: int = DEFAULT_MAX_QUEUED         # requests waiting for memory; more get 503
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open connections (connections.py)
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT   # to complete the next request's headers
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -389,10 +413,12 @@ class KeepstoreServer:
             raise StoreError("the same volume directory is given twice")
         self.volumes.sort(key=lambda v: v.uuid)
         self.by_uuid = {v.uuid: v for v in self.volumes}
-        self.budget = MemoryBudget(config.max_buffers * BLOCK_SIZE_MAX)
-        threads = config.io_threads or max(4, 2 * config.max_buffers)
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="keepstore-io")
+        self.budget = MemoryBudget(config.max_buffers * BLOCK_SIZE_MAX, config.max_queued)
+        self.io_threads = config.io_threads or max(4, 2 * config.max_buffers)
+        self.executor = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="keepstore-io")
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.guard: ConnectionGuard | None = None
         self._active = 0
         self._idle: asyncio.Event | None = None
         self.url: str | None = None
@@ -419,13 +445,22 @@ class KeepstoreServer:
         # lingering_time: after an early answer (413) aiohttp reads and drops the
         # unread body for this long before closing, so the client can see the
         # answer instead of a connection reset; the default 10 s is long for that.
+        limit_pipelining()
         self._runner = web.AppRunner(self.make_app(), access_log_class=_AccessLogger,
                                      access_log=log, read_bufsize=READ_BUFSIZE,
-                                     lingering_time=LINGERING_TIME,
+                                     lingering_time=LINGERING_TIME, max_headers=MAX_HEADERS,
+                                     keepalive_timeout=self.config.idle_timeout,
                                      shutdown_timeout=self.config.shutdown_timeout)
         await self._runner.setup()
-        site = web.SockSite(self._runner, sock)
-        await site.start()
+        assert self._runner.server is not None
+        self.guard = ConnectionGuard(self._runner.server,
+                                     fitting_limit(self.config.max_connections, self.io_threads))
+        # asyncio accepts up to ``backlog`` connections at a time before any of them
+        # reaches the guard: a small burst keeps the guard ahead of the open-files
+        # limit, while the kernel still queues LISTEN_BACKLOG connections.
+        self._listener = await asyncio.get_running_loop().create_server(self.guard, sock=sock,
+                                                                        backlog=ACCEPT_BURST)
+        sock.listen(LISTEN_BACKLOG)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}/"
@@ -441,8 +476,9 @@ class KeepstoreServer:
         close the remaining, idle connections.
         """
         if self._runner is not None:
-            for site in list(self._runner.sites):
-                await site.stop()
+            if self._listener is not None:
+                self._listener.close()  # accepts no more; the connections stay
+                self._listener = None
             if self._active:
                 log.info("waiting for %d request(s) in flight", self._active)
                 assert self._idle is not None
@@ -514,11 +550,19 @@ class KeepstoreServer:
             self._idle = asyncio.Event()
         self._active += 1
         self._idle.clear()
+        if self.guard is not None:
+            self.guard.started(request.protocol)
         try:
             try:
                 resp = await self._route(request)
             except _ClientGone as gone:
                 return gone.resp  # aiohttp finds the connection closed and drops it
+            except ConnectionError:
+                log.info("%s %s from %s: the client went away", request.method,
+                         request.rel_url.raw_path, request.remote)
+                return _error_response(400, "client went away")
+            except Busy as exc:
+                resp = _error_response(503, str(exc))
             except HTTPFailure as exc:
                 resp = _error_response(exc.status, exc.message)
             except StoreFull as exc:
@@ -531,6 +575,8 @@ class KeepstoreServer:
                 resp.force_close()
             return resp
         finally:
+            if self.guard is not None:
+                self.guard.ended(request.protocol)
             self._active -= 1
             if not self._active:
                 self._idle.set()
@@ -940,6 +986,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 def run_server(config: ServerConfig, host: str, port: int,
                announce: Callable[[str], None] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then finish in-flight requests and return 0."""
+
+    raise_fd_limit()
 
     async def main() -> int:
         server = KeepstoreServer(config)
