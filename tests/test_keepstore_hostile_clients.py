@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(90)
 MiB = 1 << 20
 BLOCK = 64 * MiB
 RATE = 64 * 1024     # --min-rate for these tests
-WINDOW = 2.0         # --rate-window
+WINDOW = 1.0         # --rate-window
 PACED = ["--min-rate", str(RATE), "--rate-window", str(WINDOW)]
 NORMAL_WAIT = 12.0  # seconds the normal client waits for its answer
 
@@ -124,7 +124,7 @@ def test_slow_bodies_holding_every_buffer_are_cut_off_and_a_normal_put_gets_thro
 def test_a_fast_put_at_the_edge_of_the_window_is_not_cut_off(keepstore_factory):
     """A body sent steadily a little above the minimum rate, across several windows, is stored."""
     ks = keepstore_factory(extra_args=PACED)
-    data = os.urandom(3 * 2 * RATE)  # about 3 windows at twice the minimum rate
+    data = os.urandom(int(2.5 * WINDOW * 2 * RATE))  # 2.5 windows at twice the minimum rate
     md5 = hashlib.md5(data).hexdigest()
     with socket.create_connection(address(ks.url), timeout=10) as s:
         s.sendall(f"PUT /{md5} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode())
@@ -267,7 +267,7 @@ def test_pipelined_requests_with_fat_headers_cannot_pile_up_in_memory(keepstore_
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.settimeout(5)
         s.connect(address(ks.url))
-        s.settimeout(0.3)  # a send the server no longer reads gives up soon
+        s.settimeout(0.1)  # a send the server no longer reads gives up soon
         conns.append(s)
         s.sendall(f"GET /{locator} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         try:
@@ -346,7 +346,7 @@ def test_many_idle_connections_cannot_lock_everyone_out(tmp_path):
 
 def test_requests_beyond_the_waiting_limit_get_503_at_once(keepstore_factory):
     ks = keepstore_factory(max_buffers=1, extra_args=["--max-queued", "2", "--min-rate", "1024"])
-    holder = Dribbler(ks.url, rate=16 * 1024, limit=3)  # above the minimum rate: it keeps the buffer
+    holder = Dribbler(ks.url, rate=16 * 1024, limit=2)  # above the minimum rate: it keeps the buffer
     start(holder.run)
     assert holder.connected.wait(10)
     time.sleep(0.3)
