@@ -43,10 +43,14 @@ $(VENV)/.bench: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime
+	@echo "keep-ingest is installed as $(abspath $(BIN))/keep-ingest (use that path in crontabs)" >&2
 
-ingest: $(VENV)/.runtime
+# Only the manifest goes to stdout (`make ingest SRC=x > x.manifest`): the install
+# steps, when due, run in a sub-make whose output (commands and pip) goes to stderr.
+ingest:
 	@if [ -z "$(SRC)" ]; then echo "usage: make ingest SRC=path [CONFIG=...]" >&2; exit 2; fi
-	$(BIN)/keep-ingest put --config $(CONFIG) $(ARGS) $(SRC)
+	@$(MAKE) --no-print-directory -q $(VENV)/.runtime || $(MAKE) --no-print-directory $(VENV)/.runtime >&2
+	@$(BIN)/keep-ingest put --config $(CONFIG) $(ARGS) $(SRC)
 
 keepstore: $(VENV)/.runtime
 	mkdir -p $(VOLUME)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ingest.arvados.settings import arvados_settings, flag_is_true
 from ingest.errors import ConfigError
 from ingest.keep.locator import BLOCK_SIZE_MAX
 
@@ -45,12 +46,24 @@ class StoreSettings:
     services: list[str] = field(default_factory=list)  # keep: service URLs
     token: str = ""                 # keep: API token; never logged, never written to state
     replication: int = 2            # keep: copies, on distinct services
-    service_type: str = "disk"      # keep: "disk" (parallel copies) or "proxy" (one PUT at a time)
+    service_type: str = "proxy"     # keep, static list: "proxy" (one PUT at a time, as the SDK) or "disk" (parallel)
+    storage_classes: list[str] = field(default_factory=list)  # keep: X-Keep-Storage-Classes; empty: the cluster's
     retries: int = 3                # keep: further attempts after a temporary failure
     backoff_start: float = 1.0      # keep: seconds before the first retry, doubling each time
     backoff_max: float = 30.0       # keep: longest wait between retries
     connect_timeout: float = 2.0    # keep: seconds to connect to a service
     read_timeout: float = 300.0     # keep: seconds a service may stay silent during a request
+
+
+@dataclass
+class ApiSettings:
+    """The Arvados API server: where collections are saved and Keep services found."""
+
+    host: str = ""                  # HOST[:PORT] ($ARVADOS_API_HOST); empty: no cluster
+    insecure: bool = False          # no TLS checks for the API and Keep ($ARVADOS_API_HOST_INSECURE)
+    retries: int = 3                # further attempts after a temporary failure of a read
+    backoff_start: float = 1.0      # seconds before the first retry, doubling each time
+    connect_timeout: float = 10.0   # seconds to connect to the API server
 
 
 @dataclass
@@ -95,7 +108,11 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     put: PutSettings = field(default_factory=PutSettings)
     state: StateSettings = field(default_factory=StateSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
     origins: dict[str, str] = field(default_factory=dict)  # "put.workers" -> "--workers"
+    # Found through the API before a run (ingest.arvados.cluster), not a setting:
+    # the writable Keep services as (root URL, uuid, service type).
+    keep_services: list[tuple[str, str, str]] = field(default_factory=list)
 
     def origin(self, key: str) -> str:
         return self.origins.get(key, "default")
@@ -111,8 +128,16 @@ class Settings:
     def store_path(self) -> str:
         return os.path.abspath(os.path.expanduser(self.store.path or default_store_path()))
 
+    @property
+    def uses_cluster(self) -> bool:
+        """Blocks go to Keep and collections are saved through the API server."""
+        return self.store.type == "keep" and bool(self.api.host)
+
     def describe_store(self) -> str:
         """The store in words, for messages and summaries (never the token)."""
+        if self.uses_cluster:
+            return (f"Arvados cluster {self.api.host}: {len(self.store.services)} Keep service(s) "
+                    f"(replication {self.store.replication})")
         if self.store.type == "keep":
             return f"Keep services {' '.join(self.store.services)} (replication {self.store.replication})"
         return self.store_path
@@ -140,8 +165,20 @@ class Settings:
                     "token": self.store.token or None, "replication": self.store.replication,
                     "service_type": self.store.service_type, "retries": self.store.retries,
                     "backoff_start": self.store.backoff_start, "backoff_max": self.store.backoff_max,
-                    "connect_timeout": self.store.connect_timeout, "read_timeout": self.store.read_timeout}
+                    "connect_timeout": self.store.connect_timeout, "read_timeout": self.store.read_timeout,
+                    **self._resolved_keep()}
         return {"type": "directory", "path": self.store_path, "fsync": self.store.fsync}
+
+    def _resolved_keep(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.keep_services:
+            extra["service_uuids"] = [uuid for _, uuid, _ in self.keep_services]
+            extra["service_types"] = [kind for _, _, kind in self.keep_services]
+        if self.store.storage_classes:
+            extra["storage_classes"] = list(self.store.storage_classes)
+        if self.api.insecure:
+            extra["insecure"] = True
+        return extra
 
 
 _Check = tuple[Callable[[Any], bool], str]
@@ -154,6 +191,11 @@ _CHECKS: dict[str, _Check] = {
     "store.backoff_max": (lambda v: v >= 0, "must be 0 or more"),
     "store.connect_timeout": (lambda v: v > 0, "must be more than 0"),
     "store.read_timeout": (lambda v: v > 0, "must be more than 0"),
+    "store.storage_classes": (lambda v: all(c and "," not in c and c.strip() == c for c in v),
+                              "must be names without commas or surrounding spaces"),
+    "api.retries": (lambda v: v >= 0, "must be 0 or more"),
+    "api.backoff_start": (lambda v: v >= 0, "must be 0 or more"),
+    "api.connect_timeout": (lambda v: v > 0, "must be more than 0"),
     "put.workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
                     'must be "auto" (one per CPU) or a number of processes (0: remote workers only)'),
     "put.worker_timeout": (lambda v: v >= 1, "must be 1 or more"),
@@ -208,8 +250,9 @@ def _set(settings: Settings, key: str, value: Any, origin: str) -> None:
     settings.origins[key] = origin
 
 
-def _sections() -> list[str]:
-    return [f.name for f in dataclasses.fields(Settings) if f.name != "origins"]
+def sections() -> list[str]:
+    """The names of the settings sections (``store``, ``put``, ...)."""
+    return [f.name for f in dataclasses.fields(Settings) if f.name not in ("origins", "keep_services")]
 
 
 def load_profile(settings: Settings, path: str) -> None:
@@ -224,24 +267,29 @@ def load_profile(settings: Settings, path: str) -> None:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
     for section, table in data.items():
-        if section not in _sections() or not isinstance(table, dict):
-            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(_sections())})")
+        if section not in sections() or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(sections())})")
         for name, value in table.items():
             _set(settings, f"{section}.{name}", value, path)
 
 
-# Environment variables read as settings (the Arvados tools' own names).
+# Settings read as the Arvados tools read them (ingest.arvados.settings): the
+# environment, over ~/.config/arvados/settings.conf.
 ENVIRONMENT = {
     "ARVADOS_KEEP_SERVICES": ("store.services", str.split),
-    "ARVADOS_API_TOKEN": ("store.token", str),
+    "ARVADOS_API_TOKEN": ("store.token", str.strip),
+    "ARVADOS_API_HOST": ("api.host", str.strip),
+    "ARVADOS_API_HOST_INSECURE": ("api.insecure", flag_is_true),
 }
 
 
 def load_environment(settings: Settings, environ: Mapping[str, str]) -> None:
-    """Apply the ARVADOS_* variables that are set and not empty."""
+    """Apply the ARVADOS_* settings that are set and not empty."""
+    found = arvados_settings(environ)
     for variable, (key, convert) in ENVIRONMENT.items():
-        if environ.get(variable):
-            _set(settings, key, convert(environ[variable]), f"${variable}")
+        value, origin = found.get(variable, ("", ""))
+        if value.strip():
+            _set(settings, key, convert(value), origin)
 
 
 def _check_consistent(settings: Settings) -> None:
@@ -252,9 +300,14 @@ def _check_consistent(settings: Settings) -> None:
         raise ConfigError(f"{settings.origin('put.insecure_plaintext')}: insecure_plaintext applies to the "
                           "remote worker link only; it needs a listen address (put.listen or --listen)")
     store = settings.store
-    if store.type == "keep" and not store.services:
+    if settings.api.host and settings.origin("store.type") == "default":
+        # An API host configured (as for arv-put): upload into that cluster.
+        store.type = "keep"
+        settings.origins["store.type"] = settings.origin("api.host")
+    if store.type == "keep" and not store.services and not settings.api.host:
         raise ConfigError(f"{settings.origin('store.type')}: a Keep store needs services: "
-                          "--keep URL, $ARVADOS_KEEP_SERVICES or store.services")
+                          "$ARVADOS_API_HOST (the cluster's services), --keep URL, "
+                          "$ARVADOS_KEEP_SERVICES or store.services")
     if store.type == "directory" and settings.origin("store.replication").startswith("--") \
             and store.replication != 1:
         raise ConfigError(f"{settings.origin('store.replication')}: the directory store keeps one "

@@ -7,7 +7,9 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2          # also: --dry-run with uploads pending (arv-put's convention)
 EXIT_PARTIAL = 3        # the run completed but skipped some files
+EXIT_UNAVAILABLE = 69   # the Arvados API server cannot be reached, or fails (EX_UNAVAILABLE): try later
 EXIT_LOCKED = 75        # another run holds the state lock (EX_TEMPFAIL)
+EXIT_NOPERM = 77        # the Arvados API server refused the token (401) or the request (403) (EX_NOPERM)
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: stopped cleanly, resumable
 
 EXIT_CODES_HELP = """exit codes:
@@ -15,7 +17,9 @@ EXIT_CODES_HELP = """exit codes:
   1    error (bad input, unreadable file, store failure, ...)
   2    usage error, or --dry-run with uploads pending
   3    partial: completed, but some files were skipped
+  69   the Arvados API server cannot be reached or keeps failing; try again later
   75   another run holds the lock on this state
+  77   the Arvados API server refused the token (401) or the request (403)
   130  interrupted (SIGINT/SIGTERM); run again to resume"""
 
 
@@ -48,6 +52,17 @@ class SourceError(IngestError):
 
 class StoreError(IngestError):
     """The block store refused or failed; the message names the store."""
+
+
+class ApiError(IngestError):
+    """The Arvados API server refused or failed a request; the message names the
+    server, the request, the HTTP status and the server's own error text."""
+
+    def __init__(self, message: str, status: int | None = None, errors: tuple[str, ...] = (),
+                 exit_code: int | None = None):
+        super().__init__(message, exit_code)
+        self.status = status
+        self.errors = errors
 
 
 class BlockNotFound(StoreError):

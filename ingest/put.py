@@ -10,15 +10,17 @@ when their files did not change.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ingest.config import Settings
 from ingest.coordinator import Coordinator
-from ingest.errors import EXIT_INTERRUPTED, IngestError, StoreError
+from ingest.errors import EXIT_INTERRUPTED, BlockCorrupt, BlockNotFound, ConfigError, IngestError, StoreError
 from ingest.gcpause import collector_paused
 from ingest.journal import JournalWriter
 from ingest.keep.factory import open_store
@@ -28,7 +30,8 @@ from ingest.plan import Plan
 from ingest.progress import Display, NoDisplay, Tracker
 from ingest.reader import BlockReader, FileChanged, piece_sources
 from ingest.state import ResumeIndex, RunIdentity, RunState, StoredRecord, block_key, block_record, piece_rows
-from ingest.walk import Excludes, WalkResult, walk_sources
+from ingest.walk import Excludes, WalkResult, check_sources, walk_sources
+from ingest.words import plural
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,16 @@ class PutResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)     # left out (--skip-unreadable)
     state_dir: str = ""
+
+
+class RunHooks(Protocol):
+    """What a caller adds to a run (ingest.save saves the collection through them)."""
+
+    def planned(self, walk: WalkResult, plan: Plan) -> None:
+        """The tree is planned and nothing is uploaded yet; raise to stop the run."""
+
+    def finished(self, result: PutResult, journal: JournalWriter, index: ResumeIndex) -> None:
+        """Every block is stored and journaled; the run still holds its lock."""
 
 
 def build_manifest(walk: WalkResult, plan: Plan, locators: list[str]) -> Manifest:
@@ -84,7 +97,11 @@ def _file_reasons(walk: WalkResult, plan: Plan, todo: list[int], index: ResumeIn
             now = (fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode)
             diff = [name for name, old, new in zip(("size", "mtime", "ctime", "inode"), before, now, strict=True)
                     if old != new]
-            reasons[f.name] = diff or [block_reason.get(b, "repacked")]
+            # Unchanged, yet its block is to be stored: a large file keeps its blocks,
+            # so that one was not stored yet (an interrupted run); a small file's
+            # block was packed anew around it.
+            unstored = "not stored yet" if plan.is_large(f.size) else "repacked"
+            reasons[f.name] = diff or [block_reason.get(b, unstored)]
     return reasons
 
 
@@ -143,13 +160,22 @@ class _Run:
         return True
 
     def _decide(self, verify_content: bool) -> None:
+        reusable: dict[int, str] = {}
         for b, key in enumerate(self.keys):
             record = self.index.blocks.get(key)
             if self._reusable(b, record, verify_content):
-                self.locators[b] = record.locator
-                self.bytes_reused += self.plan.block_size_of(b)
+                reusable[b] = record.locator
             else:
                 self.todo.append(b)
+        if verify_content:
+            for b, why in _not_in_store(self.settings, reusable).items():
+                del reusable[b]
+                self.block_reason[b] = why
+                self.todo.append(b)
+            self.todo.sort()
+        for b, locator in reusable.items():
+            self.locators[b] = locator
+            self.bytes_reused += self.plan.block_size_of(b)
 
     def upload(self, coordinator: Coordinator, journal: JournalWriter) -> dict[str, str]:
         """Store the blocks to upload through the coordinator's workers; return the
@@ -177,22 +203,63 @@ class _Run:
             unreadable=self.unreadable, state_dir=state_dir)
 
 
+STORE_CHECKS = 8          # reused blocks checked in the store at once (--verify-content)
+SHOWN_STORE_PROBLEMS = 10
+
+
+def _not_in_store(settings: Settings, blocks: dict[int, str]) -> dict[int, str]:
+    """--verify-content: the blocks (index -> locator) that are no longer in the store
+    or no longer sound there, each with the reason it is stored again."""
+    reasons = {BlockNotFound: "missing from the store", BlockCorrupt: "damaged in the store"}
+    store = open_store(settings.store_spec(), write=False)
+    try:
+        def check(locator: str) -> StoreError | None:
+            try:
+                store.check_block(locator)
+            except StoreError as exc:
+                return exc
+            return None
+
+        with ThreadPoolExecutor(STORE_CHECKS, thread_name_prefix="store-check") as pool:
+            unique = list(dict.fromkeys(blocks.values()))
+            problems = {loc: exc for loc, exc in zip(unique, pool.map(check, unique), strict=True) if exc}
+    finally:
+        store.close()
+    for exc in list(problems.values())[:SHOWN_STORE_PROBLEMS]:
+        log.warning("%s; storing it again", exc)
+    if len(problems) > SHOWN_STORE_PROBLEMS:
+        log.warning("... and %d more blocks to store again", len(problems) - SHOWN_STORE_PROBLEMS)
+    return {b: reasons.get(type(problems[loc]), "unconfirmed by the store")
+            for b, loc in blocks.items() if loc in problems}
+
+
 def check_store(settings: Settings) -> None:
     """Fail before any work starts when the store cannot be used: a directory store
-    that cannot be created or written, or Keep services none of which answer."""
+    that cannot be created or written, Keep services none of which answer, or fewer
+    writable services (that answer) than the copies asked for."""
     store = open_store(settings.store_spec())
     try:
         down = store.unreachable()
+        most, answering = store.max_replicas(), store.max_replicas(down)
     finally:
         store.close()
+    want = settings.store.replication if settings.store.type == "keep" else 1
+    services = settings.origin("store.services")
+    if most is not None and most < want:
+        raise ConfigError(
+            f"replication {want} ({settings.origin('store.replication')}) needs {want} copies, but the "
+            f"writable Keep services given ({services}) can hold {most}: lower it with --replication "
+            f"{max(most, 1)} (or store.replication in the profile), or add services (--keep URL, repeatable)")
     if not down:
         return
-    origin = settings.origin("store.services")
     listed = "; ".join(f"{url}: {error}" for url, error in down.items())
     if len(down) == len(settings.store.services):
-        raise StoreError(f"no Keep service answers ({origin}): {listed}")
+        raise StoreError(f"no Keep service answers ({services}): {listed}")
+    if answering is not None and answering < want:
+        raise StoreError(f"only {answering} of {most} writable Keep services answer, fewer than the "
+                         f"{want} copies asked for (replication, {settings.origin('store.replication')}): {listed}")
     log.warning("some Keep services do not answer (%s), the others will take their blocks: %s",
-                origin, listed)
+                services, listed)
 
 
 def _run_record(identity: RunIdentity) -> dict[str, Any]:
@@ -210,13 +277,15 @@ def dry_run(settings: Settings, sources: list[str]) -> PutResult:
 
 
 def run_put(settings: Settings, sources: list[str], verify_content: bool = False,
-            reset: bool = False, display: Display | None = None) -> PutResult:
+            reset: bool = False, display: Display | None = None, hooks: RunHooks | None = None) -> PutResult:
     """Upload the sources, resuming from the run's journal; return the result.
 
     ``display`` shows progress (see ingest.progress); it is closed before returning.
+    ``hooks`` are called once the tree is planned and once everything is stored.
     """
     display = display or NoDisplay()
     started = time.monotonic()
+    check_sources(sources, settings.put.follow_links)
     identity = RunIdentity.of(settings, sources)
     state = RunState(settings.state_dir, identity)
     state.acquire()
@@ -228,14 +297,21 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
         journal = state.open_writer(valid)
         try:
             journal.append(_run_record(identity))
-            run = _attempt(settings, sources, index, verify_content, journal, display)
+            run = _attempt(settings, sources, index, verify_content, journal, display, hooks)
             run.tracker.close()
             result = run.result(started, state.dir)
             journal.append({"t": "done", "pdh": result.pdh,
                             "files": result.files, "bytes": result.bytes, "finished": time.time()})
+            if hooks:
+                hooks.finished(result, journal, index)
         except KeyboardInterrupt:
             raise IngestError(f"interrupted; every block stored so far is checkpointed in {state.dir}; "
                               "run the same command again to resume", EXIT_INTERRUPTED) from None
+        except IngestError as exc:
+            # `status` tells a failed run from an interrupted one by this record.
+            with contextlib.suppress(OSError, IngestError):
+                journal.append({"t": "failed", "error": str(exc), "exit": exc.exit_code, "at": time.time()})
+            raise
         finally:
             journal.close()
             display.close_quietly()
@@ -246,7 +322,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
 
 
 def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_content: bool,
-             journal: JournalWriter, display: Display) -> _Run:
+             journal: JournalWriter, display: Display, hooks: RunHooks | None) -> _Run:
     """Walk and upload; walk again when files change under the reader, or to leave out
     unreadable files (--skip-unreadable). Without that option an unreadable file fails
     the run once everything else is stored and checkpointed."""
@@ -258,6 +334,8 @@ def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_
             # Workers start first: they are forked small, and start up during the walk.
             with Coordinator(settings) as coordinator:
                 run = _Run(settings, sources, index, verify_content, leave_out, display)
+                if hooks:
+                    hooks.planned(run.walk, run.plan)
                 log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",
                          len(run.walk.files), run.walk.total_bytes, run.plan.block_count, len(run.todo),
                          settings.describe_store(), run.plan.block_count - len(run.todo))
@@ -273,11 +351,11 @@ def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_
             return run
         if not settings.put.skip_unreadable:
             listed = "\n  ".join(f"{path}: {why}" for path, why in sorted(unreadable.items()))
-            raise IngestError(f"{len(unreadable)} path(s) could not be read; everything else is "
+            raise IngestError(f"{plural(len(unreadable), 'path')} could not be read; everything else is "
                               f"stored and checkpointed. Fix them and run again, or use "
                               f"--skip-unreadable to finish without them:\n  {listed}")
         new = {p: why for p, why in unreadable.items() if p not in leave_out}
         if not new:
             return run
         leave_out.update(new)
-        log.warning("leaving out %d unreadable path(s) and packing the tree again", len(new))
+        log.warning("leaving out %s and packing the tree again", plural(len(new), "unreadable path"))

@@ -38,6 +38,11 @@ def source_forms(sources: Iterable[str]) -> list[str]:
 
 
 def store_identity(settings: Settings) -> str:
+    if settings.uses_cluster:
+        # The cluster, not its current list of services: a keepstore added or moved
+        # keeps the run (and its pending save) resumable.
+        return (f"arvados {settings.api.host} replication={settings.store.replication} "
+                f"classes={','.join(sorted(settings.store.storage_classes))}")
     if settings.store.type == "keep":
         return f"keep {' '.join(sorted(settings.store.services))} replication={settings.store.replication}"
     return f"directory {settings.store_path}"
@@ -97,6 +102,7 @@ class ResumeIndex:
     blocks: dict[bytes, StoredRecord] = field(default_factory=dict)
     files: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # name -> size, mtime, ctime, inode
     last_done: dict[str, Any] | None = None
+    saves: list[dict[str, Any]] = field(default_factory=list)  # "save" / "saved" records (ingest.save)
     records: int = 0
 
     def add(self, record: dict[str, Any]) -> None:
@@ -108,6 +114,8 @@ class ResumeIndex:
                 self.files[name] = (size, mtime, ctime, inode)
         elif record["t"] == "done":
             self.last_done = record
+        elif record["t"] in ("save", "saved"):
+            self.saves.append(record)
 
 
 def block_record(rows: list[list[Any]], locator: str, digests: list[int]) -> dict[str, Any]:
@@ -180,9 +188,9 @@ class RunState:
             return
         records, _, _ = read_journal(self.journal_path)
         keep = [r for r in records if r["t"] != "block" or block_key(r["pieces"]) in live]
-        runs = [i for i, r in enumerate(keep) if r["t"] == "run"]
-        dones = [i for i, r in enumerate(keep) if r["t"] == "done"]
-        drop = set(runs[:-1]) | set(dones[:-1])
+        drop: set[int] = set()
+        for kind in ("run", "done", "failed"):  # only the last of each
+            drop.update([i for i, r in enumerate(keep) if r["t"] == kind][:-1])
         rewrite_journal(self.journal_path, [r for i, r in enumerate(keep) if i not in drop])
 
 

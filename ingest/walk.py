@@ -3,13 +3,16 @@
 In each directory: its regular files sorted by name, then its subdirectories sorted
 by name, depth first. ``dir`` puts a tree under ``./dir``, ``dir/`` puts its
 contents at the root, a file becomes ``./<basename>`` (arv-put's conventions).
-Symlinks are followed by default, with loop detection; FIFOs, sockets and devices
-are skipped with a warning and never opened. Names that are not valid UTF-8 are
-refused before any data moves.
+Symlinks are followed by default, with loop detection (a loop through directories
+or between symlinks is skipped with a warning); FIFOs, sockets and devices are
+skipped with a warning and never opened. A source named on the command line that
+would yield nothing (missing, a dangling symlink or loop, a FIFO...) is an error,
+and so are names that are not valid UTF-8, before any data moves.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
@@ -21,6 +24,7 @@ from typing import NamedTuple
 
 from ingest.errors import SourceError, UsageError
 from ingest.gcpause import collector_paused
+from ingest.words import quoted
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +86,11 @@ class Excludes:
         names, self._paths = [], []
         for pattern in patterns:
             if pattern.startswith(os.sep):
-                raise UsageError(f"--exclude {pattern!r}: absolute patterns are not allowed")
+                raise UsageError(f"--exclude {quoted(pattern)}: absolute patterns are not allowed")
             if os.path.dirname(pattern):
                 parts = [p for p in pattern.split(os.sep) if p not in ("", ".")]
                 if ".." in parts:
-                    raise UsageError(f"--exclude {pattern!r}: patterns may not contain '..'")
+                    raise UsageError(f"--exclude {quoted(pattern)}: patterns may not contain '..'")
                 self._paths.append(parts)
             else:
                 names.append(fnmatch.translate(pattern))
@@ -116,6 +120,43 @@ def _kind(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "device file"
     return "special file"
+
+
+def _unstatable(exc: OSError, is_link: bool) -> str:
+    """Why a path that cannot be stat-ed is skipped, or "" when it is unreadable."""
+    if isinstance(exc, FileNotFoundError):
+        return "dangling symlink" if is_link else "vanished during the walk"
+    if exc.errno == errno.ELOOP and is_link:
+        return "symlink loop"
+    return ""
+
+
+def source_stat(source: str, follow_links: bool) -> os.stat_result:
+    """The stat of a source named on the command line (a symlink followed unless
+    ``follow_links`` is off); SourceError naming it when it cannot be uploaded: it
+    does not exist, cannot be stat-ed, or is neither a regular file nor a directory
+    (a source that would yield nothing is an error, not a warning)."""
+    is_link = os.path.islink(source)
+    if is_link and not follow_links:
+        raise SourceError(f"source {quoted(source)}: a symlink, and --no-follow-links is given")
+    try:
+        st = os.stat(source)
+    except FileNotFoundError:
+        why = "a dangling symlink" if is_link else "no such file or directory"
+        raise SourceError(f"source {quoted(source)}: {why}") from None
+    except OSError as exc:
+        why = _unstatable(exc, is_link) or exc.strerror or str(exc)
+        raise SourceError(f"source {quoted(source)}: {why}") from None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise SourceError(f"source {quoted(source)}: a {_kind(st.st_mode)} (a collection holds only "
+                          "regular files and directories)")
+    return st
+
+
+def check_sources(sources: Iterable[str], follow_links: bool) -> None:
+    """Refuse, before any work starts, a source that cannot be uploaded (see source_stat)."""
+    for source in sources:
+        source_stat(source, follow_links)
 
 
 # Whitespace outside ASCII: manifests cannot escape it (octal escapes are bytes, and
@@ -155,7 +196,7 @@ class _Walker:
         """Record a manifest path; two sources may share a directory, nothing else."""
         other = self.seen.get(name)
         if other is not None and not (is_dir and other[1]):
-            raise SourceError(f"two sources give the same manifest path {name!r}: {other[0]} and {path}")
+            raise SourceError(f"two sources give the same manifest path {quoted(name)}: {other[0]} and {path}")
         self.seen[name] = (path, is_dir)
 
     def add_file(self, path: str, name: str, st: os.stat_result) -> None:
@@ -163,28 +204,27 @@ class _Walker:
         self.result.files.append(SourceFile(path, name, Fingerprint.of(st)))
 
     def stat_entry(self, path: str, is_link: bool) -> os.stat_result | None:
-        """Stat a path, following a symlink only when asked; None when skipped."""
+        """Stat an entry of a directory, following a symlink only when asked; None
+        when it is skipped (with a warning) or cannot be stat-ed (listed as unreadable)."""
         if is_link and not self.follow_links:
             self.skip(path, "symlink (--no-follow-links)")
             return None
         try:
             return os.stat(path) if is_link else os.lstat(path)
-        except FileNotFoundError:
-            self.skip(path, "dangling symlink" if is_link else "vanished during the walk")
-            return None
         except OSError as exc:
-            raise SourceError(f"cannot stat {path}: {exc.strerror}") from None
+            why = _unstatable(exc, is_link)
+            if why:
+                self.skip(path, why)
+            else:
+                log.error("cannot stat %s: %s", path, exc.strerror)
+                self.result.unreadable[path] = exc.strerror or str(exc)
+            return None
 
     def walk_source(self, source: str) -> None:
-        if not os.path.lexists(source):
-            raise SourceError(f"no such file or directory: {source}")
-        is_link = os.path.islink(source)
-        st = self.stat_entry(source, is_link)
-        if st is None:
-            return
         path = os.path.abspath(source)
         if path in self.leave_out:
             return
+        st = source_stat(source, self.follow_links)
         if stat.S_ISDIR(st.st_mode):
             prefix = "" if source.endswith(os.sep) else os.path.basename(path)
             if prefix and not _storable(prefix, self.bad_names):
@@ -194,8 +234,6 @@ class _Walker:
             name = os.path.basename(path)
             if _storable(name, self.bad_names):
                 self.add_file(path, name, st)
-        else:
-            self.skip(path, _kind(st.st_mode))
 
     def walk_dir(self, top: str, prefix: str) -> None:
         """Depth-first, files before subdirectories, each sorted by name."""

@@ -2,13 +2,15 @@
 
 The keepstore fixtures live in ``keepstore_fixture.py`` (see its docstring):
 ``keepstore_factory``, ``keepstore``, ``keepstore_signed``, ``keepstores3``; the
-fault-injecting proxy in ``fault_proxy.py``: ``fault_proxy``.
+fault-injecting proxy in ``fault_proxy.py``: ``fault_proxy``; the test Arvados
+cluster in ``arvados_cluster.py``: ``cluster``, ``fresh_cluster``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,8 @@ from fault_proxy import fault_proxy  # noqa: F401
 from keepstore_fixture import keepstore, keepstore_factory, keepstore_signed, keepstores3  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The test Arvados cluster's fixtures (cluster, fresh_cluster): see arvados_cluster.py.
+pytest_plugins = ["arvados_cluster"]
 
 
 def cli_env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -57,6 +61,21 @@ def spawn_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
     prefix = [SETPRIV, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"] if unprivileged else []
     return subprocess.Popen([*prefix, sys.executable, "-m", "ingest", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path, env))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_all(*procs: subprocess.Popen | None) -> None:
+    """Kill and reap the spawned processes that are still running."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:

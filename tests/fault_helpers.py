@@ -157,6 +157,7 @@ def read_back(manifest_text: str, services: Sequence[str]) -> dict[str, bytes]:
 
 
 def fast_profile(path: Path, retries: int = 3, backoff_start: float = 0.05) -> str:
-    """A profile with quick retries; returns its path for ``--config``."""
-    path.write_text(f"[store]\nretries = {retries}\nbackoff_start = {backoff_start}\n")
+    """A profile with quick retries, for services that are keepstores (``disk``: one
+    copy each, so each PUT the tests count is a block's); returns its path for ``--config``."""
+    path.write_text(f"[store]\nretries = {retries}\nbackoff_start = {backoff_start}\nservice_type = \"disk\"\n")
     return str(path)

@@ -12,7 +12,7 @@ from ingest.errors import ConfigError
 def test_default_profile_states_exactly_the_built_in_defaults():
     from_file = load_settings(str(REPO_ROOT / "configs" / "default.toml"), {}, environ={})
     built_in = Settings()
-    assert (from_file.store, from_file.put) == (built_in.store, built_in.put)
+    assert (from_file.store, from_file.put, from_file.api) == (built_in.store, built_in.put, built_in.api)
 
 
 def test_flags_override_the_profile_and_origins_are_kept(tmp_path):

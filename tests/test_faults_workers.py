@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import SETPRIV, finish, make_link_keys, processes_tagged, spawn_cli
+from conftest import SETPRIV, finish, free_port, kill_all, make_link_keys, processes_tagged, spawn_cli
 from trees import MiB, fill, make_mixed_tree
 
 from ingest.journal import iter_records
@@ -22,10 +21,6 @@ pytestmark = pytest.mark.fault
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 
@@ -105,10 +100,7 @@ def test_when_every_worker_is_gone_the_run_fails_clearly_with_a_valid_journal(cl
         worker.kill()
         code, _, err = finish(coordinator, timeout=60)
     finally:
-        for p in (coordinator, worker):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(coordinator, worker)
     assert code == 1
     assert "lost (" in err and "no worker connected within 3 s" in err
     # the journal is valid and only holds stored blocks: a local run resumes from it
@@ -155,10 +147,7 @@ def test_a_remote_worker_exits_when_its_coordinator_goes_silent(tmp_path, src):
         assert code == 1 and "is gone" in err
         assert time.monotonic() - started < 10
     finally:
-        for p in (coordinator, worker):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(coordinator, worker)
 
 
 @pytest.mark.skipif(SETPRIV is None, reason="needs setpriv to drop root's capabilities")

@@ -345,9 +345,32 @@ def test_partial_success_names_what_was_stored(fakes):
     with pytest.raises(StoreError) as err:
         store.put(b"half")
     msg = str(err.value)
-    assert f"stored 1 on {good.url}" in msg and f"{bad.url}: HTTP 503: down" in msg
+    assert f"{good.url}: stored 1" in msg and f"{bad.url}: HTTP 503: down" in msg
     assert len(good.requests) == 1 and len(bad.requests) == FAST["retries"] + 1
     store.close()
+
+
+def test_too_few_services_for_the_replication_says_so_not_that_none_answered(fakes):
+    only = fakes([ok_put()])
+    store = KeepClient([only.url], TOKEN, replication=2, **FAST)
+    assert store.max_replicas() == 1
+    with pytest.raises(StoreError) as err:
+        store.put(b"lonely")
+    msg = str(err.value)
+    assert "no service answered" not in msg
+    assert f"{only.url}: stored 1" in msg and "only 1 writable service(s) for 2 copies" in msg
+    store.close()
+
+
+def test_a_proxy_is_asked_how_many_copies_it_can_hold_with_the_empty_block(fakes):
+    for answer, expected in ((ok_put("2"), 2), (ok_put("1"), 1), ((500, {}, b"no"), None)):
+        proxy = fakes([answer])
+        store = KeepClient([proxy.url], TOKEN, replication=2, service_type="proxy", **FAST)
+        assert store.max_replicas() == expected
+        (request,) = proxy.requests
+        assert request["method"] == "PUT" and request["path"] == "/d41d8cd98f00b204e9800998ecf8427e"
+        assert request["body"] == b"" and request["headers"]["X-Keep-Desired-Replicas"] == "2"
+        store.close()
 
 
 def test_token_never_in_messages_or_logs(fakes, caplog):

@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.parse
 
 import pytest
 import urllib3
@@ -259,6 +260,28 @@ def test_tokens_from_every_source(keepstore_signed):
     # The signature is for the token used on PUT.
     md5, r = put(ks, b"anonymous", token="other-token")
     verify_signature(r.data.decode().strip(), "other-token", SIGNING_KEY.encode())
+
+
+def test_tokens_are_trimmed_of_whitespace_as_arvados_does(keepstore_signed):
+    ks = keepstore_signed
+    _, r = put(ks, b"padded tokens", token=TOKEN)
+    signed = r.data.decode().strip()
+    padded = f" {TOKEN}\t\n"
+    basic = "Basic " + base64.b64encode(f"x:{padded}".encode()).decode()
+    cookie = "arvados_api_token=" + base64.urlsafe_b64encode(padded.encode()).decode()
+    query = urllib.parse.urlencode({"api_token": padded})
+    assert req("GET", ks.url + signed, headers={"Authorization": basic}).status == 200
+    assert req("GET", ks.url + signed + "?" + query).status == 200
+    assert req("GET", ks.url + signed, headers={"Cookie": cookie}).status == 200
+    # a PUT with a padded token is signed for the token itself (here a no-break space, in UTF-8)
+    _, r = put(ks, b"padded put", headers={"Authorization": f"Bearer {TOKEN}" + "\u00a0 ".encode().decode("latin-1")})
+    verify_signature(r.data.decode().strip(), TOKEN, SIGNING_KEY.encode())
+    # a token that is not UTF-8 is signed as its bytes, never a server error
+    odd = "tok\xff"
+    _, r = put(ks, b"odd token", headers={"Authorization": f"Bearer {odd}"})
+    assert r.status == 200
+    verify_signature(r.data.decode().strip(), odd.encode("latin-1").decode("utf-8", "surrogateescape"),
+                     SIGNING_KEY.encode())
 
 
 # ---- admin routes

@@ -11,7 +11,6 @@ import hashlib
 import os
 import pwd
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import psutil
 import pytest
 import xxhash
 import zmq
-from conftest import finish, make_link_keys, spawn_cli
+from conftest import finish, free_port, kill_all, make_link_keys, spawn_cli
 from rogue import Rogue, credentials, stranger
 from trees import MiB, fill
 
@@ -37,10 +36,6 @@ from ingest.link import make_key_pair
 pytestmark = pytest.mark.timeout(90)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -99,10 +94,7 @@ def test_peers_without_an_accepted_key_get_not_a_byte_and_the_run_completes(cli,
             assert not plain.heard_anything() and not keyed.heard_anything()
     finally:
         ctx.term()
-        for p in (coordinator, worker):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(coordinator, worker)
     assert code == 0, err
     assert out == expected
     assert "refused a worker from 127.0.0.1 on the remote link" in err
@@ -182,6 +174,11 @@ def test_the_local_socket_answers_only_workers_holding_the_runs_key():
                 frames = coordinator._local.sock.recv_multipart(copy=False)
                 assert frames[1].get("User-Id") == "local"
                 assert not coordinator._local.sock.poll(500)
+                # and it is welcomed without the store's description: it inherited it
+                coordinator._handle(coordinator._local, frames)
+                kind, fields, _ = ours.next_message(5)
+                assert kind == protocol.WELCOME and "store" not in fields
+                assert not plain.heard_anything() and not keyed.heard_anything()
     finally:
         ctx.term()
 
@@ -287,10 +284,7 @@ def _rogue_run(cli, tmp_path: Path, src: Path, scenarios: dict, profile: str = "
         assert finish(worker)[0] == 0
     finally:
         ctx.term()
-        for p in (coordinator, worker):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(coordinator, worker)
     assert "Traceback" not in err
     return expected, out, err, base
 

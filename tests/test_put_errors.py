@@ -23,7 +23,7 @@ def store_files(store):
 def test_missing_source_exits_1_naming_it(cli, tmp_path):
     proc = cli("put", "--store", str(tmp_path / "store"), str(tmp_path / "nope"))
     assert proc.returncode == 1
-    assert f"no such file or directory: {tmp_path / 'nope'}" in proc.stderr
+    assert f"source '{tmp_path / 'nope'}': no such file or directory" in proc.stderr
 
 
 def test_non_utf8_name_exits_1_before_any_upload(cli, tmp_path, src):

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import uuid
 
 import psutil
-from conftest import finish, processes_tagged, spawn_cli
+from conftest import finish, free_port, kill_all, processes_tagged, spawn_cli
 from trees import MiB, fill
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path, link_keys):
@@ -41,10 +34,7 @@ def test_remote_workers_over_tcp_give_the_same_manifest(cli, tmp_path, link_keys
             assert code == 0 or (code == 1 and "no coordinator answered" in err), err
         assert 0 in [code for code, _, _ in outcomes]
     finally:
-        for p in [coordinator, *workers]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(coordinator, *workers)
 
 
 def test_worker_without_a_coordinator_gives_up_with_a_clear_message(cli, link_keys):

@@ -90,7 +90,7 @@ def test_put_then_get_reproduces_the_tree_from_the_directory_store(cli, tmp_path
     assert len({p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()}) == 1
     # verify passes on the untouched source tree (and on the copy)
     for tree in (src, dest):
-        proc = ok(cli("verify", *store, str(manifest), str(tree)))
+        proc = ok(cli("verify", *store, str(manifest), f"{tree}/"))
         assert proc.stdout == ""
         assert "identical: 31 files" in proc.stderr
 
@@ -105,7 +105,7 @@ def test_put_then_get_reproduces_the_tree_from_a_signing_keepstore(cli, tmp_path
     dest = tmp_path / "dest"
     ok(cli("get", *store, "--workers", "2", str(manifest), str(dest), env=env))
     assert tree_state(dest) == tree_state(src)
-    ok(cli("verify", *store, str(manifest), str(src), env=env))
+    ok(cli("verify", *store, str(manifest), f"{src}/", env=env))
     # without the token, the keepstore refuses: the error names the block
     proc = cli("get", *store, str(manifest), str(tmp_path / "dest2"))
     assert proc.returncode == 1
@@ -183,7 +183,7 @@ def test_verify_reports_each_kind_of_difference(cli, tmp_path, stored):
     os.truncate(tree / "ünï dir" / "deep\tfile", 1234)
     (tree / "dir one" / "sub:dir" / "plain.txt").unlink()
     (tree / "z-small-after" / "new file").write_bytes(b"extra")
-    proc = cli("verify", *store, "--workers", "2", str(manifest), str(tree))
+    proc = cli("verify", *store, "--workers", "2", str(manifest), f"{tree}/")
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.splitlines() == [
         "missing: dir one/sub:dir/plain.txt",
@@ -192,8 +192,8 @@ def test_verify_reports_each_kind_of_difference(cli, tmp_path, stored):
         "extra: z-small-after/new file",
         "differs: ünï dir/deep\\011file: first difference at byte 1234 (manifest 5000 bytes, source 1234 bytes)",
     ]
-    assert "4 difference(s): 1 missing, 1 extra, 2 differing" in proc.stderr
-    report = json.loads(cli("verify", *store, "--json", str(manifest), str(tree)).stdout)
+    assert "4 differences: 1 missing, 1 extra, 2 differing" in proc.stderr
+    report = json.loads(cli("verify", *store, "--json", str(manifest), f"{tree}/").stdout)
     assert report["identical"] is False
     assert report["missing"] == ["dir one/sub:dir/plain.txt"]
     assert report["extra"] == ["z-small-after/new file"]
@@ -210,7 +210,7 @@ def test_verify_reports_whole_directories_once_and_a_longer_file(cli, tmp_path, 
     (tree / "new dir" / "deeper" / "f").write_text("x")
     with open(tree / "plain.txt", "ab") as f:
         f.write(b"more")
-    proc = cli("verify", *store, str(manifest), str(tree))
+    proc = cli("verify", *store, str(manifest), f"{tree}/")
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [
         "missing: dir one/",
@@ -237,7 +237,7 @@ def test_a_corrupt_block_is_an_error_naming_the_block_and_the_file(tmp_path, sto
     md5 = line.split()[3][:32]  # the multi-block file's third block
     _flip_a_byte(store, md5)
     for args in (("get", str(manifest), str(tmp_path / "dest")), ("cat", str(manifest), MULTI),
-                 ("verify", str(manifest), str(src))):
+                 ("verify", str(manifest), f"{src}/")):
         proc = run_bytes(tmp_path, args[0], "--store", str(store), *args[1:])
         err = proc.stderr.decode()
         assert proc.returncode == 1, args

@@ -50,7 +50,7 @@ def test_peak_memory_of_get_and_verify_does_not_grow_with_the_tree(cli, tmp_path
         peaks["get " + label] = peak_rss(tmp_path, "get", *store, "--workers", "2", str(manifest),
                                          str(tmp_path / f"dest-{count}"))
         peaks["verify " + label] = peak_rss(tmp_path, "verify", *store, "--workers", "2", str(manifest),
-                                            str(src))
+                                            f"{src}/")
     print("peak RSS, parent + 2 workers:", {k: f"{v / MiB:.0f} MiB" for k, v in peaks.items()})
     for cmd in ("get", "verify"):
         assert peaks[f"{cmd} 128 MiB"] < peaks[f"{cmd} 16 MiB"] * 1.2 + 2 * BLOCK

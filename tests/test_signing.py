@@ -62,6 +62,21 @@ def test_refusals():
     other_hash = "37b51d194a7513e45b56f6524f2d51f2+3" + KNOWN_SIGNED[34:]
     with pytest.raises(SignatureInvalid):
         verify_signature(other_hash, KNOWN_TOKEN, KNOWN_KEY)
+    with pytest.raises(SignatureMissing):  # the whole locator must match, a trailing newline too
+        verify_signature(KNOWN_SIGNED + "\n", KNOWN_TOKEN, KNOWN_KEY)
+
+
+def test_locators_and_hashes_match_whole_never_with_a_trailing_newline():
+    from ingest.keep.locator import Locator, LocatorError, is_md5_hex
+
+    md5 = "acbd18db4cc2f85cedef654fccc4a4d8"
+    assert is_md5_hex(md5) and not is_md5_hex(md5 + "\n")
+    assert Locator.parse(KNOWN_SIGNED).permission_expiry is not None
+    for text in (md5 + "+3\n", KNOWN_SIGNED + "\n", md5 + "+3+K@zzzzz\n"):
+        with pytest.raises(LocatorError):
+            Locator.parse(text)
+    hint = KNOWN_SIGNED.split("+")[2]
+    assert Locator(md5, 3, (hint + "\n",)).permission_expiry is None
 
 
 def test_expired_is_reported_before_checking_the_hmac():

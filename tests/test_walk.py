@@ -1,6 +1,7 @@
 """Walk order, source forms, excludes, symlinks, special files, bad names."""
 
 import os
+import re
 import socket
 
 import pytest
@@ -54,7 +55,7 @@ def test_fingerprint_is_taken_from_stat(tree):
 
 
 def test_missing_source_names_the_path(tmp_path):
-    with pytest.raises(SourceError, match="no such file or directory: .*nope"):
+    with pytest.raises(SourceError, match="source '.*nope': no such file or directory"):
         walk_sources([str(tmp_path / "nope")])
 
 
@@ -89,6 +90,40 @@ def test_symlinks_followed_and_loops_skipped(tree, tmp_path):
     assert "link-to-z/1" in names(result)
     reasons = {os.path.basename(p): r for p, r in result.skipped}
     assert reasons == {"loop": "symlink loop", "dangling": "dangling symlink"}
+
+
+def test_a_loop_between_symlinks_is_skipped_like_a_directory_loop(tree):
+    os.symlink("loop2", tree / "loop1")
+    os.symlink("loop1", tree / "loop2")
+    os.symlink("loop1/x", tree / "through-loop")
+    result = walk_sources([str(tree) + "/"])
+    reasons = {os.path.basename(p): r for p, r in result.skipped}
+    assert reasons == {"loop1": "symlink loop", "loop2": "symlink loop", "through-loop": "symlink loop"}
+    assert "a.txt" in names(result) and not result.unreadable
+
+
+def test_an_entry_that_cannot_be_stat_ed_is_unreadable_not_fatal(tree):
+    # A name too long to resolve through a symlink: stat fails with ENAMETOOLONG.
+    os.symlink("x" * 300, tree / "too-long")
+    result = walk_sources([str(tree) + "/"])
+    assert list(result.unreadable) == [str(tree / "too-long")]
+    assert "a.txt" in names(result)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dangling", "loop", "symlink-no-follow"])
+def test_a_source_that_would_yield_nothing_is_an_error_naming_it(tmp_path, kind):
+    source = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(source)
+    elif kind == "dangling":
+        os.symlink(tmp_path / "missing", source)
+    elif kind == "loop":
+        os.symlink(kind, source)
+    else:
+        touch(tmp_path / "target")
+        os.symlink(tmp_path / "target", source)
+    with pytest.raises(SourceError, match=f"source '{re.escape(str(source))}': "):
+        walk_sources([str(source)], follow_links=kind != "symlink-no-follow")
 
 
 def test_no_follow_links_skips_every_symlink(tree):

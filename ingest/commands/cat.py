@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ingest.commands.common import add_store_arguments, settings_from
 from ingest.commands.reading import add_manifest_argument
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, IngestError
+from ingest.words import quoted
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -37,19 +37,13 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_manifest(args.manifest, settings)
     sel = select(loaded.manifest, path)
     if not sel.is_file:
-        raise IngestError(f"{args.path!r} is a directory in the manifest, not a file")
-    store = open_store(settings.store_spec())
+        raise IngestError(f"{quoted(args.path)} is a directory in the manifest, not a file")
+    store = open_store(settings.store_spec(), write=False)
     out = sys.stdout.buffer
     try:
-        stream_file(store, sel.files[0].segments, out, name=path)
+        # A reader that goes away (`| head`) is the command line's to handle, as coreutils do.
+        stream_file(store, sel.files[0].segments, out, name=sel.root)
         out.flush()
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, and keep the
-        # interpreter from failing again when it flushes stdout at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        raise
     finally:
         store.close()
     return EXIT_OK

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
+import secrets
 import signal
+import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
 from ingest.commands.common import add_store_arguments, add_walk_arguments, settings_from
+from ingest.commands.saving import (
+    add_collection_arguments,
+    collection_overrides,
+    describe_saved,
+    open_saver,
+    saved_json,
+)
 from ingest.errors import EXIT_CODES_HELP, EXIT_OK, EXIT_PARTIAL, IngestError
 from ingest.errors import EXIT_USAGE as EXIT_PENDING
 from ingest.progress import MODES, human_bytes, make_display
+from ingest.words import plural
 
 if TYPE_CHECKING:
     from ingest.config import Settings
@@ -40,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="PATH", help="files or directories to upload")
     add_store_arguments(p)
-    p.add_argument("--workers", type=_workers, metavar="N",
+    p.add_argument("--workers", "--threads", type=_workers, metavar="N",
                    help="local worker processes ('auto': one per CPU; 0: remote workers only)")
     link = p.add_argument_group("remote workers (see 'keep-ingest keys')")
     link.add_argument("--listen", metavar="ENDPOINT",
@@ -62,9 +72,11 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     resume = p.add_argument_group("checkpoints and resume")
     resume.add_argument("--state-dir", metavar="DIR",
                         help="where run journals and locks live (default: $XDG_STATE_HOME/keep-ingest)")
-    resume.add_argument("--no-resume", "--reset-state", dest="reset_state", action="store_true",
+    resume.add_argument("--no-resume", "--reset-state", "--no-cache", dest="reset_state", action="store_true",
                         help="discard this run's checkpoints and start afresh (also the way out "
                              "of a damaged journal)")
+    resume.add_argument("--resume", dest="reset_state", action="store_false",
+                        help="reuse what earlier runs stored (the default)")
     resume.add_argument("--dry-run", action="store_true",
                         help="read no data, upload nothing: list what would be uploaded and why; "
                              "exit 2 if anything would be, 0 if not")
@@ -93,21 +105,63 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                      help="print only the portable data hash")
     out.add_argument("--json", action="store_true",
                      help="print one JSON object: pdh, files, bytes, blocks, bytes_uploaded, seconds")
+    add_collection_arguments(p)
     p.set_defaults(func=run)
 
 
-def _write_atomically(path: str, text: str) -> None:
+def _temporary_beside(path: str) -> tuple[int, str]:
+    """A new file next to ``path`` (same directory, so a rename replaces it atomically),
+    open for writing, with the mode any new file gets (0666 less the umask): a
+    manifest is not a secret (a signed locator is of use only with the token it was
+    signed for), so it gets what a shell redirection would give it."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=directory)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
+
+
+def prepare_manifest_out(path: str) -> None:
+    """Before any work starts: make sure the manifest can be written to ``path``, found
+    by trying (a file is created beside it and removed). Missing directories are
+    created, as for the store and the state directory."""
+    directory = os.path.dirname(os.path.abspath(path))
     try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "it is a directory")
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except FileExistsError:  # a file where a directory should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+        fd, tmp = _temporary_beside(path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        where = "" if isinstance(exc, IsADirectoryError) else f" in {directory}"
+        raise IngestError(f"--manifest-out {path}: cannot write the manifest{where}: "
+                          f"{exc.strerror or exc}") from None
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write the file whole or not at all; a file it replaces keeps its mode."""
+    tmp = ""
+    try:
+        fd, tmp = _temporary_beside(path)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        os.unlink(tmp)
-        raise IngestError(f"cannot write manifest to {path}: {exc.strerror}") from None
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise IngestError(f"cannot write manifest to {path}: {exc.strerror or exc}") from None
 
 
 SHOWN_CHANGES = 20
@@ -115,15 +169,16 @@ SHOWN_CHANGES = 20
 
 def _summary(result: PutResult, pdh: str) -> str:
     rate = result.bytes_uploaded / result.seconds if result.seconds > 0 else 0.0
-    lines = [f"keep-ingest: {result.files} files, {human_bytes(result.bytes)} in {result.blocks} blocks; "
-             f"uploaded {human_bytes(result.bytes_uploaded)} ({result.blocks_uploaded} blocks) in "
+    lines = [f"keep-ingest: {plural(result.files, 'file')}, {human_bytes(result.bytes)} in "
+             f"{plural(result.blocks, 'block')}; "
+             f"uploaded {human_bytes(result.bytes_uploaded)} ({plural(result.blocks_uploaded, 'block')}) in "
              f"{result.seconds:.2f} s ({human_bytes(rate)}/s), reused {human_bytes(result.bytes_reused)}; "
              f"portable data hash {pdh}"]
     if result.bytes_reused and result.changed:
         items = list(result.changed.items())
         lines += [f"  uploaded {path} ({', '.join(reasons)})" for path, reasons in items[:SHOWN_CHANGES]]
         if len(items) > SHOWN_CHANGES:
-            lines.append(f"  ... and {len(items) - SHOWN_CHANGES} more files (see --json)")
+            lines.append(f"  ... and {plural(len(items) - SHOWN_CHANGES, 'more file')} (see --json)")
     return "\n".join(lines)
 
 
@@ -148,37 +203,57 @@ def run(args: argparse.Namespace) -> int:
         "put.skip_unreadable": (args.skip_unreadable, "--skip-unreadable"),
         "put.progress": (args.progress, "--progress"),
         "put.progress_file": (args.progress_file, "--progress-file"),
+        **collection_overrides(args),
     })
+    saver = open_saver(args, settings)   # with a cluster: found now, before any worker starts
     if args.dry_run:
         return _report_dry_run(args, dry_run(settings, args.sources))
+    if args.manifest_out:
+        prepare_manifest_out(args.manifest_out)
     signal.signal(signal.SIGTERM, _interrupt)
-    with _progress_stream(settings) as stream:
-        display = make_display(settings.put.progress, quiet=args.quiet > 0, stream=stream)
-        result = run_put(settings, args.sources, verify_content=args.verify_content,
-                         reset=args.reset_state, display=display)
-    text, pdh = result.text, result.pdh
+    try:
+        with _progress_stream(settings) as stream:
+            display = make_display(settings.put.progress, quiet=args.quiet > 0, stream=stream)
+            result = run_put(settings, args.sources, verify_content=args.verify_content,
+                             reset=args.reset_state, display=display, hooks=saver)
+    finally:
+        if saver:
+            saver.client.close()
+    collection = saver.saved if saver else None
+    text, pdh = result.text, collection.pdh if collection else result.pdh
     if args.manifest_out:
         _write_atomically(args.manifest_out, text)
-    saved = save_manifest(open_store(settings.store_spec()), result.manifest) if args.save_manifest else None
+    saved = None
+    if args.save_manifest:
+        store = open_store(settings.store_spec())
+        try:
+            saved = save_manifest(store, result.manifest)
+        finally:
+            store.close()
     if args.json:
         json.dump({"pdh": pdh, **_counters(result), "seconds": round(result.seconds, 3),
                    "store": settings.describe_store(), "state": result.state_dir,
                    "manifest_out": args.manifest_out, "manifest_locator": saved, "changed": _changed(result),
+                   "collection": saved_json(collection),
                    "unreadable": [{"path": p, "reason": r} for p, r in sorted(result.unreadable.items())],
                    "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
                   sys.stdout)
         sys.stdout.write("\n")
     elif args.portable_data_hash:
         print(pdh)
+    elif collection:
+        print(collection.uuid)
     elif not args.manifest_out:
         sys.stdout.write(text)
     if not args.quiet:
         print(_summary(result, pdh), file=sys.stderr)
         if saved:
             print(f"keep-ingest: manifest stored in Keep as {saved}", file=sys.stderr)
+        if collection:
+            print(describe_saved(collection), file=sys.stderr)
     if result.unreadable:
         listed = "\n  ".join(f"{p}: {r}" for p, r in sorted(result.unreadable.items()))
-        print(f"keep-ingest: partial: left out {len(result.unreadable)} unreadable path(s):\n  {listed}",
+        print(f"keep-ingest: partial: left out {plural(len(result.unreadable), 'unreadable path')}:\n  {listed}",
               file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
@@ -186,12 +261,14 @@ def run(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _progress_stream(settings: Settings) -> Iterator[IO[str]]:
-    """stderr, or the progress file opened for appending."""
+    """stderr, or the progress file opened for appending (its directory created when
+    missing), before any work starts."""
     if not settings.put.progress_file:
         yield sys.stderr
         return
     path = os.path.expanduser(settings.put.progress_file)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as for --manifest-out
         f = open(path, "a", encoding="utf-8")
     except OSError as exc:
         raise IngestError(f"cannot open progress file {path}: {exc.strerror}") from None
@@ -223,7 +300,8 @@ def _report_dry_run(args: argparse.Namespace, result: PutResult) -> int:
         for path, reasons in result.changed.items():
             print(f"{path}\t{', '.join(reasons)}")
     if not args.quiet:
-        print(f"keep-ingest: dry run: {len(result.changed)} files in {result.blocks_uploaded} blocks "
+        print(f"keep-ingest: dry run: {plural(len(result.changed), 'file')} in "
+              f"{plural(result.blocks_uploaded, 'block')} "
               f"({human_bytes(result.bytes - result.bytes_reused)}) "
               f"would be uploaded; {human_bytes(result.bytes_reused)} already stored", file=sys.stderr)
     return EXIT_PENDING if result.blocks_uploaded else EXIT_OK

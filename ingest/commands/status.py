@@ -10,6 +10,7 @@ import time
 
 from ingest.commands.common import settings_from
 from ingest.errors import EXIT_OK
+from ingest.words import plural
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -35,6 +36,8 @@ def describe_run(run_dir: str) -> dict[str, object]:
     runs = [r for r in records if r["t"] == "run"]
     blocks = [r for r in records if r["t"] == "block"]
     done = [r for r in records if r["t"] == "done"]
+    saved = [r for r in records if r["t"] == "saved"]
+    work = [r for r in records if r["t"] not in ("save", "saved")]   # a save follows its run's "done"
     info: dict[str, object] = {
         "state": run_dir,
         "sources": runs[-1]["sources"] if runs else [],
@@ -42,7 +45,10 @@ def describe_run(run_dir: str) -> dict[str, object]:
         "blocks_stored": len(blocks),
         "bytes_stored": sum(sum(p[6] for p in b["pieces"]) for b in blocks),
         "last_checkpoint": os.stat(journal).st_mtime if os.path.exists(journal) else None,
-        "finished": done[-1] if done and records[-1]["t"] == "done" else None,
+        "finished": done[-1] if done and work[-1]["t"] == "done" else None,
+        "failed": work[-1] if work and work[-1]["t"] == "failed" else None,
+        "collection": {"uuid": saved[-1]["uuid"], "pdh": saved[-1]["pdh"]} if saved else None,
+        "save_pending": bool(records) and records[-1]["t"] == "save",
         "torn_tail": torn,
         "locked": is_locked(lock),
     }
@@ -65,15 +71,21 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info))
             continue
-        finished = info["finished"]
+        finished, failed = info["finished"], info["failed"]
         status = (f"running: {info['holder']}" if info["locked"]
+                  else "uploaded; the collection's save was interrupted: run the same command again"
+                  if info["save_pending"]
                   else f"finished, portable data hash {finished['pdh']}" if finished
-                  else "interrupted: run the same command again to resume")
+                  else f"failed (exit {failed['exit']}): {failed['error'].splitlines()[0]}" if failed
+                  else "stopped before the end (interrupted or killed): run the same command again to resume")
+        collection = f"  collection:      {info['collection']['uuid']}\n" if info["collection"] else ""
         print(f"{' '.join(info['sources'])}\n"
               f"  store:           {info['store']}\n"
-              f"  journaled:       {info['blocks_stored']} blocks, {info['bytes_stored']} bytes\n"
+              f"  journaled:       {plural(info['blocks_stored'], 'block')}, "
+              f"{plural(info['bytes_stored'], 'byte')}\n"
               f"  last checkpoint: {_when(info['last_checkpoint'])}\n"
               f"  status:          {status}\n"
+              f"{collection}"
               f"  state:           {info['state']}")
     if not infos and not args.json:
         print(f"no runs in {settings.state_dir}", file=sys.stderr)

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import TYPE_CHECKING
 
 from ingest.commands.common import add_store_arguments, add_walk_arguments, settings_from
 from ingest.commands.reading import add_manifest_argument, add_workers_argument, worker_count
 from ingest.errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_OK
+from ingest.words import plural
 
 if TYPE_CHECKING:
     from ingest.read.verify import Difference, VerifyReport
 
 DESCRIPTION = """\
-Compare every file of a manifest with the directory SRC, as 'put SRC/' would have
-stored it (the same symlink and --exclude rules), byte for byte: worker processes
-fetch each block once (its MD5 checked) and compare it with the source files,
-without holding whole files in memory.
+Compare every file of a manifest with the sources, as 'put SRC...' would have
+stored them (the same forms: 'dir' is ./dir/..., 'dir/' the directory's contents,
+a file ./NAME; the same symlink and --exclude rules), byte for byte: worker
+processes fetch each block once (its MD5 checked) and compare it with the source
+files, without holding whole files in memory. When the manifest looks made from
+the other form of the directory given, a hint says what to type.
 
 The report (stdout) has one line per difference, in tree order:
   missing: PATH     in the manifest, not in SRC (a directory ends with '/')
@@ -33,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                               description=DESCRIPTION, epilog=EXIT_CODES_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_manifest_argument(p)
-    p.add_argument("src", metavar="SRC", help="the source directory")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="files or directories, as given to put")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: identical, files, compared, missing, extra, differs")
     add_walk_arguments(p)  # SRC is walked as put walks it
@@ -70,11 +74,20 @@ def as_json(report: VerifyReport) -> dict:
 
 def summary(report: VerifyReport) -> str:
     if report.ok:
-        return (f"keep-ingest: verify: identical: {report.files} files "
-                f"({report.bytes_compared:,} bytes compared) in {report.seconds:.2f} s")
-    return (f"keep-ingest: verify: {len(report.differences)} difference(s): "
+        return (f"keep-ingest: verify: identical: {plural(report.files, 'file')} "
+                f"({plural(report.bytes_compared, 'byte')} compared) in {report.seconds:.2f} s")
+    return (f"keep-ingest: verify: {plural(len(report.differences), 'difference')}: "
             f"{report.count('missing')} missing, {report.count('extra')} extra, "
-            f"{report.count('differs')} differing; {report.identical} of {report.files} files identical")
+            f"{report.count('differs')} differing; {report.identical} of {plural(report.files, 'file')} identical")
+
+
+def hint(report: VerifyReport, manifest: str) -> str:
+    """What to type when the manifest looks made from the other form of the source."""
+    if not report.other_form:
+        return ""
+    given = "its contents at the root" if report.other_form.endswith("/") else "the directory itself"
+    return (f"the manifest looks made by 'put {report.other_form}' ({given}); to compare with that, "
+            f"type: keep-ingest verify {shlex.quote(manifest)} {shlex.quote(report.other_form)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
         "put.follow_links": (args.follow_links, "--follow-links/--no-follow-links"),
     })
     loaded = load_manifest(args.manifest, settings)
-    report = run_verify(loaded.manifest, args.src, settings.store_spec(), worker_count(args),
+    report = run_verify(loaded.manifest, args.sources, settings.store_spec(), worker_count(args),
                         follow_links=settings.put.follow_links, excludes=Excludes(settings.put.exclude))
     if args.json:
-        json.dump(as_json(report), sys.stdout, ensure_ascii=False)
+        json.dump({**as_json(report), "hint": hint(report, args.manifest) or None}, sys.stdout,
+                  ensure_ascii=False)
         sys.stdout.write("\n")
     else:
         for diff in report.differences:
@@ -99,4 +113,6 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     if not args.quiet:
         print(summary(report), file=sys.stderr)
+        if report.other_form:
+            print(f"keep-ingest: hint: {hint(report, args.manifest)}", file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_ERROR

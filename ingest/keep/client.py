@@ -14,7 +14,11 @@ Behaviour follows the official Python client where it matters for compatibility
   any other status moves on to the next service for the rest of the call
   (400 and 422 both mean the server saw a different MD5);
 * requests carry ``Authorization: Bearer``, ``X-Keep-Desired-Replicas``,
-  ``Content-Length`` and ``X-Request-Id``.
+  ``Content-Length`` and ``X-Request-Id``;
+* with ``storage_classes``, PUTs carry ``X-Keep-Storage-Classes`` and a block is
+  stored only when ``X-Keep-Storage-Classes-Confirmed`` counts ``replication``
+  copies in every class (a service that sends no such header turns the check off
+  for the call, as the SDK does with an old keepstore).
 
 The token goes into request headers only; it never appears in log records or
 error messages.
@@ -32,7 +36,7 @@ import random
 import secrets
 import string
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,17 +67,20 @@ class KeepService:
 
 
 def static_services(urls: Sequence[str], service_type: str = "disk",
-                    uuids: Sequence[str] | None = None) -> list[KeepService]:
-    """Services from a list of URLs; uuids default to the SDK's ``00000-bi6l4-%015d``."""
+                    uuids: Sequence[str] | None = None, types: Sequence[str] | None = None) -> list[KeepService]:
+    """Services from a list of URLs; uuids default to the SDK's ``00000-bi6l4-%015d``,
+    types to ``service_type`` (``types`` gives one per service)."""
     if uuids is not None and len(uuids) != len(urls):
         raise ConfigError("keep store: service_uuids must list one uuid per service")
+    if types is not None and (len(types) != len(urls) or any(t not in SERVICE_TYPES for t in types)):
+        raise ConfigError(f"keep store: service_types must list one of {', '.join(SERVICE_TYPES)} per service")
     out = []
     for idx, url in enumerate(urls):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError(f"keep store: service URL {url!r} must start with http:// or https://")
         root = url if url.endswith("/") else url + "/"
         uuid = uuids[idx] if uuids is not None else f"00000-bi6l4-{idx:015d}"
-        out.append(KeepService(root, uuid, service_type))
+        out.append(KeepService(root, uuid, types[idx] if types is not None else service_type))
     return out
 
 
@@ -101,6 +108,7 @@ class _ServiceState:
     last_error: str | None = None
     done: bool = False       # stored our copy (put)
     replicas: int = 0        # (put) replicas it confirmed
+    classes: dict[str, int] | None = None  # (put) X-Keep-Storage-Classes-Confirmed; None: no header
     dead: bool = False       # permanent failure for the rest of this call
     not_found: bool = False  # (get) answered 403/404/410
     corrupt: bool = False    # (get) answered 200 with bytes that do not match the locator
@@ -131,6 +139,7 @@ class KeepClientOptions:
     insecure: bool = False
     ca_certs: str | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
+    storage_classes: list[str] = field(default_factory=list)
 
 
 class KeepClient:
@@ -141,10 +150,12 @@ class KeepClient:
     token when saving the manifest). See :class:`KeepClientOptions` for the rest.
     """
 
-    SPEC_KEYS = frozenset({"type", "services", "token", "service_uuids", *KeepClientOptions.__dataclass_fields__})
+    SPEC_KEYS = frozenset({"type", "services", "token", "service_uuids", "service_types",
+                           *KeepClientOptions.__dataclass_fields__})
 
     def __init__(self, services: Sequence[str], token: str | None = None, replication: int = 1,
-                 *, service_uuids: Sequence[str] | None = None, **options: Any):
+                 *, service_uuids: Sequence[str] | None = None, service_types: Sequence[str] | None = None,
+                 **options: Any):
         opts = KeepClientOptions(replication=replication, **options)
         if not services:
             raise ConfigError("keep store: no services given")
@@ -155,17 +166,19 @@ class KeepClient:
             raise ConfigError(f"keep store: replication must be a positive integer, not {opts.replication!r}")
         if opts.retries < 0:
             raise ConfigError("keep store: retries must be >= 0")
-        self.services = static_services(list(services), opts.service_type, service_uuids)
+        self.services = static_services(list(services), opts.service_type, service_uuids, service_types)
         if len({s.root for s in self.services}) != len(self.services):
             raise ConfigError("keep store: the same service is listed twice")
         self.token = token or None
         self.options = opts
         self.replication = opts.replication
+        self.classes = sorted(set(opts.storage_classes))
         pool_kw: dict[str, Any] = {"num_pools": max(10, 2 * len(self.services)),
                                    "maxsize": opts.pool_maxsize, "block": False,
                                    "retries": False}
         if opts.insecure:
             pool_kw["cert_reqs"] = "CERT_NONE"
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         elif opts.ca_certs:
             pool_kw["ca_certs"] = opts.ca_certs
         self._http = urllib3.PoolManager(**pool_kw)
@@ -185,10 +198,14 @@ class KeepClient:
             services = services.split()
         if not services:
             raise ConfigError("keep store: 'services' must list at least one URL")
-        kw = {k: v for k, v in spec.items() if k not in ("type", "services", "token", "service_uuids")}
+        kw = {k: v for k, v in spec.items() if k not in ("type", "services", "token", "service_uuids",
+                                                          "service_types")}
         if "extra_headers" in kw:
             kw["extra_headers"] = dict(kw["extra_headers"])
-        return cls(services, spec.get("token"), service_uuids=spec.get("service_uuids"), **kw)
+        if "storage_classes" in kw:
+            kw["storage_classes"] = list(kw["storage_classes"])
+        return cls(services, spec.get("token"), service_uuids=spec.get("service_uuids"),
+                   service_types=spec.get("service_types"), **kw)
 
     # ---- BlockStore protocol
 
@@ -214,6 +231,80 @@ class KeepClient:
             except urllib3.exceptions.HTTPError as exc:
                 down[service.root] = self._network_error(exc)
         return down
+
+    def writable_services(self) -> list[KeepService]:
+        return [s for s in self.services if not s.read_only]
+
+    def max_replicas(self, down: Collection[str] = ()) -> int | None:
+        """How many copies the writable services (not in ``down``) can hold: one per
+        disk service; for a proxy, the copies it confirms of the empty block when asked
+        for ``replication`` (a probe that stores no data). None when a proxy's answer
+        says nothing."""
+        total = 0
+        for service in self.writable_services():
+            if service.root in down:
+                continue
+            if service.service_type == "disk":
+                total += 1
+                continue
+            confirmed = self._probe_proxy(service)
+            if confirmed is None:
+                return None
+            total += confirmed
+        return total
+
+    def _probe_proxy(self, service: KeepService) -> int | None:
+        headers = {**self._headers(new_request_id()), "X-Keep-Desired-Replicas": str(self.replication),
+                   "Content-Length": "0"}
+        try:
+            resp = self._http.request("PUT", service.root + EMPTY_BLOCK_MD5, body=b"", headers=headers,
+                                      timeout=urllib3.Timeout(connect=self.options.connect_timeout,
+                                                              read=self.options.connect_timeout),
+                                      retries=False, redirect=False)
+            resp.drain_conn()
+        except urllib3.exceptions.HTTPError:
+            return None
+        replicas = resp.headers.get("X-Keep-Replicas-Stored", "1")
+        return int(replicas) if resp.status == 200 and replicas.isdigit() else None
+
+    def check_block(self, locator: str) -> None:
+        """HEAD the block on the services in rendezvous order until ``replication``
+        copies of the right size are confirmed (one behind a proxy, which does not
+        say how many it has); keepstore checks the MD5 of what it holds for a HEAD."""
+        self._check_open()
+        loc = block_to_read(locator)
+        if loc is None:
+            return
+        want = self.replication if all(s.service_type == "disk" for s in self.writable_services()) else 1
+        found = 0
+        problems: list[str] = []
+        missing = 0
+        timeout = urllib3.Timeout(connect=self.options.connect_timeout, read=self.options.read_timeout)
+        for service in rendezvous_order(loc.md5, self.services):
+            try:
+                resp = self._http.request("HEAD", service.root + locator, headers=self._headers(new_request_id()),
+                                          timeout=timeout, retries=False, redirect=False)
+                resp.drain_conn()
+            except urllib3.exceptions.HTTPError as exc:
+                problems.append(f"{service.root}: {self._network_error(exc)}")
+                continue
+            length = resp.headers.get("Content-Length")
+            if 200 <= resp.status < 300 and length == str(loc.size):
+                found += 1
+                if found >= want:
+                    return
+            elif 200 <= resp.status < 300:
+                problems.append(f"{service.root}: HTTP {resp.status} with Content-Length {str(length)[:20]}")
+            elif resp.status in NOT_FOUND_STATUSES:
+                missing += 1
+            else:
+                problems.append(f"{service.root}: HTTP {resp.status}")
+        where = f" ({'; '.join(problems)})" if problems else ""
+        if found == 0 and not problems:
+            raise BlockNotFound(self._scrub(f"block {loc.stripped()} not found on {missing} service(s)"))
+        if found:
+            raise BlockNotFound(self._scrub(f"block {loc.stripped()}: {found} of {want} copies found{where}"))
+        raise StoreError(self._scrub(f"block {loc.stripped()}: no service confirmed it{where}"))
 
     def close(self) -> None:
         """Release connections. Safe to call from another thread while a put or get
@@ -299,7 +390,7 @@ class KeepClient:
         if size == 0 and md5_hex == EMPTY_BLOCK_MD5:
             return StoredBlock(EMPTY_BLOCK_LOCATOR, replicas=self.replication)
         want = self.replication
-        order = rendezvous_order(md5_hex, [s for s in self.services if not s.read_only])
+        order = rendezvous_order(md5_hex, self.writable_services())
         states = [_ServiceState(s) for s in order]
         request_id = new_request_id()
         stored = 0
@@ -315,21 +406,34 @@ class KeepClient:
             if self._closed:
                 raise StoreError(f"{self.describe()}: client closed while storing block {md5_hex}+{size}")
             rounds = attempt + 1
-            got, loc = self._put_round(candidates, view, md5_hex, size, want - stored,
-                                       parallel, request_id, attempt)
-            stored += got
-            locator = loc or locator
-            if stored >= want:
+            while candidates:
+                got, loc = self._put_round(candidates, view, md5_hex, size, self._shortfall(states, stored),
+                                           parallel, request_id, attempt)
+                stored += got
+                locator = loc or locator
+                if self._shortfall(states, stored) <= 0:
+                    break
+                # Copies still missing (a storage class unconfirmed, fewer replicas than
+                # hoped): the services not yet asked this round are asked now.
+                candidates = [st for st in candidates if st.tries <= attempt and not st.done and not st.dead]
+            if self._shortfall(states, stored) <= 0:
                 assert locator is not None
                 log.debug("stored %s+%d: %d replicas (request %s)", md5_hex, size, stored, request_id)
                 return StoredBlock(locator, stored)
-        tried = [st for st in states if st.tries]
-        detail = "; ".join(f"{st.service.root}: {st.last_error}" for st in tried if st.last_error)
-        ok = [st.service.root for st in states if st.replicas]
-        msg = (f"could not store block {md5_hex}+{size} with {want} replicas "
-               f"(stored {stored}{' on ' + ', '.join(ok) if ok else ''}) after {rounds} "
-               f"round(s) on {len(tried)} service(s): {detail or 'no service answered'}")
-        raise StoreError(self._scrub(msg))
+        missing = self._classes_missing(states) if stored >= want else []
+        raise StoreError(self._scrub(_put_failure(md5_hex, size, want, stored, rounds, states, missing)))
+
+    def _classes_missing(self, states: list[_ServiceState]) -> list[str]:
+        """Wanted storage classes with fewer than ``replication`` confirmed copies; none
+        when a service that stored a copy did not say (no tracking, as in the SDK)."""
+        done = [st for st in states if st.done]
+        if not self.classes or any(st.classes is None for st in done):
+            return []
+        return [c for c in self.classes if sum((st.classes or {}).get(c, 0) for st in done) < self.replication]
+
+    def _shortfall(self, states: list[_ServiceState], stored: int) -> int:
+        """How many more copies the block needs: replicas, or copies in a storage class."""
+        return max(self.replication - stored, 1 if self._classes_missing(states) else 0)
 
     def _put_round(self, candidates: list[_ServiceState], view: memoryview, md5_hex: str, size: int,
                    needed: int, parallel: int, request_id: str, attempt: int) -> tuple[int, str | None]:
@@ -369,6 +473,8 @@ class KeepClient:
         headers["Content-Length"] = str(size)
         headers["X-Keep-Desired-Replicas"] = str(self.replication)
         headers["Content-Type"] = "application/octet-stream"
+        if self.classes:
+            headers["X-Keep-Storage-Classes"] = ", ".join(self.classes)
         url = st.service.root + md5_hex
         try:
             resp = self._http.request("PUT", url, body=view, headers=headers,
@@ -397,6 +503,7 @@ class KeepClient:
                 replicas = 1
             st.done = True
             st.replicas = replicas
+            st.classes = _confirmed_classes(resp.headers.get("X-Keep-Storage-Classes-Confirmed"))
             # A success that confirms no replica is not retried on this service (as
             # the SDK does), but it must show in the message if the block fails.
             st.last_error = None if replicas else self._scrub(
@@ -489,6 +596,43 @@ class KeepClient:
             if not reusable:
                 resp.close()
             resp.release_conn()
+
+
+def _put_failure(md5_hex: str, size: int, want: int, stored: int, rounds: int,
+                 states: list[_ServiceState], classes_missing: list[str]) -> str:
+    """Why a block could not get its copies: what each writable service did (and
+    which storage classes were confirmed, when those are what is missing)."""
+    outcomes = []
+    for st in states:
+        if st.replicas:
+            confirmed = f", confirmed {st.classes or 'no class'}" if classes_missing else ""
+            outcomes.append(f"{st.service.root}: stored {st.replicas}{confirmed}")
+        elif st.last_error:
+            outcomes.append(f"{st.service.root}: {st.last_error}")
+        elif not st.tries:
+            outcomes.append(f"{st.service.root}: not tried")
+    if len(states) < want:
+        outcomes.append(f"only {len(states)} writable service(s) for {want} copies")
+    classes = f" in storage class(es) {', '.join(classes_missing)}" if classes_missing else ""
+    return (f"could not store block {md5_hex}+{size} with {want} replicas{classes} (stored {stored}) after "
+            f"{rounds} round(s): {'; '.join(outcomes) or 'no writable service'}")
+
+
+def _confirmed_classes(header: str | None) -> dict[str, int] | None:
+    """``X-Keep-Storage-Classes-Confirmed: a=1, b=2`` as a dict; None when absent or
+    malformed (the SDK then stops tracking classes)."""
+    if header is None:
+        return None
+    out: dict[str, int] = {}
+    for part in header.split(","):
+        name, _, count = part.strip().partition("=")
+        if not name:
+            continue
+        try:
+            out[name] = out.get(name, 0) + int(count)
+        except ValueError:
+            return None
+    return out
 
 
 class KeepBlockWriter:

@@ -32,7 +32,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
@@ -45,8 +45,8 @@ TMP_PREFIX = "tmp-keep-ingest-"
 TMP_MAX_AGE = 24 * 3600  # seconds unmodified before a temporary file counts as abandoned
 READ_CHUNK = 1 << 20
 
-_PREFIX_DIR_RE = re.compile(r"^[0-9a-f]+$")
-_BLOCK_FILE_RE = re.compile(r"^[0-9a-f]{32}$")
+_PREFIX_DIR_RE = re.compile(r"[0-9a-f]+")
+_BLOCK_FILE_RE = re.compile(r"[0-9a-f]{32}")
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -89,9 +89,17 @@ def _store_error(exc: OSError, what: str) -> StoreError:
 class DirectoryStore:
     """Blocks stored as files under one root directory."""
 
-    def __init__(self, root: str, fsync: bool = True):
+    def __init__(self, root: str, fsync: bool = True, write: bool = True):
+        """A store for writing (created if missing, and checked writable) or, with
+        ``write=False``, for reading only: nothing is created, and it must exist."""
         self.root = os.path.abspath(os.path.expanduser(root))
         self.fsync = fsync
+        self._swept = False
+        if not write:
+            if not os.path.isdir(self.root):
+                why = "is not a directory" if os.path.lexists(self.root) else "does not exist"
+                raise StoreError(f"block store {self.root} {why}")
+            return
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
@@ -100,7 +108,6 @@ class DirectoryStore:
             # access() says no for a read-only mount too, even to root: say which.
             reason = "read-only file system" if _read_only_fs(self.root) else "permission denied"
             raise StoreError(f"block store {self.root} is not writable: {reason}")
-        self._swept = False
 
     def describe(self) -> str:
         return self.root
@@ -165,6 +172,18 @@ class DirectoryStore:
             return os.stat(self.block_path(md5_hex)).st_size == size
         except FileNotFoundError:
             return False
+
+    def max_replicas(self, down: Collection[str] = ()) -> int:
+        return 1
+
+    def check_block(self, locator: str) -> None:
+        """Re-hash the stored block (streamed) and check its size."""
+        loc = block_to_read(locator)
+        if loc is None:
+            return
+        size = self.verify(loc.md5)
+        if size != loc.size:
+            raise BlockCorrupt(f"block {self.block_path(loc.md5)} is corrupt: {size} bytes, not {loc.size}")
 
     def get(self, locator: str) -> bytes:
         loc = block_to_read(locator)
@@ -303,12 +322,12 @@ class DirectoryStore:
         for sub in subdirs:
             if not (sub.startswith(prefix) or prefix.startswith(sub)):
                 continue
-            if not _PREFIX_DIR_RE.match(sub):
+            if not _PREFIX_DIR_RE.fullmatch(sub):
                 continue
             subpath = os.path.join(self.root, sub)
             try:
                 with os.scandir(subpath) as it:
-                    entries = sorted((e for e in it if _BLOCK_FILE_RE.match(e.name)
+                    entries = sorted((e for e in it if _BLOCK_FILE_RE.fullmatch(e.name)
                                       and e.name.startswith(prefix)), key=lambda e: e.name)
             except NotADirectoryError:
                 continue

@@ -12,8 +12,10 @@ from typing import Any
 from ingest.keep.store import BlockStore
 
 
-def open_store(spec: dict[str, Any]) -> BlockStore:
-    """Build the store a spec describes.
+def open_store(spec: dict[str, Any], write: bool = True) -> BlockStore:
+    """Build the store a spec describes; ``write=False`` for a reader, which never
+    creates anything (a directory store that does not exist is an error, and one
+    that is read-only is fine).
 
     * ``{"type": "directory", "path": DIR, "fsync": bool}``: a local directory store.
     * ``{"type": "keep", "services": [URL, ...], "token": str | None,
@@ -27,7 +29,7 @@ def open_store(spec: dict[str, Any]) -> BlockStore:
     if kind == "directory":
         from ingest.keep.dirstore import DirectoryStore
 
-        return DirectoryStore(spec["path"], fsync=spec.get("fsync", True))
+        return DirectoryStore(spec["path"], fsync=spec.get("fsync", True), write=write)
     if kind == "keep":
         from ingest.keep.client import KeepClient
 

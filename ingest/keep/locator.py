@@ -14,9 +14,9 @@ BLOCK_SIZE_MAX = 1 << 26  # 67,108,864 bytes
 EMPTY_BLOCK_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
 EMPTY_BLOCK_LOCATOR = EMPTY_BLOCK_MD5 + "+0"
 
-_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
-_LOCATOR_RE = re.compile(r"^([0-9a-f]{32})\+([0-9]+)((?:\+[A-Z][-A-Za-z0-9@_]*)*)$")
-_PERMISSION_RE = re.compile(r"^A([0-9a-f]{40})@([0-9a-f]{1,8})$")
+_MD5_RE = re.compile(r"[0-9a-f]{32}")
+_LOCATOR_RE = re.compile(r"([0-9a-f]{32})\+([0-9]+)((?:\+[A-Z][-A-Za-z0-9@_]*)*)")
+_PERMISSION_RE = re.compile(r"A([0-9a-f]{40})@([0-9a-f]{1,8})")
 
 
 class LocatorError(ValueError):
@@ -34,7 +34,7 @@ class Locator:
     @classmethod
     def parse(cls, text: str) -> Locator:
         """Parse ``md5+size[+hints]``; raise LocatorError naming the text if invalid."""
-        m = _LOCATOR_RE.match(text)
+        m = _LOCATOR_RE.fullmatch(text)
         if not m:
             raise LocatorError(f"invalid block locator {text!r}")
         hints = tuple(h for h in m.group(3).split("+") if h)
@@ -52,7 +52,7 @@ class Locator:
     def permission_expiry(self) -> int | None:
         """Unix expiry time of the ``+A`` signature, or None when unsigned."""
         for hint in self.hints:
-            m = _PERMISSION_RE.match(hint)
+            m = _PERMISSION_RE.fullmatch(hint)
             if m:
                 return int(m.group(2), 16)
         return None
@@ -60,4 +60,4 @@ class Locator:
 
 def is_md5_hex(text: str) -> bool:
     """True for a 32-digit lowercase hex string."""
-    return bool(_MD5_RE.match(text))
+    return bool(_MD5_RE.fullmatch(text))

@@ -21,9 +21,9 @@ DEFAULT_TTL = 1209600  # 336 hours, Collections.BlobSigningTTL's default
 # A signed locator: the hash, an optional size, any other hints, exactly one
 # +A<40 hex>@<8 hex> hint, then any other hints.
 _SIGNED_RE = re.compile(
-    r"^(?P<md5>[0-9a-fA-F]{32})(?:\+[0-9]+)?(?:\+[B-Z][A-Za-z0-9@_-]*)*"
+    r"(?P<md5>[0-9a-fA-F]{32})(?:\+[0-9]+)?(?:\+[B-Z][A-Za-z0-9@_-]*)*"
     r"\+A(?P<sig>[0-9a-fA-F]{40})@(?P<expiry>[0-9a-fA-F]{8})"
-    r"(?:\+[B-Z][A-Za-z0-9@_-]*)*$")
+    r"(?:\+[B-Z][A-Za-z0-9@_-]*)*")
 
 
 class SignatureError(ValueError):
@@ -44,9 +44,13 @@ class SignatureExpired(SignatureError):
 
 def permission_signature(md5_hex: str, token: str, expiry_hex: str, ttl: int,
                          key: bytes) -> str:
-    """The 40-hex-digit HMAC-SHA1 of one block for one token and expiry."""
+    """The 40-hex-digit HMAC-SHA1 of one block for one token and expiry.
+
+    A token is signed as the bytes it came in (an HTTP header that is not UTF-8
+    arrives with surrogate escapes), as keepstore, which treats it as bytes, does.
+    """
     msg = "@".join((md5_hex, token, expiry_hex, format(int(ttl), "x")))
-    return hmac.new(key, msg.encode(), hashlib.sha1).hexdigest()
+    return hmac.new(key, msg.encode("utf-8", "surrogateescape"), hashlib.sha1).hexdigest()
 
 
 def sign_locator(locator: str, token: str | None, key: bytes | None,
@@ -77,7 +81,7 @@ def verify_signature(locator: str, token: str, key: bytes, ttl: int = DEFAULT_TT
     The expiry is checked before the HMAC, as keepstore does, so an expired but
     otherwise wrong signature reports as expired.
     """
-    m = _SIGNED_RE.match(locator)
+    m = _SIGNED_RE.fullmatch(locator)
     if not m:
         raise SignatureMissing(f"no permission signature in {locator!r}")
     expiry = int(m.group("expiry"), 16)

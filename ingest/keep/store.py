@@ -9,6 +9,7 @@ number of replicas it confirmed. Stores are built from a plain ``spec`` dict (se
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +52,17 @@ class BlockStore(Protocol):
 
     def unreachable(self) -> dict[str, str]:
         """Parts of the store that do not answer right now: ``{where: error}``."""
+
+    def max_replicas(self, down: Collection[str] = ()) -> int | None:
+        """The most distinct copies of one block this store can write (1 for a
+        directory, the writable services for Keep disk services), not counting the
+        parts ``down`` names (as :meth:`unreachable` names them); None when it cannot
+        tell (a proxy stores copies behind it)."""
+
+    def check_block(self, locator: str) -> None:
+        """Confirm a stored block is still there and sound: BlockNotFound when it is
+        missing (or has fewer copies than the store was asked to keep), BlockCorrupt
+        when its stored bytes are not its own, StoreError when the store cannot tell."""
 
     def close(self) -> None:
         """Release connections and files."""

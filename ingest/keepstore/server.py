@@ -96,10 +96,10 @@ CORS_HEADERS = {
 }
 
 # Route patterns, matched against the raw request path (no query string).
-_LOCATOR_PATH = re.compile(r"^/(?P<loc>[0-9a-f]{32}.*)$", re.S)
-_LOCATOR_PATH_DOUBLE = re.compile(r"^//(?P<loc>[0-9a-f]{32}.*)$", re.S)
-_INDEX_PATH = re.compile(r"^/index(?:/(?P<prefix>[0-9a-f]{0,32}))?$")
-_MOUNT_BLOCKS_PATH = re.compile(r"^/mounts/(?P<uuid>[^/]+)/blocks(?:/(?P<prefix>[0-9a-f]{0,32}))?$")
+_LOCATOR_PATH = re.compile(r"/(?P<loc>[0-9a-f]{32}.*)", re.S)
+_LOCATOR_PATH_DOUBLE = re.compile(r"//(?P<loc>[0-9a-f]{32}.*)", re.S)
+_INDEX_PATH = re.compile(r"/index(?:/(?P<prefix>[0-9a-f]{0,32}))?")
+_MOUNT_BLOCKS_PATH = re.compile(r"/mounts/(?P<uuid>[^/]+)/blocks(?:/(?P<prefix>[0-9a-f]{0,32}))?")
 
 
 class HTTPFailure(Exception):
@@ -160,11 +160,17 @@ def parse_locator_info(loc: str) -> LocatorInfo:
     return LocatorInfo(md5, size, signed, remote)
 
 
+# What Go's strings.TrimSpace trims (unicode.IsSpace): Arvados trims every token.
+_GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+            "\u2028\u2029\u202f\u205f\u3000"
+
+
 def request_tokens(headers: Mapping[str, str], query: Any, cookies: Mapping[str, str]) -> list[str]:
     """Every API token a request carries, in keepstore's order of precedence.
 
     ``Authorization: Bearer|OAuth2 <tok>``, then the Basic-auth password, then each
-    ``api_token`` query value, then the base64url ``arvados_api_token`` cookie.
+    ``api_token`` query value, then the base64url ``arvados_api_token`` cookie; each
+    with surrounding whitespace trimmed, as Arvados' Go ``auth`` package does.
     Keepstore signs and verifies with the first one; the admin check accepts any.
     """
     tokens: list[str] = []
@@ -188,7 +194,7 @@ def request_tokens(headers: Mapping[str, str], query: Any, cookies: Mapping[str,
             tokens.append(base64.urlsafe_b64decode(cookie.encode("ascii")).decode("utf-8", "replace"))
         except (binascii.Error, ValueError):
             pass
-    return tokens
+    return [token.strip(_GO_SPACE) for token in tokens]
 
 
 def parse_storage_classes(value: str) -> list[str]:
@@ -587,10 +593,10 @@ class KeepstoreServer:
         if method == "OPTIONS":
             return web.Response(status=200)
         if method in ("GET", "HEAD"):
-            m = _LOCATOR_PATH.match(path) or _LOCATOR_PATH_DOUBLE.match(path)
+            m = _LOCATOR_PATH.fullmatch(path) or _LOCATOR_PATH_DOUBLE.fullmatch(path)
             if m:
                 return await self._block_read(request, m.group("loc"))
-            m = _INDEX_PATH.match(path)
+            m = _INDEX_PATH.fullmatch(path)
             if m:
                 self._require_admin(request)
                 prefix = request.rel_url.query.get("prefix", "") or m.group("prefix") or ""
@@ -599,7 +605,7 @@ class KeepstoreServer:
                 self._require_admin(request)
                 return web.Response(text=json.dumps([v.mount_json() for v in self.volumes]) + "\n",
                                     content_type="application/json")
-            m = _MOUNT_BLOCKS_PATH.match(path)
+            m = _MOUNT_BLOCKS_PATH.fullmatch(path)
             if m:
                 self._require_admin(request)
                 vol = self.by_uuid.get(m.group("uuid"))
@@ -608,11 +614,11 @@ class KeepstoreServer:
                 prefix = request.rel_url.query.get("prefix", "") or m.group("prefix") or ""
                 return await self._index(request, [vol], prefix)
         elif method == "PUT":
-            m = _LOCATOR_PATH.match(path)
+            m = _LOCATOR_PATH.fullmatch(path)
             if m:
                 return await self._block_write(request, m.group("loc"))
         elif method == "DELETE":
-            m = _LOCATOR_PATH.match(path)
+            m = _LOCATOR_PATH.fullmatch(path)
             if m:
                 self._require_admin(request)
                 raise HTTPFailure(405, "method not allowed: this server does not trash blocks")
@@ -973,7 +979,7 @@ def _error_response(status: int, message: str) -> web.Response:
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` (or ``:PORT`` for all interfaces)."""
-    m = re.match(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]*)):(?P<port>\d+)$", value)
+    m = re.fullmatch(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]*)):(?P<port>\d+)", value)
     if not m:
         raise ValueError(f"--listen must be HOST:PORT, not {value!r}")
     host = m.group("v6") or m.group("host") or "0.0.0.0"

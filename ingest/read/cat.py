@@ -12,6 +12,7 @@ from typing import BinaryIO
 from ingest.errors import IngestError
 from ingest.keep.store import BlockStore
 from ingest.manifest import Segment
+from ingest.words import quoted
 
 
 def _runs(segments: list[Segment]) -> list[tuple[str, list[Segment]]]:
@@ -42,7 +43,7 @@ def stream_file(store: BlockStore, segments: list[Segment], out: BinaryIO, name:
                 except IngestError as exc:
                     if not name:
                         raise
-                    raise type(exc)(f"{exc} (reading {name!r})", exc.exit_code) from None
+                    raise type(exc)(f"{exc} (reading {quoted(name)})", exc.exit_code) from None
                 nxt = readahead.submit(store.get, runs[k + 1][0]) if k + 1 < len(runs) else None
                 view = memoryview(data)
                 for seg in segs:

@@ -48,7 +48,7 @@ from ingest.read.select import select
 log = logging.getLogger("keep-ingest.get")
 
 TMP_PREFIX = ".keep-ingest-get-"
-TMP_RE = re.compile(r"^\.keep-ingest-get-[0-9a-f]{16}\.tmp$")
+TMP_RE = re.compile(r"\.keep-ingest-get-[0-9a-f]{16}\.tmp")
 PROGRESS_EVERY_S = 5.0
 MAX_LISTED = 10
 
@@ -236,7 +236,8 @@ class _Getter:
         removed = 0
         for d in dirs:
             try:
-                stale = [name for name in self.dest.names(d) if TMP_RE.match(name) and (d, name) not in finals]
+                stale = [name for name in self.dest.names(d)
+                         if TMP_RE.fullmatch(name) and (d, name) not in finals]
             except OSError:
                 continue
             for name in stale:

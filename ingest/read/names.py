@@ -11,6 +11,7 @@ import os
 
 from ingest.errors import IngestError, UsageError
 from ingest.manifest import Manifest, ManifestError
+from ingest.words import quoted
 
 # Shown as \ooo in text output: control characters, DEL and the backslash itself,
 # so that one line is one entry whatever the names hold. --json shows names as is.
@@ -40,7 +41,7 @@ def collection_path(arg: str) -> str:
         try:
             Manifest().add_dir(path)  # the manifest's own rules for a path
         except ManifestError as exc:
-            raise UsageError(f"invalid collection path {arg!r}: {exc}") from None
+            raise UsageError(f"invalid collection path {quoted(arg)}: {exc}") from None
     return path
 
 
@@ -48,7 +49,7 @@ def check_safe(relpath: str) -> None:
     """Refuse a relative path that could leave its destination or cannot be created."""
     parts = relpath.split("/")
     if relpath.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise UnsafePath(f"refusing unsafe name {relpath!r}: absolute, empty, '.' or '..' component")
+        raise UnsafePath(f"refusing unsafe name {quoted(relpath)}: absolute, empty, '.' or '..' component")
     if "\x00" in relpath:
         raise UnsafePath(f"refusing name '{display(relpath)}': it contains a NUL byte")
 

@@ -72,7 +72,7 @@ def worker_store() -> BlockStore:
     if _store is None:
         if _spec is None:
             raise RuntimeError("worker_store() called outside a pool worker")
-        _store = open_store(_spec)
+        _store = open_store(_spec, write=False)
     return _store
 
 

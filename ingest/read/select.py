@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ingest.errors import IngestError
-from ingest.manifest import Manifest, Segment
+from ingest.manifest import Manifest, Segment, unescape_name
+from ingest.words import quoted
 
 
 class NotInManifest(IngestError):
@@ -38,13 +39,24 @@ class Selection:
 
 
 def select(manifest: Manifest, path: str) -> Selection:
-    """What ``path`` ("" for the root, as normalized by names.collection_path) names."""
-    segments = manifest.find(path) if path else None
-    if segments is not None:
-        name = path.rsplit("/", 1)[-1]
-        return Selection(path, True, [SelectedFile(path, name, segments)])
-    if not manifest.is_dir(path):
-        raise NotInManifest(f"{path!r}: no such file or directory in the manifest")
+    """What ``path`` ("" for the root, as normalized by names.collection_path) names.
+
+    The path is taken as ``ls`` prints it: ``\\ooo`` escapes (control characters,
+    and the backslash itself as ``\\134``) are decoded, so whatever ``ls`` printed
+    names what ``ls`` meant; failing that, as typed (``back\\slash`` is found either
+    way, as a backslash followed by no octal digits is no escape).
+    """
+    for spelling in dict.fromkeys([unescape_name(path), path]):
+        segments = manifest.find(spelling) if spelling else None
+        if segments is not None:
+            name = spelling.rsplit("/", 1)[-1]
+            return Selection(spelling, True, [SelectedFile(spelling, name, segments)])
+        if manifest.is_dir(spelling):
+            return _directory(manifest, spelling)
+    raise NotInManifest(f"{quoted(path)}: no such file or directory in the manifest")
+
+
+def _directory(manifest: Manifest, path: str) -> Selection:
     prefix = path + "/" if path else ""
     sel = Selection(path, False)
     for fpath, segs in manifest.files():

@@ -55,7 +55,7 @@ def _read_source(arg: str, settings: Settings | None) -> tuple[bytes, str]:
             raise ManifestLoadError(f"manifest {arg}: {exc.strerror or exc}") from None
     if settings is None:
         raise ManifestLoadError(f"manifest {arg}: loading a manifest from Keep needs a store")
-    store = open_store(settings.store_spec())
+    store = open_store(settings.store_spec(), write=False)
     try:
         data = store.get(arg)
     except StoreError as exc:

@@ -1,7 +1,10 @@
 """``verify``: compare the files of a manifest with a source tree.
 
-The source tree is walked as ``put SRC/`` walks it (same symlink and exclude
-rules). Files on one side only are reported as missing (in the manifest, not in
+The sources are walked as ``put`` walks them: the same forms (``dir`` is
+``./dir/...``, ``dir/`` its contents, a file ``./NAME``), the same symlink and
+exclude rules. When the tree differs and the manifest looks made from the other
+form of a lone directory (``put dir`` against ``verify dir/``, or the other way
+round), the report carries a hint saying what to type. Files on one side only are reported as missing (in the manifest, not in
 the source) or extra (in the source, not in the manifest), at the topmost path
 only: a whole missing directory is one entry. Files on both sides are compared
 byte for byte: workers fetch each block once (MD5 checked) and compare its
@@ -24,6 +27,7 @@ from ingest.manifest import Manifest, Segment
 from ingest.read.blocks import BlockJob, group_by_block
 from ingest.read.pool import BlockPool, Job, JobFailed, worker_store
 from ingest.walk import Excludes, SourceFile, walk_sources
+from ingest.words import quoted
 
 log = logging.getLogger("keep-ingest.verify")
 
@@ -51,6 +55,7 @@ class VerifyReport:
     seconds: float = 0.0
     differences: list[Difference] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # source entries the walk skipped
+    other_form: str = ""               # the source form the manifest looks made from, when not the given one
 
     @property
     def ok(self) -> bool:
@@ -131,11 +136,25 @@ def _tree_key(diff: Difference) -> list[str]:
     return diff.path.rstrip("/").split("/")
 
 
+def _other_form(manifest: Manifest, sources: list[str]) -> str:
+    """The source form (``dir`` or ``dir/``) the manifest looks made from, when it is
+    not the one given for a lone directory; "" otherwise."""
+    if len(sources) != 1 or not os.path.isdir(sources[0]):
+        return ""
+    src = sources[0]
+    base = os.path.basename(os.path.abspath(src))
+    top = {p.split("/", 1)[0] for p, _ in manifest.files()} | {d.split("/", 1)[0] for d in manifest.directories()}
+    if not src.endswith(os.sep):
+        return os.path.join(src, "") if top and base not in top else ""
+    whole = top == {base} and manifest.is_dir(base) and not os.path.lexists(os.path.join(src, base))
+    return src.rstrip(os.sep) if whole else ""
+
+
 class _Verifier:
-    def __init__(self, manifest: Manifest, src: str, spec: dict, workers: int,
+    def __init__(self, manifest: Manifest, sources: list[str], spec: dict, workers: int,
                  follow_links: bool, excludes: Excludes):
         self.manifest = manifest
-        self.src = src
+        self.sources = sources
         self.spec = spec
         self.workers = workers
         self.follow_links = follow_links
@@ -149,9 +168,7 @@ class _Verifier:
 
     def structure(self) -> list[tuple[str, list[Segment], SourceFile]]:
         """Report what exists on one side only; return files on both sides."""
-        if not os.path.isdir(self.src):
-            raise SourceError(f"{self.src}: not a directory (verify compares a manifest with a directory)")
-        walk = walk_sources([os.path.join(self.src, "")], self.follow_links, self.excludes)
+        walk = walk_sources(self.sources, self.follow_links, self.excludes)
         self.report.skipped = walk.skipped
         mfiles = dict(self.manifest.files())
         mdirs = set(self.manifest.directories())
@@ -206,7 +223,7 @@ class _Verifier:
 
     def block_error(self, failed: JobFailed) -> IngestError:
         job = self.jobs[failed.tag]
-        names = list(dict.fromkeys(repr(self.names[p.file]) for p in job.pieces))
+        names = list(dict.fromkeys(quoted(self.names[p.file]) for p in job.pieces))
         return failed.for_block(job.locator, names)
 
     def run(self) -> VerifyReport:
@@ -240,11 +257,13 @@ class _Verifier:
             else:
                 self.report.differences.append(Difference("differs", path, offset, msize, source.size))
         self.report.differences.sort(key=_tree_key)
+        if self.report.differences:
+            self.report.other_form = _other_form(self.manifest, self.sources)
         self.report.seconds = time.monotonic() - started
         return self.report
 
 
-def run_verify(manifest: Manifest, src: str, spec: dict, workers: int, follow_links: bool = True,
+def run_verify(manifest: Manifest, sources: list[str], spec: dict, workers: int, follow_links: bool = True,
                excludes: Excludes | None = None) -> VerifyReport:
-    """Compare every file of ``manifest`` with the tree at ``src``."""
-    return _Verifier(manifest, src, spec, workers, follow_links, excludes or Excludes(())).run()
+    """Compare every file of ``manifest`` with the sources, walked as ``put`` walks them."""
+    return _Verifier(manifest, sources, spec, workers, follow_links, excludes or Excludes(())).run()
