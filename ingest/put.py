@@ -240,26 +240,27 @@ def check_store(settings: Settings) -> None:
     store = open_store(settings.store_spec())
     try:
         down = store.unreachable()
-        most, answering = store.max_replicas(), store.max_replicas(down)
+        can_hold = None if len(down) == len(settings.store.services) else store.max_replicas(down)
+        writable = len(store.writable_services()) if settings.store.type == "keep" else 1
     finally:
         store.close()
     want = settings.store.replication if settings.store.type == "keep" else 1
     services = settings.origin("store.services")
-    if most is not None and most < want:
+    listed = "; ".join(f"{url}: {error}" for url, error in down.items())
+    if down and len(down) == len(settings.store.services):
+        raise StoreError(f"no Keep service answers ({services}): {listed}")
+    if can_hold is not None and can_hold < want:
+        if down:
+            raise StoreError(f"only {writable - len(down)} of {writable} writable Keep services answer, and they "
+                             f"can hold {can_hold} of the {want} copies asked for (replication, "
+                             f"{settings.origin('store.replication')}): {listed}")
         raise ConfigError(
             f"replication {want} ({settings.origin('store.replication')}) needs {want} copies, but the "
-            f"writable Keep services given ({services}) can hold {most}: lower it with --replication "
-            f"{max(most, 1)} (or store.replication in the profile), or add services (--keep URL, repeatable)")
-    if not down:
-        return
-    listed = "; ".join(f"{url}: {error}" for url, error in down.items())
-    if len(down) == len(settings.store.services):
-        raise StoreError(f"no Keep service answers ({services}): {listed}")
-    if answering is not None and answering < want:
-        raise StoreError(f"only {answering} of {most} writable Keep services answer, fewer than the "
-                         f"{want} copies asked for (replication, {settings.origin('store.replication')}): {listed}")
-    log.warning("some Keep services do not answer (%s), the others will take their blocks: %s",
-                services, listed)
+            f"writable Keep services given ({services}) can hold {can_hold}: lower it with --replication "
+            f"{max(can_hold, 1)} (or store.replication in the profile), or add services (--keep URL, repeatable)")
+    if down:
+        log.warning("some Keep services do not answer (%s), the others will take their blocks: %s",
+                    services, listed)
 
 
 def _run_record(identity: RunIdentity) -> dict[str, Any]:

@@ -407,3 +407,35 @@ def test_a_remote_workers_failure_costs_a_retry_not_the_run(cli, tmp_path, src):
     expected, out, err, _ = _rogue_run(cli, tmp_path, src, {"fails_its_block": fails_its_block})
     assert out == expected
     assert "could not store block" in err and "disk on fire" in err and "another worker will try" in err
+
+
+def test_a_worker_gives_up_on_handshakes_only_when_the_failure_is_settled():
+    import struct
+
+    from workers.worker import _Handshakes
+
+    ctx = zmq.Context()
+    events_in, events_out = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    events_in.bind("inproc://monitor-test")
+    events_out.connect("inproc://monitor-test")
+
+    def event(kind: int) -> None:  # the monitor's own format: u16 event, u32 value; then the endpoint
+        events_out.send_multipart([struct.pack("=HI", kind, 0), b"tcp://127.0.0.1:1"])
+        time.sleep(0.01)
+
+    try:
+        handshakes = _Handshakes(events_in)
+        event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)       # a coordinator closing mid-handshake
+        event(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        assert handshakes.failure() is None
+        event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)       # three in a row: the key is wrong
+        assert handshakes.failure() == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        refused = _Handshakes(events_in)
+        event(zmq.EVENT_HANDSHAKE_FAILED_AUTH)            # refused by the coordinator: at once
+        assert refused.failure() == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    finally:
+        events_in.close(0)
+        events_out.close(0)
+        ctx.term()

@@ -45,8 +45,8 @@ POLL_MS = 100
 _RESULTS_ADDR = "inproc://committer-results"
 _REMOTE_KINDS = protocol.FROM_COORDINATOR - {protocol.READ}
 _REMOTE_FRAME_MAX = BLOCK_SIZE_MAX + protocol.HEADER_MAX  # a chunk is at most a block
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
 class _CoordinatorGone(Exception):
@@ -194,19 +194,40 @@ def _parent_gone(parent_pid: int | None) -> bool:
     return parent_pid is not None and os.getppid() != parent_pid
 
 
-def _handshake_failure(monitor: zmq.Socket | None) -> int | None:
-    """The first handshake-failure event the monitor has seen, if any (remote workers)."""
-    from zmq.utils.monitor import recv_monitor_message
+class _Handshakes:
+    """What the monitor of a remote worker's socket says about its secure handshakes.
 
-    while monitor is not None and monitor.poll(0):
-        event = recv_monitor_message(monitor)
-        if event["event"] & _HANDSHAKE_FAILED:
-            return event["event"]
-    return None
+    A refused key (ZAP's answer) or a coordinator without CURVE fail the handshake
+    every time, and say so; a failure without detail is also what a coordinator
+    closing mid-handshake gives, so only ``NO_DETAIL_LIMIT`` of them in a row (the
+    socket reconnects every 0.1 s) mean the coordinator's key is not the one given.
+    """
+
+    NO_DETAIL_LIMIT = 3
+
+    def __init__(self, monitor: zmq.Socket | None):
+        self.monitor = monitor
+        self.no_detail = 0
+
+    def failure(self) -> int | None:
+        """The handshake failure that settles it, if one has happened by now."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor is not None and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                return event
+            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self.no_detail += 1
+                if self.no_detail >= self.NO_DETAIL_LIMIT:
+                    return event
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.no_detail = 0
+        return None
 
 
 def _await_welcome(sock: zmq.Socket, address: str, kinds: frozenset[str], parent_pid: int | None,
-                   wait_s: float, monitor: zmq.Socket | None) -> Message | None:
+                   wait_s: float, handshakes: _Handshakes) -> Message | None:
     """The coordinator's WELCOME, or None if it has no work left for us.
 
     A local worker waits as long as its coordinator lives (it may be walking a
@@ -217,7 +238,7 @@ def _await_welcome(sock: zmq.Socket, address: str, kinds: frozenset[str], parent
     while not sock.poll(POLL_MS):
         if _parent_gone(parent_pid):
             return None
-        failed = _handshake_failure(monitor)
+        failed = handshakes.failure()
         if failed == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise IngestError(f"the coordinator at {address} refused this worker's key: add its public key "
                               "(.key) to the coordinator's worker keys (put --worker-keys)")
@@ -256,7 +277,7 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
         sock.setsockopt(zmq.MAXMSGSIZE, _REMOTE_FRAME_MAX)
     if credentials is not None:
         credentials.secure(sock)
-    monitor = None if local else sock.get_monitor_socket(_HANDSHAKE_FAILED)
+    monitor = None if local else sock.get_monitor_socket(_HANDSHAKE_EVENTS)
     results = ctx.socket(zmq.PAIR)
     results.bind(_RESULTS_ADDR)
     committer = _Committer(ctx)
@@ -266,7 +287,7 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
         sock.connect(address)
         sock.send(protocol.encode(protocol.HELLO, pid=os.getpid(), host=socket.gethostname(),
                                   version=protocol.PROTOCOL_VERSION))
-        welcome = _await_welcome(sock, address, kinds, parent_pid, wait_s, monitor)
+        welcome = _await_welcome(sock, address, kinds, parent_pid, wait_s, _Handshakes(monitor))
         if welcome is None:
             coordinator_gone = _parent_gone(parent_pid)
             return 0
