@@ -180,24 +180,23 @@ def _worker_order(name: str) -> tuple[int, int, str]:
     return (0, int(local.group(1)), "") if local else (1, 0, name)
 
 
-def _fields(snap: Snapshot, narrow: bool) -> list[list[str]]:
-    """The display's lines after the first, each a list of fields (never split)."""
+def _fields(snap: Snapshot, narrow: bool) -> tuple[list[str], list[str], list[str]]:
+    """The fields (never split) of the display's lines after the first: bytes and
+    rate; files, blocks, reused and warnings; the workers' rates."""
     warnings = [f"skipped {snap.skipped:,}", f"unreadable {snap.unreadable:,}"]
     if snap.phase == WALK:
-        return [[f"{human_bytes(snap.bytes_found):>{SIZE_W}} found"],
-                [f"files {snap.files_found:,} found", *warnings]]
+        return [f"{human_bytes(snap.bytes_found):>{SIZE_W}} found"], [f"files {snap.files_found:,} found",
+                                                                     *warnings], []
     moving = snap.bytes_done + snap.bytes_in_flight
+    amounts = [f"{human_bytes(moving):>{SIZE_W}} of {human_bytes(snap.bytes_total)}",
+               f"{human_bytes(snap.rate) + '/s':>{RATE_W}}"]
     files = f"files {_count(snap.files_done, snap.files_total)}"
-    groups = [[f"{human_bytes(moving):>{SIZE_W}} of {human_bytes(snap.bytes_total)}",
-               f"{human_bytes(snap.rate) + '/s':>{RATE_W}}"]]
     if narrow:
-        return [*groups, [files, *warnings]]
-    groups.append([files, f"blocks {_count(snap.blocks_done, snap.blocks_total)}",
-                   f"reused {human_bytes(snap.bytes_reused)}", *warnings])
-    if snap.workers:
-        groups.append([f"{name} {human_bytes(rate) + '/s':>{RATE_W}}"
-                       for name, rate in sorted(snap.workers.items(), key=lambda kv: _worker_order(kv[0]))])
-    return groups
+        return amounts, [files, *warnings], []
+    workers = [f"{name} {human_bytes(rate) + '/s':>{RATE_W}}"
+               for name, rate in sorted(snap.workers.items(), key=lambda kv: _worker_order(kv[0]))]
+    return amounts, [files, f"blocks {_count(snap.blocks_done, snap.blocks_total)}",
+                     f"reused {human_bytes(snap.bytes_reused)}", *warnings], workers
 
 
 def _pack(fields: list[str], width: int, max_lines: int | None = None) -> list[str]:
@@ -234,20 +233,16 @@ def render(snap: Snapshot, width: int, unicode: bool = True) -> list[str]:
     head = f"{PHASE_WORDS[snap.phase]:<9} {_percent(snap):>6}"
     eta = clock(snap.eta) if snap.eta is not None else "-"
     times = [f"{'elapsed ' + clock(snap.elapsed):>{CLOCK_W + 8}}", f"{'ETA ' + eta:<{CLOCK_W + 4}}"]
-    groups = _fields(snap, width < NARROW)
+    amounts, counts, workers = _fields(snap, width < NARROW)
     tail = "  ".join(times)
     if width - len(head) - len(tail) - 3 >= BAR_MIN:
         bar = _bar(snap, width - len(head) - len(tail) - 3, unicode)
         first = f"{head} {bar}  {tail}"
     else:
-        groups[0] += [t.strip() for t in times]
+        amounts += [t.strip() for t in times]
         room = width - len(head) - 1
         first = f"{head} {_bar(snap, room, unicode)}" if room >= BAR_MIN else head
-    lines = [first[:width]]
-    for i, group in enumerate(groups):
-        is_workers = snap.phase != WALK and i == 2
-        lines += _pack(group, width, WORKER_LINES if is_workers else None)
-    return lines
+    return [first[:width], *_pack(amounts, width), *_pack(counts, width), *_pack(workers, width, WORKER_LINES)]
 
 
 class Terminal:
@@ -457,11 +452,13 @@ class Tracker:
         eta = None
         if self.phase == UPLOAD and rate > 0:
             eta = round((bytes_total - bytes_done - in_flight) / rate, 1)
-        return Snapshot(round(now - self.started, 3), bytes_done, bytes_total, self.files_done,
-                        files_total, self.blocks_done, self.blocks_total, self.bytes_uploaded,
-                        self.bytes_reused, rate, eta, rates, done, DONE if done else self.phase,
-                        self.found.files, self.found.bytes, 0 if done else in_flight, self.found.skipped,
-                        self.left_out + self.found.unreadable + self.read_unreadable)
+        return Snapshot(
+            elapsed=round(now - self.started, 3), bytes_done=bytes_done, bytes_total=bytes_total,
+            files_done=self.files_done, files_total=files_total, blocks_done=self.blocks_done,
+            blocks_total=self.blocks_total, bytes_uploaded=self.bytes_uploaded, bytes_reused=self.bytes_reused,
+            rate=rate, eta=eta, workers=rates, done=done, phase=DONE if done else self.phase,
+            files_found=self.found.files, bytes_found=self.found.bytes, bytes_in_flight=0 if done else in_flight,
+            skipped=self.found.skipped, unreadable=self.left_out + self.found.unreadable + self.read_unreadable)
 
     def show(self) -> None:
         self._shown = time.monotonic()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyte
 import pytest
-from conftest import SETPRIV, cli_env
+from conftest import SETPRIV, UNPRIVILEGED, cli_env, finish, spawn_cli
 from hypothesis import given
 from hypothesis import strategies as st
 from trees import MiB, fill
@@ -240,8 +240,7 @@ def run_in_terminal(tmp_path: Path, *args: str, unprivileged: bool = False) -> t
     main, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
     env = {k: v for k, v in cli_env(tmp_path, {"TERM": "xterm-256color"}).items() if k not in ("COLUMNS", "LINES")}
-    prefix = [SETPRIV, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"] if unprivileged else []
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "ingest", *args],
+    proc = subprocess.Popen([*(UNPRIVILEGED if unprivileged else []), sys.executable, "-m", "ingest", *args],
                             stdin=secondary, stdout=subprocess.PIPE, stderr=secondary, env=env)
     os.close(secondary)
     received = b""
@@ -363,11 +362,9 @@ def test_files_that_cannot_be_read_are_counted_as_the_run_goes(tmp_path, tree):
     assert any("skipped 3  unreadable 1" in line for screen in drawn for line in screen)
     assert "keep-ingest: partial: left out 1 unreadable path:" in end
     # The same counts in JSON lines, with the phases.
-    code = subprocess.run([SETPRIV, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--",
-                           sys.executable, "-m", "ingest", "put", "--store", str(tmp_path / "store2"),
-                           "--workers", "1", "--skip-unreadable", "-q", "--progress", "json",
-                           "--progress-file", str(progress), str(tree)],
-                          env=cli_env(tmp_path), capture_output=True).returncode
-    assert code == 3
+    code, _, err = finish(spawn_cli(tmp_path, "put", "--store", str(tmp_path / "store2"), "--workers", "1",
+                                    "--skip-unreadable", "-q", "--progress", "json", "--progress-file",
+                                    str(progress), str(tree), unprivileged=True))
+    assert code == 3, err
     lines = [json.loads(line) for line in progress.read_text().splitlines()]
     assert lines[-1]["phase"] == "done" and lines[-1]["unreadable"] == 1 and lines[-1]["skipped"] == 3
