@@ -64,11 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is at that moment: a live progress
+    display stands in for it while it runs, to print records above itself."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+
 def setup_logging(verbosity: int) -> None:
     """Log to stderr as ``keep-ingest: level: message``; -v for info, -vv for debug."""
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
         max(-1, min(verbosity, 2)), logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("keep-ingest: %(levelname)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

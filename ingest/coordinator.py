@@ -63,7 +63,7 @@ from ingest.link import (
     private_ipc_endpoint,
 )
 from ingest.plan import Plan
-from ingest.progress import Tracker
+from ingest.progress import NoDisplay, Tracker
 from ingest.protocol import Message, ProtocolError
 from ingest.reader import BlockReader, Chunk, FileChanged, Unreadable, piece_sources
 from ingest.receipts import check_receipt
@@ -172,6 +172,7 @@ class Coordinator:
         self._failures: Counter[int] = Counter()
         self._pending: deque[int] = deque()
         self._remaining = 0
+        self.progress = Tracker(NoDisplay())   # run() is given the run's
 
     # -- lifecycle -------------------------------------------------------
 
@@ -285,7 +286,8 @@ class Coordinator:
         ``reader`` reads the blocks streamed to workers that do not read them
         themselves; ``on_stored(block index, stored block, xxh3 digests of its pieces)``
         is called for each block as the store confirms it; ``progress`` hears of every
-        worker's bytes and is ticked on each turn of the loop.
+        worker (joined, its bytes, its blocks stored or dropped, left) and every file
+        that cannot be read, and is ticked on each turn of the loop.
         """
         self.plan, self.files, self.reader = plan, files, reader
         self.on_stored, self.progress = on_stored, progress
@@ -423,6 +425,7 @@ class Coordinator:
         """A file of this block cannot be read: drop the block, note the file, go on."""
         log.error("cannot read %s: %s", path, reason)
         self.unreadable[path] = reason
+        self.progress.file_unreadable()
         peer.open_blocks.discard(index)
         self._remaining -= 1
 
@@ -511,6 +514,7 @@ class Coordinator:
         peer.open_blocks.discard(index)
         peer.last_progress = time.monotonic()
         self._remaining -= 1
+        self.progress.worker_stored(peer.name, self.plan.block_size_of(index))
         self.on_stored(index, stored, digests)
 
     def _on_failed(self, peer: _Peer, msg: Message) -> None:
@@ -522,6 +526,7 @@ class Coordinator:
             raise StoreError(f"block {index} could not be stored by {BLOCK_FAILURES} workers; "
                              f"the last, {peer.name}, said: {msg['error']}")
         log.warning("%s could not store block %d (%s); another worker will try", peer.name, index, msg["error"])
+        self.progress.worker_dropped(peer.name, left=False)
         if peer.stream is not None and peer.stream_block == index:
             peer.stream.close()
             peer.stream = None
@@ -548,6 +553,7 @@ class Coordinator:
         peer = _Peer(link, identity, msg["pid"], name, user, credit=self.window, last_heard=now,
                      reads=reads, lanes=msg.get("lanes", 1) if reads else 1)
         self.peers[peer.key] = peer
+        self.progress.worker_joined(peer.name, None if peer.local else msg["host"])
         store = {} if peer.local else {"store": self.settings.store_spec()}
         self._send(peer, [protocol.encode(protocol.WELCOME, heartbeat_timeout=self.heartbeat_timeout,
                                           chunk_size=self.chunk_size, **store)], quiet=True)
@@ -599,6 +605,7 @@ class Coordinator:
         if self.peers.get(peer.key) is not peer:
             return
         del self.peers[peer.key]
+        self.progress.worker_dropped(peer.name, left=True)
         if peer.stream is not None:
             peer.stream.close()
         for index in sorted(peer.open_blocks, reverse=True):

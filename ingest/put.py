@@ -110,12 +110,15 @@ class _Run:
     """One attempt at the tree: plan it, decide what to reuse, upload the rest."""
 
     def __init__(self, settings: Settings, sources: list[str], index: ResumeIndex,
-                 verify_content: bool, leave_out: dict[str, str], display: Display):
+                 verify_content: bool, leave_out: dict[str, str], tracker: Tracker):
         self.settings = settings
+        self.tracker = tracker
+        tracker.walk_started(left_out=len(leave_out))
         self.walk = walk_sources(sources, settings.put.follow_links, Excludes(settings.put.exclude),
-                                 leave_out)
+                                 leave_out, on_progress=tracker.walk_progress)
         self.unreadable = {**leave_out, **self.walk.unreadable}
         self.plan = Plan([f.size for f in self.walk.files], settings.put.block_size)
+        tracker.planned(len(self.walk.files), self.walk.total_bytes, self._files_ending())
         # The file list and plan live until the end of the run: move them out of the
         # collector's sight (fewer full passes).
         gc.freeze()
@@ -130,8 +133,6 @@ class _Run:
         self.bytes_read_by_workers = 0
         self._decide(verify_content)
         self.changed = _file_reasons(self.walk, self.plan, self.todo, index, self.block_reason)
-        self.tracker = Tracker(display, len(self.walk.files), self.walk.total_bytes, self.plan.block_count,
-                               self._files_ending(), settings.put.progress_interval)
         todo = set(self.todo)
         for b in range(self.plan.block_count):
             if b not in todo:
@@ -163,6 +164,7 @@ class _Run:
     def _decide(self, verify_content: bool) -> None:
         reusable: dict[int, str] = {}
         for b, key in enumerate(self.keys):
+            self.tracker.tick()
             record = self.index.blocks.get(key)
             if self._reusable(b, record, verify_content):
                 reusable[b] = record.locator
@@ -189,6 +191,7 @@ class _Run:
             self.bytes_uploaded += self.plan.block_size_of(b)
             self.tracker.block_done(b, self.plan.block_size_of(b), reused=False)
 
+        self.tracker.uploading()
         coordinator.run(self.plan, self.walk.files, self.reader, self.todo, on_stored, self.tracker)
         self.bytes_read_by_workers = coordinator.bytes_read_by_workers
         return coordinator.unreadable
@@ -274,7 +277,7 @@ def dry_run(settings: Settings, sources: list[str]) -> PutResult:
     started = time.monotonic()
     state = RunState(settings.state_dir, RunIdentity.of(settings, sources))
     index = state.load()[0] if settings.put.resume else ResumeIndex()
-    run = _Run(settings, sources, index, verify_content=False, leave_out={}, display=NoDisplay())
+    run = _Run(settings, sources, index, verify_content=False, leave_out={}, tracker=Tracker(NoDisplay()))
     return run.result(started, state.dir, with_manifest=False)
 
 
@@ -297,11 +300,12 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
             state.reset()
         index, valid = state.load()
         check_store(settings)
+        tracker = Tracker(display, settings.put.progress_interval, started)
         journal = state.open_writer(valid)
         try:
             journal.append(_run_record(identity))
-            run = _attempt(settings, sources, index, verify_content, journal, display, hooks)
-            run.tracker.close()
+            run = _attempt(settings, sources, index, verify_content, journal, tracker, hooks)
+            tracker.close()
             result = run.result(started, state.dir)
             journal.append({"t": "done", "pdh": result.pdh,
                             "files": result.files, "bytes": result.bytes, "finished": time.time()})
@@ -336,7 +340,7 @@ def _log_md5_engine() -> None:
 
 
 def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_content: bool,
-             journal: JournalWriter, display: Display, hooks: RunHooks | None) -> _Run:
+             journal: JournalWriter, tracker: Tracker, hooks: RunHooks | None) -> _Run:
     """Walk and upload; walk again when files change under the reader, or to leave out
     unreadable files (--skip-unreadable). Without that option an unreadable file fails
     the run once everything else is stored and checkpointed."""
@@ -347,7 +351,7 @@ def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_
         try:
             # Workers start first: they are forked small, and start up during the walk.
             with Coordinator(settings) as coordinator:
-                run = _Run(settings, sources, index, verify_content, leave_out, display)
+                run = _Run(settings, sources, index, verify_content, leave_out, tracker)
                 if hooks:
                     hooks.planned(run.walk, run.plan)
                 log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -72,6 +72,19 @@ class WalkResult:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+
+class WalkCount(NamedTuple):
+    """What a walk has found so far (for a progress display)."""
+
+    files: int
+    bytes: int
+    skipped: int
+    unreadable: int
+
+
+WalkProgress = Callable[[WalkCount], None]
+PROGRESS_EVERY = 256    # entries between two calls of a walk's progress callback
 
 
 class Excludes:
@@ -180,13 +193,24 @@ def _storable(path: str, bad: list[str]) -> bool:
 
 
 class _Walker:
-    def __init__(self, follow_links: bool, excludes: Excludes, leave_out: frozenset[str]):
+    def __init__(self, follow_links: bool, excludes: Excludes, leave_out: frozenset[str],
+                 on_progress: WalkProgress | None):
         self.follow_links = follow_links
         self.excludes = excludes
         self.leave_out = leave_out
         self.result = WalkResult()
         self.bad_names: list[str] = []
         self.seen: dict[str, tuple[str, bool]] = {}  # manifest path -> (source path, is_dir)
+        self.on_progress = on_progress
+        self.bytes_found = 0
+        self.entries_left = PROGRESS_EVERY   # before the next progress call
+
+    def report(self) -> None:
+        """Tell the progress callback what has been found so far."""
+        self.entries_left = PROGRESS_EVERY
+        if self.on_progress is not None:
+            r = self.result
+            self.on_progress(WalkCount(len(r.files), self.bytes_found, len(r.skipped), len(r.unreadable)))
 
     def skip(self, path: str, reason: str) -> None:
         log.warning("skipping %s: %s", reason, path)
@@ -202,6 +226,7 @@ class _Walker:
     def add_file(self, path: str, name: str, st: os.stat_result) -> None:
         self.claim(name, path, False)
         self.result.files.append(SourceFile(path, name, Fingerprint.of(st)))
+        self.bytes_found += st.st_size
 
     def stat_entry(self, path: str, is_link: bool) -> os.stat_result | None:
         """Stat an entry of a directory, following a symlink only when asked; None
@@ -256,6 +281,9 @@ class _Walker:
                 self.result.directories.append(manifest_dir)
             subdirs = []
             for entry in entries:
+                self.entries_left -= 1
+                if not self.entries_left:
+                    self.report()
                 relpath = f"{relbase}/{entry.name}" if relbase else entry.name
                 if excludes is not None and excludes.excluded(relpath, entry.name):
                     continue
@@ -289,16 +317,20 @@ class _Walker:
 
 
 def walk_sources(sources: Iterable[str], follow_links: bool = True,
-                 excludes: Excludes | None = None, leave_out: Iterable[str] = ()) -> WalkResult:
+                 excludes: Excludes | None = None, leave_out: Iterable[str] = (),
+                 on_progress: WalkProgress | None = None) -> WalkResult:
     """Walk every source in order; raise SourceError naming the path on bad input.
 
     Directories that cannot be read are listed in ``unreadable`` (the caller decides);
     paths in ``leave_out`` (e.g. unreadable files the user agreed to skip) are omitted.
+    ``on_progress`` hears what has been found so far every ``PROGRESS_EVERY`` entries,
+    and once at the end.
     """
-    walker = _Walker(follow_links, excludes or Excludes(()), frozenset(leave_out))
+    walker = _Walker(follow_links, excludes or Excludes(()), frozenset(leave_out), on_progress)
     with collector_paused():
         for source in sources:
             walker.walk_source(source)
+    walker.report()
     if walker.bad_names:
         shown = "\n  ".join(walker.bad_names[:20])
         more = f"\n  ... and {len(walker.bad_names) - 20} more" if len(walker.bad_names) > 20 else ""

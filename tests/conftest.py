@@ -49,6 +49,8 @@ def processes_tagged(tag: str) -> list[int]:
 
 
 SETPRIV = shutil.which("setpriv")
+# A command prefix that runs as root without capabilities, so file permissions apply.
+UNPRIVILEGED = [SETPRIV, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"] if SETPRIV else []
 
 
 def spawn_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
@@ -58,8 +60,7 @@ def spawn_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
     ``unprivileged`` runs it as root without capabilities (via setpriv), so that file
     permissions apply to it as to any user.
     """
-    prefix = [SETPRIV, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"] if unprivileged else []
-    return subprocess.Popen([*prefix, sys.executable, "-m", "ingest", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([*(UNPRIVILEGED if unprivileged else []), sys.executable, "-m", "ingest", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path, env))
 
 

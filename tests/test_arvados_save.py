@@ -82,7 +82,9 @@ def test_keep_ingest_saves_the_same_collection_as_arv_put(fresh_cluster, tmp_pat
     record = fresh_cluster.state.collections[uuid]
     assert record["name"] == "by keep-ingest" and record["owner_uuid"] == USER_UUID
     assert record["portable_data_hash"] == ref.stdout.strip()      # the same PDH as arv-put's
-    assert f"collection {uuid} saved" in proc.stderr
+    assert f"collection {uuid} saved as 'by keep-ingest'\n  in {USER_UUID}\n" in proc.stderr
+    assert f"  API server's portable data hash {record['portable_data_hash']}\n" in proc.stderr
+    assert all(len(line) <= 80 for line in proc.stderr.splitlines()), proc.stderr   # the summary fits a terminal
     files, pdh = sdk_read(fresh_cluster, tmp_path, uuid)
     assert files == read_tree(tree) and pdh == record["portable_data_hash"]
     dest = tmp_path / "got"
@@ -127,7 +129,7 @@ def test_update_collection_adds_new_and_replaces_changed_files(fresh_cluster, tm
     proc = keep_ingest(tmp_path, fresh_cluster, "--update-collection", uuid, str(src) + "/")
     assert proc.returncode == 0, proc.stderr
     # keep.txt is repacked with the changed small file, so its segments are new too.
-    assert proc.stdout.strip() == uuid and f"collection {uuid} updated (3 file(s) new or replaced)" in proc.stderr
+    assert proc.stdout.strip() == uuid and f"collection {uuid} updated\n  3 file(s) new or replaced\n" in proc.stderr
     assert len(fresh_cluster.state.collections) == 1
     files, _ = sdk_read(fresh_cluster, tmp_path, uuid)
     assert files == {**read_tree(src), "x.txt": (tmp_path / "x.txt").read_bytes()}

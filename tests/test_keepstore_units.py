@@ -15,6 +15,7 @@ from multidict import MultiDict
 from ingest.errors import StoreFull
 from ingest.keep.dirstore import DirectoryBlockWriter
 from ingest.keep.locator import BLOCK_SIZE_MAX
+from ingest.keepstore.pace import Pace, TooSlow
 from ingest.keepstore.server import (
     KeepstoreServer,
     LocatorInfo,
@@ -195,3 +196,23 @@ def test_enospc_on_first_volume_moves_to_the_next(tmp_path, monkeypatch):
     order = asyncio.run(main())
     assert calls == order
     assert os.path.exists(os.path.join(order[1], MD5[:3], MD5))
+
+
+# ---- the minimum transfer rate
+
+
+def test_pace_judges_each_window_that_a_transfer_is_still_running_at_its_end():
+    pace = Pace(rate=100, window=2.0, start=10.0)
+    assert pace.deadline == 12.0
+    pace.add(150, 11.0)          # within the window: never judged yet
+    pace.add(60, 12.5)           # past its end with 210 >= 200 bytes: the next window starts
+    assert (pace.start, pace.moved, pace.deadline) == (12.5, 0, 14.5)
+    pace.add(199, 14.0)
+    with pytest.raises(TooSlow, match="100 bytes/s over the last 2 s, below the minimum of 100"):
+        pace.check(14.5)         # 199 < 200 bytes in the window
+
+
+def test_pace_with_rate_zero_never_judges():
+    pace = Pace(rate=0, window=1.0, start=0.0)
+    assert pace.deadline == float("inf")
+    pace.add(0, 10**9)

@@ -290,14 +290,16 @@ def test_a_large_file_resumed_is_not_stored_yet_not_repacked(cli, tmp_path):
     proc = ok(cli("put", *store, str(tmp_path / "src")))
     assert "  uploaded src/big.bin (not stored yet)\n" in proc.stderr
     assert "repacked" not in proc.stderr
-    assert re.search(r"in 7 blocks; uploaded 3\.0 MiB \(3 blocks\)", proc.stderr), proc.stderr
+    assert re.search(r"in 7 blocks\n  uploaded 3\.0 MiB \(3 blocks\) in [0-9.]+ s .*\n  reused 3\.0 MiB \(4 blocks\)\n",
+                     proc.stderr), proc.stderr
 
 
 def test_counts_agree_with_their_nouns_and_paths_are_quoted_as_typed(cli, tmp_path):
     fill(tmp_path / "one" / "back\\slash.txt", 10, "x")
     fill(tmp_path / "two" / "back\\slash.txt", 10, "y")
     proc = ok(cli("put", "--store", str(tmp_path / "store"), str(tmp_path / "one")))
-    assert "keep-ingest: 1 file, 10 B in 1 block; uploaded 10 B (1 block)" in proc.stderr
+    assert "keep-ingest: 1 file, 10 B in 1 block\n  uploaded 10 B (1 block) in " in proc.stderr
+    assert "\n  reused 0 B (0 blocks)\n" in proc.stderr
     proc = cli("put", "--store", str(tmp_path / "store"), f"{tmp_path / 'one'}/", f"{tmp_path / 'two'}/")
     assert proc.returncode == 1
     assert "two sources give the same manifest path 'back\\slash.txt': " in proc.stderr

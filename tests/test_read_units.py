@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import re
+import subprocess
 import sys
 import types
 
@@ -254,7 +255,7 @@ def test_the_journal_recognizes_unchanged_files_only(tmp_path, monkeypatch):
         os.utime(f, ns=(1, 1))
         assert not state.is_complete("f", key, os.stat(f))
         assert state.known("f", os.stat(f)) is None
-        state.compact()
+        state.compact(lambda rel: os.lstat(dest / rel))
         assert state.entries == {}
     # a truncated last line is ignored
     with open(GetState(str(dest)).journal_path, "a") as j:
@@ -289,3 +290,40 @@ def test_a_manifest_file_named_like_a_temporary_file_survives_a_resume(tmp_path,
     again = run_get(manifest, str(dest), "", spec, 1)
     assert (again.written, again.already) == (0, 1)
     assert (dest / name).read_bytes() == b"abc"
+
+
+def test_the_get_state_is_private_whatever_the_umask(tmp_path):
+    """Run as a user would, under umask 022: the state directories are 0700 and the
+    journal (also once rewritten at the end of the run) and the lock are 0600; a
+    journal an older version left 0644 is tightened."""
+    from conftest import cli_env
+
+    store = DirectoryStore(str(tmp_path / "store"), fsync=False)
+    w = store.open_block()
+    w.write(b"abc")
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f". {w.commit(hashlib.md5(b'abc').hexdigest()).locator} 0:3:f\n")
+    base = tmp_path / "xdg-state" / "keep-ingest"
+
+    def get(dest: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "ingest", "get", "--store", str(tmp_path / "store"),
+                               str(manifest), str(tmp_path / dest)], capture_output=True, text=True,
+                              timeout=60, env=cli_env(tmp_path), preexec_fn=lambda: os.umask(0o022))
+        assert proc.returncode == 0, proc.stderr
+
+    def modes() -> dict[str, int]:
+        found = {str(p.relative_to(base)): p.stat().st_mode & 0o777 for p in base.rglob("*")}
+        return {"keep-ingest": base.stat().st_mode & 0o777, **found}
+
+    get("dest")
+    got = modes()
+    assert {name: mode for name, mode in got.items() if name in ("keep-ingest", "get")} == {
+        "keep-ingest": 0o700, "get": 0o700}
+    files = {name: mode for name, mode in got.items() if name.startswith("get/")}
+    assert sorted(name.rsplit(".", 1)[1] for name in files) == ["jsonl", "lock"]
+    assert set(files.values()) == {0o600}
+    journal = base / next(name for name in files if name.endswith(".jsonl"))
+    journal.chmod(0o644)
+    (base / "get").chmod(0o755)
+    get("dest")  # the same destination: the same journal, reopened
+    assert journal.stat().st_mode & 0o777 == 0o600 and (base / "get").stat().st_mode & 0o777 == 0o700

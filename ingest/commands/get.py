@@ -24,7 +24,9 @@ file is renamed into place once complete, with its mtime set to the time the run
 started. Empty files and empty directories are created.
 
 Nothing is written outside DEST: names with '..', empty components or absolute
-paths are refused. An existing file is left alone if an earlier get wrote it with
+paths are refused, and every write goes through directory descriptors opened
+from DEST down without following symlinks, so a directory or file swapped for a
+symlink during the run stops it (exit 1, naming the path). An existing file is left alone if an earlier get wrote it with
 the same content and it is unchanged since; any other existing file is a conflict,
 and the run stops before fetching anything unless --force is given. Directories
 are never replaced.

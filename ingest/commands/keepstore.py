@@ -9,7 +9,16 @@ import sys
 from ingest.errors import EXIT_OK, ConfigError, UsageError
 from ingest.keep.locator import BLOCK_SIZE_MAX
 from ingest.keep.signing import DEFAULT_TTL
-from ingest.keepstore.defaults import DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
+from ingest.keepstore.defaults import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BUFFERS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_MIN_RATE,
+    DEFAULT_RATE_WINDOW,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+)
 
 log = logging.getLogger("keep-ingest.keepstore")
 
@@ -61,6 +70,21 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                    help="do not fsync blocks before acknowledging them (faster, not durable)")
     p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
                    help="answer 408 when a PUT body stalls this long (default %(default)s)")
+    p.add_argument("--min-rate", type=int, default=DEFAULT_MIN_RATE, metavar="BYTES_PER_S",
+                   help="a PUT body that arrives, or a GET response that is read, slower than "
+                        "this on average over a --rate-window is aborted (PUT: 408), freeing its "
+                        "buffer; 0 for no minimum (default %(default)s)")
+    p.add_argument("--rate-window", type=float, default=DEFAULT_RATE_WINDOW, metavar="SECONDS",
+                   help="the window --min-rate is averaged over (default %(default)s)")
+    p.add_argument("--max-queued", type=int, default=DEFAULT_MAX_QUEUED, metavar="N",
+                   help="requests that may wait for a buffer; more are answered 503 at once "
+                        "(default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="open connections; a new one beyond closes the one idle longest "
+                        "(lowered to fit the open-files limit; default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+                   help="a connection must complete its next request's headers this soon after "
+                        "connecting or its previous response, or it is closed (default %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
                    metavar="SECONDS",
                    help="on SIGTERM, how long to wait for requests in flight (default %(default)s)")
@@ -79,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-buffers must be at least 1")
     if args.read_timeout <= 0 or args.shutdown_timeout < 0:
         raise UsageError("--read-timeout must be positive and --shutdown-timeout not negative")
+    if args.min_rate < 0 or args.rate_window <= 0:
+        raise UsageError("--min-rate must not be negative and --rate-window must be positive")
+    if args.max_queued < 0 or args.max_connections < 1 or args.idle_timeout <= 0:
+        raise UsageError("--max-queued must not be negative, --max-connections must be at least 1 "
+                         "and --idle-timeout positive")
     if args.blob_signing_ttl < 1:
         raise UsageError("--blob-signing-ttl must be positive")
     key = None
@@ -94,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(volumes=args.volumes, signing_key=key, signing_ttl=args.blob_signing_ttl,
                           system_root_token=root_token, max_buffers=args.max_buffers,
                           min_free_space=args.min_free_space, fsync=args.fsync,
-                          shutdown_timeout=args.shutdown_timeout, read_timeout=args.read_timeout)
+                          shutdown_timeout=args.shutdown_timeout, read_timeout=args.read_timeout,
+                          min_rate=args.min_rate, rate_window=args.rate_window,
+                          max_queued=args.max_queued, max_connections=args.max_connections,
+                          idle_timeout=args.idle_timeout)
 
     def announce(url: str) -> None:
         print(f"keepstore listening on {url}", file=sys.stderr, flush=True)

@@ -168,12 +168,15 @@ SHOWN_CHANGES = 20
 
 
 def _summary(result: PutResult, pdh: str) -> str:
+    """The end of a run, on stderr in short lines (each under 80 columns)."""
     rate = result.bytes_uploaded / result.seconds if result.seconds > 0 else 0.0
     lines = [f"keep-ingest: {plural(result.files, 'file')}, {human_bytes(result.bytes)} in "
-             f"{plural(result.blocks, 'block')}; "
-             f"uploaded {human_bytes(result.bytes_uploaded)} ({plural(result.blocks_uploaded, 'block')}) in "
-             f"{result.seconds:.2f} s ({human_bytes(rate)}/s), reused {human_bytes(result.bytes_reused)}; "
-             f"portable data hash {pdh}"]
+             f"{plural(result.blocks, 'block')}",
+             f"  uploaded {human_bytes(result.bytes_uploaded)} ({plural(result.blocks_uploaded, 'block')}) "
+             f"in {result.seconds:.2f} s ({human_bytes(rate)}/s)",
+             f"  reused {human_bytes(result.bytes_reused)} "
+             f"({plural(result.blocks - result.blocks_uploaded, 'block')})",
+             f"  portable data hash {pdh}"]
     if result.bytes_reused and result.changed:
         items = list(result.changed.items())
         lines += [f"  uploaded {path} ({', '.join(reasons)})" for path, reasons in items[:SHOWN_CHANGES]]
@@ -302,6 +305,6 @@ def _report_dry_run(args: argparse.Namespace, result: PutResult) -> int:
     if not args.quiet:
         print(f"keep-ingest: dry run: {plural(len(result.changed), 'file')} in "
               f"{plural(result.blocks_uploaded, 'block')} "
-              f"({human_bytes(result.bytes - result.bytes_reused)}) "
-              f"would be uploaded; {human_bytes(result.bytes_reused)} already stored", file=sys.stderr)
+              f"({human_bytes(result.bytes - result.bytes_reused)}) would be uploaded\n"
+              f"  {human_bytes(result.bytes_reused)} already stored", file=sys.stderr)
     return EXIT_PENDING if result.blocks_uploaded else EXIT_OK

@@ -127,10 +127,10 @@ def open_saver(args: argparse.Namespace, settings: Settings) -> CollectionSaver 
 
 
 def describe_saved(saved: SavedCollection) -> str:
-    """One line for the summary."""
-    what = (f"collection {saved.uuid} updated ({saved.changed_paths} file(s) new or replaced)"
-            if saved.updated else f"collection {saved.uuid} saved as {saved.name!r} in {saved.owner_uuid}")
-    return f"keep-ingest: {what}; portable data hash {saved.pdh} (checked by the API server)"
+    """Short lines for the summary (under 80 columns, the collection's name aside)."""
+    what = (f"collection {saved.uuid} updated\n  {saved.changed_paths} file(s) new or replaced" if saved.updated
+            else f"collection {saved.uuid} saved as {saved.name!r}\n  in {saved.owner_uuid}")
+    return f"keep-ingest: {what}\n  API server's portable data hash {saved.pdh}"
 
 
 def saved_json(saved: SavedCollection | None) -> dict[str, Any] | None:

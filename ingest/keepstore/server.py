@@ -19,8 +19,15 @@ Memory: a block body is held in memory between receipt and the volume write (the
 MD5 must be checked before anything is stored), as keepstore does. Every PUT and
 GET first reserves its block's size from a :class:`MemoryBudget` of
 ``max_buffers`` x 64 MiB; requests beyond that wait, unread, with at most a
-socket read buffer each. Disk I/O and hashing run in a thread pool, never on the
-event loop.
+socket read buffer each, and at most ``max_queued`` of them (then 503). Disk I/O
+and hashing run in a thread pool, never on the event loop.
+
+Hostile clients: a body that arrives, or a response that is read, slower than
+``min_rate`` on average over a ``rate_window`` is aborted (:mod:`.pace`; a PUT
+gets 408, a GET's connection is reset), and the peer is logged, so slow clients
+cannot keep the memory budget; connections are bounded in number, idle time and
+header size (:mod:`.connections`); a client leaving mid-response is logged as
+such, never as a server error.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,13 +57,32 @@ from ingest.errors import BlockCorrupt, BlockNotFound, StoreError, StoreFull
 from ingest.keep.dirstore import DirectoryStore
 from ingest.keep.locator import BLOCK_SIZE_MAX, EMPTY_BLOCK_MD5
 from ingest.keep.signing import DEFAULT_TTL, SignatureError, SignatureExpired, sign_locator, verify_signature
-from ingest.keepstore.defaults import DEFAULT_MAX_BUFFERS, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT
+from ingest.keepstore.connections import (
+    MAX_HEADERS,
+    ConnectionGuard,
+    fitting_limit,
+    limit_pipelining,
+    raise_fd_limit,
+)
+from ingest.keepstore.defaults import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BUFFERS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_MIN_RATE,
+    DEFAULT_RATE_WINDOW,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+)
+from ingest.keepstore.pace import Pace, TooSlow
 
 log = logging.getLogger("keep-ingest.keepstore")
 
 SEND_CHUNK = 256 * 1024
 READ_BUFSIZE = 256 * 1024
 LINGERING_TIME = 1.0
+LISTEN_BACKLOG = 128
+ACCEPT_BURST = 8
 
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, HEAD, PUT, OPTIONS",
@@ -82,6 +109,14 @@ class HTTPFailure(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class _ClientGone(Exception):
+    """The response cannot be finished: the client left, or reads too slowly."""
+
+    def __init__(self, resp: web.StreamResponse):
+        super().__init__("client gone")
+        self.resp = resp
 
 
 # --------------------------------------------------------------------------
@@ -170,17 +205,23 @@ def parse_storage_classes(value: str) -> list[str]:
 # --------------------------------------------------------------------------
 # Memory budget
 
+class Busy(Exception):
+    """Too many requests already wait for memory: answered 503 (clients retry)."""
+
+
 class MemoryBudget:
     """A first-come-first-served budget of bytes for in-memory block buffers.
 
     ``acquire(n)`` waits until ``n`` bytes are free and no earlier request is still
-    waiting, so a 64 MiB request is not starved by a stream of small ones.
+    waiting, so a 64 MiB request is not starved by a stream of small ones. At most
+    ``max_waiting`` requests wait; beyond that ``acquire`` raises :class:`Busy` at once.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_waiting: int = DEFAULT_MAX_QUEUED):
         if capacity < BLOCK_SIZE_MAX:
             raise ValueError("memory budget must hold at least one full block")
         self.capacity = capacity
+        self.max_waiting = max_waiting
         self.in_use = 0
         self.peak = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
@@ -190,6 +231,8 @@ class MemoryBudget:
         if not self._waiters and self.in_use + n <= self.capacity:
             self._take(n)
             return Lease(self, n)
+        if len(self._waiters) >= self.max_waiting:
+            raise Busy(f"server busy: {len(self._waiters)} requests already wait for memory")
         fut = asyncio.get_running_loop().create_future()
         entry = (n, fut)
         self._waiters.append(entry)
@@ -343,6 +386,11 @@ class ServerConfig:
     io_threads: int = 0          # 0: 2 per buffer, at least 4
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT   # max silence while a PUT body arrives
+    min_rate: int = DEFAULT_MIN_RATE             # bytes/s a body or response must average...
+    rate_window: float = DEFAULT_RATE_WINDOW     # ...over each window of this many seconds (pace.py)
+    max_queued: int = DEFAULT_MAX_QUEUED         # requests waiting for memory; more get 503
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open connections (connections.py)
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT   # to complete the next request's headers
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -371,10 +419,12 @@ class KeepstoreServer:
             raise StoreError("the same volume directory is given twice")
         self.volumes.sort(key=lambda v: v.uuid)
         self.by_uuid = {v.uuid: v for v in self.volumes}
-        self.budget = MemoryBudget(config.max_buffers * BLOCK_SIZE_MAX)
-        threads = config.io_threads or max(4, 2 * config.max_buffers)
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="keepstore-io")
+        self.budget = MemoryBudget(config.max_buffers * BLOCK_SIZE_MAX, config.max_queued)
+        self.io_threads = config.io_threads or max(4, 2 * config.max_buffers)
+        self.executor = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="keepstore-io")
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.guard: ConnectionGuard | None = None
         self._active = 0
         self._idle: asyncio.Event | None = None
         self.url: str | None = None
@@ -401,13 +451,22 @@ class KeepstoreServer:
         # lingering_time: after an early answer (413) aiohttp reads and drops the
         # unread body for this long before closing, so the client can see the
         # answer instead of a connection reset; the default 10 s is long for that.
+        limit_pipelining()
         self._runner = web.AppRunner(self.make_app(), access_log_class=_AccessLogger,
                                      access_log=log, read_bufsize=READ_BUFSIZE,
-                                     lingering_time=LINGERING_TIME,
+                                     lingering_time=LINGERING_TIME, max_headers=MAX_HEADERS,
+                                     keepalive_timeout=self.config.idle_timeout,
                                      shutdown_timeout=self.config.shutdown_timeout)
         await self._runner.setup()
-        site = web.SockSite(self._runner, sock)
-        await site.start()
+        assert self._runner.server is not None
+        self.guard = ConnectionGuard(self._runner.server,
+                                     fitting_limit(self.config.max_connections, self.io_threads))
+        # asyncio accepts up to ``backlog`` connections at a time before any of them
+        # reaches the guard: a small burst keeps the guard ahead of the open-files
+        # limit, while the kernel still queues LISTEN_BACKLOG connections.
+        self._listener = await asyncio.get_running_loop().create_server(self.guard, sock=sock,
+                                                                        backlog=ACCEPT_BURST)
+        sock.listen(LISTEN_BACKLOG)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}/"
@@ -423,8 +482,9 @@ class KeepstoreServer:
         close the remaining, idle connections.
         """
         if self._runner is not None:
-            for site in list(self._runner.sites):
-                await site.stop()
+            if self._listener is not None:
+                self._listener.close()  # accepts no more; the connections stay
+                self._listener = None
             if self._active:
                 log.info("waiting for %d request(s) in flight", self._active)
                 assert self._idle is not None
@@ -496,9 +556,19 @@ class KeepstoreServer:
             self._idle = asyncio.Event()
         self._active += 1
         self._idle.clear()
+        if self.guard is not None:
+            self.guard.started(request.protocol)
         try:
             try:
                 resp = await self._route(request)
+            except _ClientGone as gone:
+                return gone.resp  # aiohttp finds the connection closed and drops it
+            except ConnectionError:
+                log.info("%s %s from %s: the client went away", request.method,
+                         request.rel_url.raw_path, request.remote)
+                return _error_response(400, "client went away")
+            except Busy as exc:
+                resp = _error_response(503, str(exc))
             except HTTPFailure as exc:
                 resp = _error_response(exc.status, exc.message)
             except StoreFull as exc:
@@ -511,6 +581,8 @@ class KeepstoreServer:
                 resp.force_close()
             return resp
         finally:
+            if self.guard is not None:
+                self.guard.ended(request.protocol)
             self._active -= 1
             if not self._active:
                 self._idle.set()
@@ -581,29 +653,54 @@ class KeepstoreServer:
             "X-Keep-Storage-Classes-Confirmed": confirmed,
         })
 
-    async def _read_chunk(self, request: web.Request) -> bytes:
-        """The next piece of the body; 408 when the client sends nothing for too long.
+    def _pace(self, request: web.Request) -> Pace:
+        """The pace of one body or response (its peer noted now, while connected)."""
+        return Pace(self.config.min_rate, self.config.rate_window, time.monotonic(), peer=peer_of(request))
 
-        Without this a stalled client would hold its share of the memory budget
-        forever.
+    def _too_slow(self, request: web.Request, pace: Pace, what: str, exc: TooSlow) -> None:
+        log.warning("%s %s from %s: %s %s: aborted", request.method, request.rel_url.raw_path,
+                    pace.peer, what, exc)
+
+    async def _read_chunk(self, request: web.Request, pace: Pace) -> bytes:
+        """The next piece of the body; 408 when the client sends nothing for
+        ``read_timeout`` seconds, or less than ``min_rate`` over a ``rate_window``.
+
+        Without this a stalled or dribbling client would hold its share of the
+        memory budget for as long as it likes.
         """
+        silence_ends = time.monotonic() + self.config.read_timeout
         try:
-            async with asyncio.timeout(self.config.read_timeout):
-                return await request.content.readany()
-        except TimeoutError:
-            raise HTTPFailure(408, "timed out reading the request body") from None
+            while True:
+                now = time.monotonic()
+                try:
+                    async with asyncio.timeout(max(0.0, min(silence_ends, pace.deadline) - now)):
+                        chunk = await request.content.readany()
+                except TimeoutError:
+                    now = time.monotonic()
+                    if now >= silence_ends:
+                        raise HTTPFailure(408, "timed out reading the request body") from None
+                    pace.check(now)
+                    continue
+                pace.add(len(chunk), time.monotonic())
+                return chunk
+        except TooSlow as exc:
+            self._too_slow(request, pace, "request body arrived at", exc)
+            raise HTTPFailure(408, f"request body too slow: {exc}") from None
+        except HTTPFailure:
+            raise
         except Exception as exc:  # the client went away or framing broke
             raise HTTPFailure(400, f"reading request body: {exc or type(exc).__name__}") from None
 
     async def _receive_body(self, request: web.Request, declared: int | None) -> bytearray:
         """Read the whole body into one buffer; 413 past 64 MiB, 400 when cut short."""
+        pace = self._pace(request)
         if declared is not None:
             buf = bytearray(declared)
             view = memoryview(buf)
             pos = 0
             try:
                 while pos < declared:
-                    chunk = await self._read_chunk(request)
+                    chunk = await self._read_chunk(request, pace)
                     if not chunk:
                         break
                     view[pos:pos + len(chunk)] = chunk
@@ -615,13 +712,48 @@ class KeepstoreServer:
             return buf
         buf = bytearray()
         while True:
-            chunk = await self._read_chunk(request)
+            chunk = await self._read_chunk(request, pace)
             if not chunk:
                 break
             buf += chunk
             if len(buf) > BLOCK_SIZE_MAX:
                 raise HTTPFailure(413, "request entity too large")
         return buf
+
+    async def _send(self, request: web.Request, resp: web.StreamResponse, data: memoryview,
+                    pace: Pace) -> None:
+        """Write ``data`` to a prepared response, at the client's ``min_rate`` or faster.
+
+        A client that reads more slowly, or goes away, raises _ClientGone (the
+        connection is then dropped): it must not hold a block buffer for as long
+        as it likes, and its leaving is no error of ours.
+        """
+        writing: asyncio.Task | None = None
+        try:
+            for off in range(0, len(data), SEND_CHUNK):
+                piece = data[off:off + SEND_CHUNK]
+                writing = asyncio.ensure_future(resp.write(piece))
+                while not writing.done():
+                    await asyncio.wait([writing], timeout=max(0.0, pace.deadline - time.monotonic()))
+                    if not writing.done():
+                        pace.check(time.monotonic())
+                writing.result()
+                writing = None
+                pace.add(len(piece), time.monotonic())
+        except TooSlow as exc:
+            self._too_slow(request, pace, "response read at", exc)
+            _reset(request.transport)
+            raise _ClientGone(resp) from None
+        except ConnectionError:
+            log.info("%s %s from %s: the client went away before the end of the response",
+                     request.method, request.rel_url.raw_path, pace.peer)
+            raise _ClientGone(resp) from None
+        finally:
+            if writing is not None:
+                if not writing.done():
+                    writing.cancel()
+                elif not writing.cancelled():
+                    writing.exception()  # retrieved: the connection is gone anyway
 
     def _store_block(self, md5: str, data: memoryview, classes: list[str]) -> tuple[int, dict[str, int]]:
         """Store on the volumes (in a thread): reuse an existing copy or write one."""
@@ -721,9 +853,7 @@ class KeepstoreServer:
             resp.content_length = len(data)
             resp.content_type = "application/octet-stream"
             await resp.prepare(request)
-            view = memoryview(data)
-            for off in range(0, len(view), SEND_CHUNK):
-                await resp.write(view[off:off + SEND_CHUNK])
+            await self._send(request, resp, memoryview(data), self._pace(request))
             await resp.write_eof()
             return resp
         finally:
@@ -788,6 +918,7 @@ class KeepstoreServer:
         resp = web.StreamResponse(status=200)
         resp.content_type = "text/plain"
         started = False
+        pace = self._pace(request)
         for vol in volumes:
             def listing(v: Volume = vol) -> bytes:
                 return "".join(f"{b.md5}+{b.size} {b.mtime_ns}\n"
@@ -803,12 +934,36 @@ class KeepstoreServer:
                 await resp.prepare(request)
                 started = True
             if chunk:
-                await resp.write(chunk)
+                await self._send(request, resp, memoryview(chunk), pace)
         if not started:
             await resp.prepare(request)
-        await resp.write(b"\n")
+        await self._send(request, resp, memoryview(b"\n"), pace)
         await resp.write_eof()
         return resp
+
+
+def peer_of(request: web.BaseRequest) -> str:
+    """``host:port`` of the client, for logs."""
+    transport = request.transport
+    name = transport.get_extra_info("peername") if transport is not None else None
+    if not name:
+        return request.remote or "?"
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reset(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a connection with a reset, discarding what the kernel still buffers for it
+    (a plain close would keep feeding a slow reader from the socket buffer)."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 def _md5_hex(data: memoryview) -> str:
@@ -837,6 +992,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 def run_server(config: ServerConfig, host: str, port: int,
                announce: Callable[[str], None] | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then finish in-flight requests and return 0."""
+
+    raise_fd_limit()
 
     async def main() -> int:
         server = KeepstoreServer(config)

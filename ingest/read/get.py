@@ -4,7 +4,11 @@ What the user can rely on:
 
 * **Nothing outside DEST**: every name is checked (no absolute path, no empty,
   ``.`` or ``..`` component, no NUL) before anything is written, and a symlink or a
-  file where a directory should be is a conflict, never followed.
+  file where a directory should be is a conflict, never followed. Every write goes
+  through directory descriptors opened from DEST down without following symlinks
+  (:mod:`ingest.read.destdir`), so a directory or a temporary file swapped for a
+  symlink during the run stops the run, naming it, and nothing is written,
+  created, renamed or timed outside DEST.
 * **Nothing overwritten by surprise**: an existing file that is not known to hold
   the manifest's content is a conflict; all conflicts are listed and the run stops
   before fetching anything, unless ``--force``. A directory is never replaced.
@@ -35,8 +39,9 @@ from dataclasses import dataclass
 from ingest.errors import IngestError
 from ingest.manifest import Manifest, Segment
 from ingest.read.blocks import BlockJob, group_by_block, pieces_per_file
+from ingest.read.destdir import DestDir, Ident, Replaced, open_checked_file, walk_to
 from ingest.read.getstate import GetState, content_key
-from ingest.read.names import check_safe, display, local_path
+from ingest.read.names import check_safe, display
 from ingest.read.pool import BlockPool, Job, JobFailed, worker_store
 from ingest.read.select import select
 
@@ -63,12 +68,15 @@ class GetResult:
 
 @dataclass(slots=True)
 class _Target:
-    rel: str
-    final: str
+    rel: str                  # relative to DEST
+    dir_rel: str              # its directory, relative to DEST ("" for DEST)
+    name: str
+    final: str                # the path, for messages
     segments: list[Segment]
     size: int
     key: str
-    tmp: str | None = None
+    tmp: str | None = None    # the temporary file's name in dir_rel, once created
+    ident: Ident | None = None
     remaining: int = 0
 
 
@@ -76,21 +84,31 @@ class Conflict(IngestError):
     """DEST holds something the manifest's tree cannot be written over."""
 
 
-def _write_pieces(locator: str, writes: list[tuple[str, str, int, int, int]]) -> int:
+# (directory relative to DEST, temporary name, its device and inode, final path for
+# messages, file offset, block offset, length)
+Write = tuple[str, str, int, int, str, int, int, int]
+
+
+def _write_pieces(root_fd: int, root: str, locator: str, writes: list[Write]) -> int:
     """In a worker: fetch one block (MD5 and size checked), pwrite its pieces.
 
-    ``writes`` holds (temporary path, final path for messages, file offset, block
-    offset, length). Returns the block's size.
+    ``root_fd`` is DEST's descriptor, inherited from the parent; every file is
+    opened from it without following a symlink, and must be the file the parent
+    created. Returns the block's size.
     """
     data = worker_store().get(locator)
     view = memoryview(data)
-    fds: dict[str, int] = {}
+    dirs: dict[str, int] = {}
+    fds: dict[tuple[str, str], int] = {}
     final = ""
     try:
-        for tmp, final, file_offset, block_offset, length in writes:  # noqa: B007 (final names the file in errors)
-            fd = fds.get(tmp)
+        for dir_rel, tmp, dev, ino, final, file_offset, block_offset, length in writes:  # noqa: B007 (final names the file in errors)
+            fd = fds.get((dir_rel, tmp))
             if fd is None:
-                fd = fds[tmp] = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+                dfd = dirs.get(dir_rel)
+                if dfd is None:
+                    dfd = dirs[dir_rel] = walk_to(root_fd, root, dir_rel)
+                fd = fds[dir_rel, tmp] = open_checked_file(dfd, root, dir_rel, tmp, Ident(dev, ino), os.O_WRONLY)
             chunk = view[block_offset:block_offset + length]
             while chunk:
                 n = os.pwrite(fd, chunk, file_offset)
@@ -100,21 +118,14 @@ def _write_pieces(locator: str, writes: list[tuple[str, str, int, int, int]]) ->
         # a file's data must be on disk before its journal record is.
         for fd in fds.values():
             os.fsync(fd)
+    except Replaced as exc:
+        raise Replaced(f"cannot write {final}: {exc}") from None
     except OSError as exc:
         raise IngestError(f"cannot write {final}: {exc.strerror or exc}") from None
     finally:
-        for fd in fds.values():
+        for fd in [*fds.values(), *dirs.values()]:
             os.close(fd)
     return len(data)
-
-
-def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        raise IngestError(f"cannot stat {path}: {exc.strerror}") from None
 
 
 def _kind(st: os.stat_result) -> str:
@@ -139,14 +150,18 @@ class _Getter:
         self.workers = workers
         self.force = force
         self.root = os.path.abspath(dest)
+        self.dest = DestDir(self.root)
         sel = select(manifest, path)
         for f in sel.files:
             check_safe(f.rel)
         for _, rel in sel.dirs:
             check_safe(rel)
         self.dirs = [rel for _, rel in sel.dirs]
-        self.targets = [_Target(f.rel, local_path(self.root, f.rel), f.segments, f.size,
-                                content_key(f.segments)) for f in sel.files]
+        self.targets = []
+        for f in sel.files:
+            dir_rel, _, name = f.rel.rpartition("/")
+            self.targets.append(_Target(f.rel, dir_rel, name, self.dest.show(f.rel), f.segments, f.size,
+                                        content_key(f.segments)))
         self.result = GetResult(self.root, files=len(self.targets), dirs=len(self.dirs),
                                 bytes=sel.total_bytes)
         self.mtime_ns = time.time_ns()
@@ -158,27 +173,19 @@ class _Getter:
     # -- before anything is written ---------------------------------------------
 
     def preflight(self, state: GetState) -> tuple[list[_Target], list[str], list[str]]:
-        """Files to fetch, and the dirs that exist but are not directories."""
-        try:
-            st = os.stat(self.root)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            raise IngestError(f"cannot stat {self.root}: {exc.strerror}") from None
-        if st is not None and not stat.S_ISDIR(st.st_mode):
-            raise Conflict(f"destination {self.root} exists and is not a directory")
+        """Files to fetch, the dirs that exist but are not directories, the conflicts."""
+        self.dest.open_existing()
         conflicts: list[str] = []
         fatal: list[str] = []
         replace_dirs: list[str] = []
         for rel in self.dirs:
-            path = local_path(self.root, rel)
-            st = _lstat(path)
+            st = self.dest.lstat(rel)
             if st is not None and not stat.S_ISDIR(st.st_mode):
-                conflicts.append(f"{path}: is {_kind(st)}; the manifest has a directory there")
-                replace_dirs.append(path)
+                conflicts.append(f"{self.dest.show(rel)}: is {_kind(st)}; the manifest has a directory there")
+                replace_dirs.append(rel)
         fetch: list[_Target] = []
         for t in self.targets:
-            st = _lstat(t.final)
+            st = self.dest.lstat(t.rel)
             if st is None:
                 fetch.append(t)
             elif stat.S_ISDIR(st.st_mode):
@@ -210,23 +217,14 @@ class _Getter:
     def make_dirs(self, replace: list[str]) -> list[str]:
         """Create DEST and the directories; returns those that existed before."""
         existed = []
+        if self.dest.root_fd < 0:
+            self.dest.create()
+        else:
+            existed.append("")
         replace_set = set(replace)
-        for path in [self.root] + [local_path(self.root, rel) for rel in self.dirs]:
-            try:
-                if path in replace_set:
-                    os.unlink(path)  # --force: a file or symlink where a directory goes
-                os.mkdir(path)
-            except FileExistsError:
-                if path == self.root or stat.S_ISDIR(os.lstat(path).st_mode):
-                    existed.append(path)
-                    continue
-                raise Conflict(f"{path} appeared during the run and is not a directory") from None
-            except FileNotFoundError:
-                if path != self.root:
-                    raise
-                os.makedirs(path, exist_ok=True)
-            except OSError as exc:
-                raise IngestError(f"cannot create directory {path}: {exc.strerror}") from None
+        for rel in self.dirs:
+            if self.dest.make_dir(rel, replace=rel in replace_set):
+                existed.append(rel)
         return existed
 
     def clean_stale(self, dirs: list[str]) -> int:
@@ -234,18 +232,17 @@ class _Getter:
 
         A file of the manifest that happens to have such a name is not one of them.
         """
-        finals = {t.final for t in self.targets}
+        finals = {(t.dir_rel, t.name) for t in self.targets}
         removed = 0
         for d in dirs:
             try:
-                with os.scandir(d) as it:
-                    stale = [e.path for e in it if TMP_RE.fullmatch(e.name) and e.path not in finals
-                             and e.is_file(follow_symlinks=False)]
+                stale = [name for name in self.dest.names(d)
+                         if TMP_RE.fullmatch(name) and (d, name) not in finals]
             except OSError:
                 continue
-            for path in stale:
+            for name in stale:
                 try:
-                    os.unlink(path)
+                    self.dest.unlink(d, name)
                     removed += 1
                 except FileNotFoundError:
                     pass
@@ -254,35 +251,37 @@ class _Getter:
         return removed
 
     def create_tmp(self, t: _Target) -> None:
-        directory = os.path.dirname(t.final)
         while True:
             # Named before it exists, so an interrupt at any instant leaves no file that
             # the cleanup does not know of.
-            t.tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}.tmp")
+            t.tmp = f"{TMP_PREFIX}{secrets.token_hex(8)}.tmp"
             try:
-                fd = os.open(t.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-                break
+                t.ident = self.dest.create_file(t.dir_rel, t.tmp, t.size)
+                return
             except FileExistsError:
                 t.tmp = None  # not ours
-                continue
+            except Replaced as exc:
+                t.tmp = None
+                raise Replaced(f"cannot write {t.final}: {exc}") from None
             except OSError as exc:
                 t.tmp = None
-                raise IngestError(f"cannot create a file in {directory}: {exc.strerror}") from None
-        try:
-            os.ftruncate(fd, t.size)
-        except OSError as exc:
-            raise IngestError(f"cannot write {t.final}: {exc.strerror}") from None
-        finally:
-            os.close(fd)
+                raise IngestError(f"cannot create a file in {self.dest.show(t.dir_rel)}: "
+                                  f"{exc.strerror}") from None
 
     def finish(self, t: _Target) -> None:
         """All ranges written (and synced by the workers): set the mtime, record, rename."""
-        assert self.state is not None and t.tmp is not None
+        assert self.state is not None and t.tmp is not None and t.ident is not None
         try:
-            os.utime(t.tmp, ns=(self.mtime_ns, self.mtime_ns))
-            st = os.stat(t.tmp)
+            fd = self.dest.open_file(t.dir_rel, t.tmp, t.ident)
+            try:
+                os.utime(fd, ns=(self.mtime_ns, self.mtime_ns))
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
             self.state.record(t.rel, t.key, st)
-            os.replace(t.tmp, t.final)
+            self.dest.rename(t.dir_rel, t.tmp, t.name, t.ident)
+        except Replaced as exc:
+            raise Replaced(f"cannot write {t.final}: {exc}") from None
         except OSError as exc:
             raise IngestError(f"cannot write {t.final}: {exc.strerror}") from None
         t.tmp = None
@@ -295,8 +294,10 @@ class _Getter:
                 t = self.targets_to_fetch[piece.file]
                 if t.tmp is None:
                     self.create_tmp(t)
-                writes.append((t.tmp, t.final, piece.file_offset, piece.block_offset, piece.length))
-            yield _write_pieces, (job.locator, writes), index
+                assert t.tmp is not None and t.ident is not None
+                writes.append((t.dir_rel, t.tmp, t.ident.dev, t.ident.ino, t.final,
+                               piece.file_offset, piece.block_offset, piece.length))
+            yield _write_pieces, (self.dest.root_fd, self.root, job.locator, writes), index
 
     def on_block(self, index: int, size: int) -> None:
         self.result.blocks_fetched += 1
@@ -318,9 +319,18 @@ class _Getter:
         names = list(dict.fromkeys(display(self.targets_to_fetch[p.file].final) for p in job.pieces))
         return failed.for_block(job.locator, names)
 
+    def remove_tmp(self, fetch: list[_Target]) -> None:
+        """After a failure: remove this run's temporary files (through DEST's descriptors)."""
+        for t in fetch:
+            if t.tmp is not None:
+                try:
+                    self.dest.unlink(t.dir_rel, t.tmp)
+                except (OSError, IngestError):
+                    pass
+
     def run(self) -> GetResult:
         started = time.monotonic()
-        with GetState(self.root) as state:
+        with GetState(self.root) as state, self.dest:
             self.state = state
             fetch, replace_dirs, replaced = self.preflight(state)
             if replaced:
@@ -343,14 +353,10 @@ class _Getter:
                             pool.run(self.job_stream(), self.on_block)
                         except JobFailed as failed:
                             raise self.block_error(failed) from None
+                self.dest.check_dirs(self.dirs)
             finally:
-                for t in fetch:
-                    if t.tmp is not None:
-                        try:
-                            os.unlink(t.tmp)
-                        except OSError:
-                            pass
-            state.compact()
+                self.remove_tmp(fetch)
+            state.compact(self.dest.lstat)
         self.result.seconds = time.monotonic() - started
         return self.result
 

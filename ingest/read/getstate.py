@@ -14,6 +14,10 @@ so a file matches its line only if the rename happened, and it stops matching as
 soon as anything replaces or modifies it (new inode, size or mtime). A file that
 does not match is never trusted: it is fetched again, or refused as a conflict.
 A truncated last line (kill -9 while appending) is ignored.
+
+The journal tells which files a user downloaded where, so like put's state it is
+private whatever the umask: the ``keep-ingest`` and ``get`` directories are made
+(or set) 0700, the journal and the lock 0600.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ingest.errors import EXIT_LOCKED, IngestError
@@ -62,6 +66,17 @@ class Written:
             self.size, self.mtime_ns, self.ino, self.dev)
 
 
+def _open_private(path: str, flags: int) -> int:
+    """Open or create ``path`` as 0600 (also when it exists with another mode)."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 class GetState:
     """The journal of one destination, locked while open."""
 
@@ -84,8 +99,10 @@ class GetState:
 
     def open(self) -> None:
         try:
-            os.makedirs(self.dir, exist_ok=True)
-            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            for d in (self.dir, os.path.dirname(self.dir)):  # .../keep-ingest/get and .../keep-ingest
+                os.chmod(d, 0o700)
+            self._lock_fd = _open_private(self.lock_path, os.O_RDWR)
         except OSError as exc:
             raise IngestError(f"cannot create the get state in {self.dir}: {exc.strerror}") from None
         try:
@@ -99,7 +116,7 @@ class GetState:
             raise IngestError(f"cannot lock {self.lock_path}: {exc.strerror}") from None
         self._load()
         try:
-            self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = _open_private(self.journal_path, os.O_WRONLY | os.O_APPEND)
             if os.fstat(self._fd).st_size == 0:
                 self._append({"dest": self.dest_root, "version": JOURNAL_VERSION})
         except OSError as exc:
@@ -150,19 +167,23 @@ class GetState:
         except OSError as exc:
             raise IngestError(f"cannot write the get journal {self.journal_path}: {exc.strerror}") from None
 
-    def compact(self) -> None:
-        """Rewrite the journal with only the records that still match their files."""
+    def compact(self, lstat: Callable[[str], os.stat_result | None]) -> None:
+        """Rewrite the journal with only the records that still match their files.
+
+        ``lstat(rel)`` gives the entry now at ``rel`` (not followed), or None.
+        """
         keep = {}
         for rel, entry in self.entries.items():
             try:
-                st = os.lstat(os.path.join(self.dest_root, *rel.split("/")))
-            except (OSError, ValueError):
+                st = lstat(rel)
+            except (OSError, ValueError, IngestError):  # ValueError: a NUL in a damaged record
                 continue
-            if entry.matches(st):
+            if st is not None and entry.matches(st):
                 keep[rel] = entry
         tmp = self.journal_path + ".tmp"
         try:
-            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            with open(_open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8",
+                      errors="surrogateescape") as f:
                 f.write(json.dumps({"dest": self.dest_root, "version": JOURNAL_VERSION}) + "\n")
                 for rel, e in keep.items():
                     f.write(json.dumps({"path": rel, "key": e.key, "size": e.size, "mtime_ns": e.mtime_ns,

@@ -8,6 +8,11 @@ jobs are submitted at a time (twice the workers: one running, one ready per
 worker), so neither the queue nor the workers hold more than a few blocks: memory
 is bounded by workers x 64 MiB, whatever the size of the tree.
 
+Descriptors the parent holds when the pool starts are inherited by every worker
+(fork), under the same numbers, so a job may name one: get passes DEST's
+directory descriptor, from which its workers open every file without following
+a symlink. ``close_fds`` lists those the workers must close instead.
+
 A worker ignores SIGINT (the parent decides what to do), and exits by itself
 within a fraction of a second if its parent disappears (kill -9), so no worker
 outlives a run. In the parent, SIGTERM is turned into KeyboardInterrupt while the
