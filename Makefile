@@ -14,7 +14,7 @@ export BENCH_DIR
 LISTEN ?= 127.0.0.1:25107
 VOLUME ?= $(HOME)/.local/share/keep-ingest/keepstore
 
-.PHONY: help install ingest keepstore test lint bench bench-clean clean
+.PHONY: help install ingest keepstore test lint bench bench-md5 bench-clean clean
 
 help:
 	@echo "make ingest SRC=path [CONFIG=configs/default.toml] [ARGS=...]  upload a tree, print its manifest"
@@ -22,6 +22,7 @@ help:
 	@echo "make test                                                      run the test suite"
 	@echo "make lint                                                      check the code with ruff"
 	@echo "make bench [QUICK=1] [BENCH_ARGS=...] [BENCH_DIR=...]          benchmark against arv-put and md5sum"
+	@echo "make bench-md5                                                 MD5 throughput per core for each engine and lane count"
 	@echo "make bench-clean                                               remove the cached benchmark datasets"
 	@echo "make clean                                                     remove the virtualenv and caches"
 
@@ -29,16 +30,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Runtime install (for make ingest) and test install, each re-run when pyproject changes.
-$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+# Runtime install (for make ingest) and test install, each re-run when pyproject, setup.py
+# or the C extension's source change (pip builds the extension in place).
+BUILD_INPUTS := pyproject.toml setup.py ingest/_md5lanes.c
+
+$(VENV)/.runtime: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-$(VENV)/.test: pyproject.toml | $(BIN)/python
+$(VENV)/.test: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.runtime
 
-$(VENV)/.bench: pyproject.toml | $(BIN)/python
+$(VENV)/.bench: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	touch $@ $(VENV)/.runtime
 
@@ -69,9 +73,12 @@ lint: $(VENV)/.lint
 bench: $(VENV)/.bench
 	$(BIN)/python -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
 
+bench-md5: $(VENV)/.runtime
+	$(BIN)/python -m bench.md5lanes
+
 bench-clean:
 	rm -rf "$(BENCH_DIR)"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info ingest/*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -23,8 +23,8 @@ from bench.runners import BASELINE_ROWS, REPO_ROOT, ROWS, RunResult, run_row
 DEFAULT_DATASETS = ["large", "small", "tiny", "tiny10k", "mixed"]
 BASE_ROWS = ["ki", "ki-nofsync", "arvput", "md5sum", "ki-keep", "arvput-keep"]
 ROWS_FOR = {
-    "large": BASE_ROWS + ["ki-w1", "ki-w4", "ki-remote", "ki-remote-plain"],
-    "mixed": BASE_ROWS + ["ki-remote", "ki-remote-plain"],
+    "large": BASE_ROWS + ["ki-hashlib", "ki-nofsync-hashlib", "ki-w1", "ki-w4", "ki-remote", "ki-remote-plain"],
+    "mixed": BASE_ROWS + ["ki-hashlib", "ki-nofsync-hashlib", "ki-remote", "ki-remote-plain"],
     "tiny10k": ["ki", "ki-nofsync", "arvput", "md5sum"],  # only for time per file
 }
 

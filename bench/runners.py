@@ -20,6 +20,9 @@ Rows (``Row.key``):
   streamed to them: with the link's CURVE encryption (the default), and with
   ``--insecure-plaintext-workers``, for what the encryption costs; CPU and memory
   are the coordinator's and the workers' together;
+* ``ki-hashlib`` / ``ki-nofsync-hashlib``: ``ki`` and ``ki-nofsync`` with the MD5
+  extension off (``KEEP_INGEST_MD5=hashlib``: one block at a time, as without the
+  extension); the other keep-ingest rows use the fastest engine this machine has;
 * ``base`` / ``base-nofsync``: with ``--baseline SRC``, keep-ingest run from another
   source tree (a checkout of another revision), for before/after figures side by side.
 """
@@ -52,11 +55,13 @@ class Row:
     store: str                 # "dir", "dir, no fsync", "local store", "keepstore" or "-"
     workers: int | None = None  # keep-ingest worker processes
     baseline: str | None = None  # the arv-put row this row's ratio is taken against
+    md5: str | None = None       # $KEEP_INGEST_MD5 for keep-ingest (None: its default, the fastest)
 
     @property
     def label(self) -> str:
         who = f"{self.tool} ({self.workers} workers)" if self.workers else self.tool
-        return f"{who}, {self.store}" if self.store != "-" else who
+        where = f"{who}, {self.store}" if self.store != "-" else who
+        return f"{where}, MD5 by {self.md5}" if self.md5 else where
 
 
 ROWS: dict[str, Row] = {r.key: r for r in (
@@ -70,6 +75,8 @@ ROWS: dict[str, Row] = {r.key: r for r in (
     Row("ki-w4", "keep-ingest", "dir, fsync", 4, "arvput"),
     Row("ki-remote", "keep-ingest", "dir, fsync, remote over tcp, CURVE", 2, "arvput"),
     Row("ki-remote-plain", "keep-ingest", "dir, fsync, remote over tcp, plaintext", 2, "arvput"),
+    Row("ki-hashlib", "keep-ingest", "dir, fsync", 2, "arvput", md5="hashlib"),
+    Row("ki-nofsync-hashlib", "keep-ingest", "dir, no fsync", 2, "arvput", md5="hashlib"),
     # Only with --baseline SRC: keep-ingest from another source tree (another revision).
     Row("base", "keep-ingest @baseline", "dir, fsync", 2, "arvput"),
     Row("base-nofsync", "keep-ingest @baseline", "dir, no fsync", 2, "arvput"),
@@ -104,7 +111,7 @@ class RunFailed(RuntimeError):
 
 def _env(src: str = REPO_ROOT, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not (k.startswith("ARVADOS_") or k == "KEEP_LOCAL_STORE")}
+           if not (k.startswith("ARVADOS_") or k in ("KEEP_LOCAL_STORE", "KEEP_INGEST_MD5"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     env.update(extra)
     return env
@@ -179,6 +186,8 @@ def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
                 raise ValueError(f"row {row.key} needs a baseline source tree")
             src = os.path.abspath(baseline_src)
         env = _env(src)
+        if row.md5:
+            env["KEEP_INGEST_MD5"] = row.md5
         if row.key in ("ki-keep", "arvput-keep"):
             keepstore = Keepstore(scratch)
             servers = [keepstore.process]

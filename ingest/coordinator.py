@@ -5,11 +5,15 @@ socket, in a directory only this user can enter, for the local workers it forks
 before the walk, and with ``--listen`` a TCP one for remote workers. Both use CURVE:
 a local worker proves the per-run key it inherited, a remote one a key the
 coordinator was given. It hands blocks to whichever worker has room; a worker holds
-at most ``blocks_per_worker`` unfinished blocks.
+at most ``blocks_per_worker`` unfinished blocks, plus one for each further block it
+reads at once (its lanes, below).
 
 A local worker gets one READ per block, listing the block's pieces (path, range,
 fingerprint), and reads the files itself, so the bytes never cross the socket and
-the per-file reads of small files are spread over the workers. Other workers
+the per-file reads of small files are spread over the workers. It reads as many
+blocks at once as its HELLO says it has MD5 lanes (see workers.lanes), hashing their
+chunks together; the blocks left are shared evenly among the workers, so a small
+tree's few blocks do not all fill the lanes of the first worker to ask. Other workers
 (remote ones, or all when ``put.local_reads`` is off) get the bytes streamed: the
 coordinator reads each block and sends its chunks without copies (``copy=False``),
 all to the same worker, with credit-based flow control (at most ``window_chunks``
@@ -96,8 +100,8 @@ class _Peer:
     credit: int
     last_heard: float
     reads: bool = False              # reads blocks itself (READ), else gets CHUNKs
-    reading: int | None = None       # the READ block it has not finished reading
-    read_left: int = 0               # bytes of that block it has yet to say it read
+    lanes: int = 1                   # READ blocks it reads at once
+    reading: dict[int, int] = field(default_factory=dict)  # READ block -> bytes it has yet to say it read
     last_sent: float = 0.0
     last_progress: float = 0.0       # when it last moved a block on (or was given one)
     open_blocks: set[int] = field(default_factory=set)
@@ -374,21 +378,26 @@ class Coordinator:
     def _may_take(self, peer: _Peer) -> bool:
         """Whether a worker may take one more block now.
 
-        A worker always may when it holds none; a further block (to read while the
-        last one commits, or queued behind the one streaming to it) only once it has
-        finished reading the last, and while enough are left for every worker that
-        holds none, counting local workers not yet connected: so the few blocks of a
-        small tree are spread over the workers instead of going to whichever connected
-        first.
+        A worker always may when it holds none; a further block (to read while others
+        commit or are read in its other lanes, or queued behind the one streaming to
+        it) only while it has a lane free, while enough are left for every worker that
+        holds none, counting local workers not yet connected, and while it reads fewer
+        than its share of the blocks left to read: so the few blocks of a small tree
+        are spread over the workers instead of going to whichever connected first.
         """
-        if not self._pending or len(peer.open_blocks) >= self.max_blocks or peer.reading is not None:
+        if (not self._pending or len(peer.reading) >= peer.lanes
+                or len(peer.open_blocks) >= self.max_blocks + peer.lanes - 1):
             return False
         if not peer.open_blocks:
             return True
         connected = {p.pid for p in self.peers.values() if p.local}
         waiting = sum(1 for pid in self.processes if pid not in connected)
         idle = sum(1 for p in self.peers.values() if not p.open_blocks)
-        return len(self._pending) > waiting + idle
+        if len(self._pending) <= waiting + idle:
+            return False
+        to_read = len(self._pending) + sum(len(p.reading) for p in self.peers.values())
+        share = -(-to_read // (len(self.peers) + waiting))
+        return len(peer.reading) < share
 
     def _assign(self, peer: _Peer) -> int:
         """Take the next pending block for this worker."""
@@ -404,7 +413,7 @@ class Coordinator:
         if not self._may_take(peer):
             return False
         block = self.plan.block(self._assign(peer))
-        peer.reading, peer.read_left = block.index, block.size
+        peer.reading[block.index] = block.size
         try:
             self._send(peer, protocol.read_frames(block.index, block.size, piece_sources(block, self.files)))
         except _PeerLost as exc:
@@ -451,14 +460,18 @@ class Coordinator:
             peer.last_progress = time.monotonic()
             self.progress.worker_bytes(peer.name, msg["bytes"])
         elif kind == protocol.PROGRESS:
-            if peer.reading is None:
+            index = msg["block"]
+            if not peer.reading:
                 raise ProtocolError("a PROGRESS while it reads no block")
-            if msg["bytes"] > peer.read_left or (msg["last"] and msg["bytes"] != peer.read_left):
+            if index not in peer.reading:
+                raise ProtocolError(f"a PROGRESS for block {index}, which it is not reading")
+            left = peer.reading[index]
+            if msg["bytes"] > left or (msg["last"] and msg["bytes"] != left):
                 raise ProtocolError(f"a PROGRESS of {msg['bytes']} bytes (last: {msg['last']}) with "
-                                    f"{peer.read_left} bytes of block {peer.reading} to read")
-            peer.read_left -= msg["bytes"]
+                                    f"{left} bytes of block {index} to read")
+            peer.reading[index] = left - msg["bytes"]
             if msg["last"]:
-                peer.reading = None
+                del peer.reading[index]
             peer.last_progress = time.monotonic()
             self.bytes_read_by_workers += msg["bytes"]
             self.progress.worker_bytes(peer.name, msg["bytes"])
@@ -470,10 +483,10 @@ class Coordinator:
             if not peer.reads:
                 raise ProtocolError(f"{protocol.named(kind)} from a worker that is streamed its blocks")
             index = self._held(peer, msg)
-            if index != peer.reading or msg["path"] not in {p.path for p in piece_sources(self.plan.block(index),
-                                                                                           self.files)}:
-                raise ProtocolError(f"{protocol.named(kind)} for {msg['path']!r}, not a file of the block it is reading")
-            peer.reading = None
+            if index not in peer.reading or msg["path"] not in {p.path for p in piece_sources(self.plan.block(index),
+                                                                                               self.files)}:
+                raise ProtocolError(f"{protocol.named(kind)} for {msg['path']!r}, not a file of a block it is reading")
+            del peer.reading[index]
             if kind == protocol.CHANGED:
                 raise FileChanged(msg["path"], msg["why"])
             self._skip_block(peer, index, msg["path"], msg["reason"])
@@ -488,7 +501,7 @@ class Coordinator:
     def _on_stored(self, peer: _Peer, msg: Message) -> None:
         index = self._held(peer, msg)
         if peer.reads:
-            if index == peer.reading:
+            if index in peer.reading:
                 raise ProtocolError(f"a STORED for block {index} before it said it read it")
             stored, digests = check_receipt(msg, self.plan.block_size_of(index), self.replication,
                                             pieces=len(self.plan.block(index).pieces), in_store=self._in_store)
@@ -519,8 +532,7 @@ class Coordinator:
             peer.stream = None
         peer.open_blocks.discard(index)
         peer.sent.pop(index, None)
-        if peer.reading == index:
-            peer.reading = None
+        peer.reading.pop(index, None)
         self._pending.appendleft(index)
 
     def _welcome(self, link: _Link, identity: bytes, msg: Message, user: str, address: str) -> None:
@@ -537,14 +549,16 @@ class Coordinator:
             self._refuse(link, identity, name, f"key {user} sent bad messages {STRIKES} times in this run")
             return
         now = time.monotonic()
+        reads = link.name == "local" and self.settings.put.local_reads
         peer = _Peer(link, identity, msg["pid"], name, user, credit=self.window, last_heard=now,
-                     reads=link.name == "local" and self.settings.put.local_reads)
+                     reads=reads, lanes=msg.get("lanes", 1) if reads else 1)
         self.peers[peer.key] = peer
         self.progress.worker_joined(peer.name, None if peer.local else msg["host"])
         store = {} if peer.local else {"store": self.settings.store_spec()}
         self._send(peer, [protocol.encode(protocol.WELCOME, heartbeat_timeout=self.heartbeat_timeout,
                                           chunk_size=self.chunk_size, **store)], quiet=True)
-        log.debug("%s connected; %s", name, "it reads the files itself" if peer.reads else "blocks are streamed to it")
+        log.debug("%s connected; %s", name, f"it reads the files itself, {peer.lanes} block(s) at once"
+                  if peer.reads else "blocks are streamed to it")
 
     def _refuse(self, link: _Link, identity: bytes, name: str, why: str) -> None:
         log.warning("refusing %s: %s", name, why)

@@ -14,9 +14,11 @@ small files is shared among the workers). A remote worker (``keep-ingest worker
 to it in CHUNKs.
 
 Worker -> coordinator:
-  HELLO   {pid, host, version}           a worker connected
+  HELLO   {pid, host, version[, lanes]}  a worker connected (lanes: how many READ blocks it
+                                         reads at once, hashing their chunks together; 1
+                                         when absent)
   CREDIT  {bytes}                        a streamed chunk was consumed: that much window free
-  PROGRESS {bytes, last}                 that many more bytes of a READ block read
+  PROGRESS {block, bytes, last}          that many more bytes of a READ block read
                                          (last: the block is read, ready for another)
   STORED  {block, locator, replicas, size[, xxh3]} [+ digest frames]
                                          a block is durable in the store; a READ block
@@ -46,10 +48,11 @@ fields, their types and ranges, the number and size of the extra frames) and rai
 :class:`ProtocolError` saying what is wrong; what a field means for the run (is this
 block the peer's? is the locator's size the plan's?) is the receiver's to check.
 
-Flow control is the coordinator's: it gives a worker at most ``blocks_per_worker``
-unfinished blocks, a reading worker its next block only once it has read the last,
-and, for streamed blocks, at most ``window_chunks`` chunks it has not yet consumed
-(counted back by CREDIT), so the worker needs no limits of its own.
+Flow control is the coordinator's: it gives a reading worker at most ``lanes`` blocks
+to read at once and ``blocks_per_worker - 1`` more waiting for their commits (a streamed
+one ``blocks_per_worker`` in all), a reading worker its next block only once a lane
+is free, and, for streamed blocks, at most ``window_chunks`` chunks it has not yet
+consumed (counted back by CREDIT), so the worker needs no limits of its own.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ import zmq
 
 from ingest.reader import PieceSource
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 HELLO = "hello"
 CREDIT = "credit"
@@ -89,6 +92,7 @@ HEADER_MAX = 64 * 1024                # a header frame is small: a few fields
 TEXT_MAX = 16 * 1024                  # error messages, reasons, host names
 PATH_MAX = 64 * 1024
 U64_MAX = (1 << 64) - 1
+LANES_MAX = 64                        # blocks a worker may read at once
 
 
 class ProtocolError(ValueError):
@@ -127,9 +131,10 @@ class _Schema:
 
 
 _SCHEMAS: dict[str, _Schema] = {
-    HELLO: _Schema({"pid": _UINT, "host": _TEXT, "version": _UINT}, {}),
+    HELLO: _Schema({"pid": _UINT, "host": _TEXT, "version": _UINT},
+                   {"lanes": (lambda v: type(v) is int and 1 <= v <= LANES_MAX, f"an integer from 1 to {LANES_MAX}")}),
     CREDIT: _Schema({"bytes": _UINT}, {}),
-    PROGRESS: _Schema({"bytes": _UINT, "last": _BOOL}, {}),
+    PROGRESS: _Schema({"block": _UINT, "bytes": _UINT, "last": _BOOL}, {}),
     STORED: _Schema({"block": _UINT, "locator": _text(1024), "replicas": _UINT, "size": _UINT},
                     {"xxh3": _UINT}, (0, 1 << 16)),
     FAILED: _Schema({"block": _UINT, "error": _TEXT}, {}),

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ingest import md5lanes
 from ingest.config import Settings
 from ingest.coordinator import Coordinator
 from ingest.errors import EXIT_INTERRUPTED, BlockCorrupt, BlockNotFound, ConfigError, IngestError, StoreError
@@ -289,6 +290,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
     """
     display = display or NoDisplay()
     started = time.monotonic()
+    _log_md5_engine()
     check_sources(sources, settings.put.follow_links)
     identity = RunIdentity.of(settings, sources)
     state = RunState(settings.state_dir, identity)
@@ -324,6 +326,17 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
         return result
     finally:
         state.release()
+
+
+def _log_md5_engine() -> None:
+    """Say (in -v) how blocks are hashed; ConfigError for a bad ``$KEEP_INGEST_MD5``,
+    before any work starts (the local workers inherit it)."""
+    engine = md5lanes.engine()
+    if md5lanes.NOT_BUILT and engine.name == "hashlib":
+        log.info("warning: MD5 by hashlib, one block at a time: %s; reinstall with a C compiler "
+                 "to hash several blocks at once", md5lanes.NOT_BUILT)
+    else:
+        log.info("MD5: %s, %s", engine.describe(), engine.origin)
 
 
 def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_content: bool,

@@ -67,3 +67,17 @@ def test_memory_target_includes_the_keepstore_client():
     checks = targets(summarize(RESULTS, DATASETS), {"time_per_file": {}})
     memory = [c for c in checks if "peak memory" in c["target"]]
     assert any("keepstore" in c["target"] and c["value"] == 170 and c["met"] for c in memory)
+
+
+def test_md5_lane_targets_compare_with_the_extension_off_or_the_baseline():
+    lanes = RESULTS + [run("ki-hashlib", 0, 5.0, 16.0, 150), run("ki-hashlib", 1, 5.0, 15.0, 150)]
+    checks = {c["target"]: c for c in targets(summarize(lanes, DATASETS), {"time_per_file": {}})}
+    cpu = next(c for t, c in checks.items() if t.startswith("large, keep-ingest (2 workers), dir, fsync: CPU"))
+    assert "MD5 by hashlib's" in cpu["target"] and cpu["value"] == round(7.1 / 15.5, 3) and cpu["met"]
+    md5sum = next(c for t, c in checks.items() if t.endswith("of all-cores md5sum (MD5 lanes)"))
+    assert md5sum["value"] == round((2.0 / 4.0 + 2.2 / 4.4) / 2, 3) and md5sum["met"] is False
+    # with a baseline run, the before is the other revision's row
+    based = lanes + [run("base", 0, 6.0, 20.0, 150), run("base", 1, 6.0, 20.0, 150)]
+    cpu = next(c for c in targets(summarize(based, DATASETS), {"time_per_file": {}})
+               if c["target"].startswith("large, keep-ingest (2 workers), dir, fsync: CPU"))
+    assert "@baseline" in cpu["target"] and cpu["value"] == round(7.1 / 20.0, 3)

@@ -90,11 +90,41 @@ def test_a_second_block_goes_to_a_worker_only_when_it_is_ready_and_every_idle_wo
     coordinator._pending.clear()
     coordinator._pending.extend([2, 3])
     assert coordinator._may_take(first)           # nobody is idle: the next, while block 0 commits
-    first.reading = 2
-    assert not coordinator._may_take(first)       # still reading block 2
+    first.reading = {2: 100}
+    assert not coordinator._may_take(first)       # still reading block 2 (its only lane)
     first.open_blocks.add(2)
-    first.reading = None
+    first.reading = {}
     assert not coordinator._may_take(first)       # at blocks_per_worker (2)
+
+
+def test_a_worker_with_lanes_reads_up_to_its_lanes_and_its_share_of_the_blocks_left():
+    coordinator = _coordinator()
+    coordinator.processes = {101: multiprocessing.Process(), 102: multiprocessing.Process()}
+    first = _peer(coordinator, 101, set())
+    first.lanes = 16
+    coordinator._pending.extend(range(10))
+
+    def take(peer):
+        index = coordinator._assign(peer)
+        peer.reading[index] = 100
+
+    while coordinator._may_take(first):
+        take(first)
+    assert len(first.reading) == 5                # half of 10: worker 102 has not connected yet
+    second = _peer(coordinator, 102, set())
+    second.lanes = 16
+    while coordinator._may_take(second):
+        take(second)
+    assert len(second.reading) == 5 and not coordinator._pending
+    # many blocks: the lanes are the limit, then blocks_per_worker - 1 more waiting to commit
+    coordinator._pending.extend(range(10, 100))
+    while coordinator._may_take(first):
+        take(first)
+    assert len(first.reading) == 16
+    first.reading.clear()                         # all 16 read: they commit, one more may be read
+    assert coordinator._may_take(first)
+    take(first)
+    assert len(first.open_blocks) == 16 + 1 and not coordinator._may_take(first)
 
 
 def test_a_read_lists_every_piece_even_with_a_path_that_is_not_utf8():

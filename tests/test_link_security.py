@@ -383,7 +383,7 @@ def test_malformed_messages_stalls_and_oversized_frames_cost_only_their_sender(c
         "unknown_type": send_raw(msgpack.packb({"t": "evil"}), "unknown or unexpected type"),
         "credit_not_a_number": send_raw(protocol.encode(protocol.CREDIT, bytes="lots"), "'bytes' is not"),
         "credit_for_bytes_never_sent": send_raw(protocol.encode(protocol.CREDIT, bytes=10**12), "a CREDIT for"),
-        "progress_from_a_streamed_worker": send_raw(protocol.encode(protocol.PROGRESS, bytes=1, last=True),
+        "progress_from_a_streamed_worker": send_raw(protocol.encode(protocol.PROGRESS, block=0, bytes=1, last=True),
                                                    "a PROGRESS while it reads no block"),
         "unreadable_from_a_remote_worker": send_raw(
             protocol.encode(protocol.UNREADABLE, block=0, path="/etc/shadow", reason="x"), "that is streamed its blocks"),

@@ -14,6 +14,7 @@ import pytest
 from conftest import cli_env
 from trees import MiB, fill
 
+from ingest import md5lanes
 from ingest.journal import iter_records, rewrite_journal
 
 BLOCK = MiB
@@ -215,8 +216,9 @@ def test_kill_9_at_random_moments_then_resume(cli, tmp_path, src):
     uploaded across kill and resume exceed the tree by at most the blocks in flight."""
     reference = manifest_of(cli, fresh_dir(tmp_path, "ref"), src)
     total = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
-    workers, blocks_per_worker = 2, 2
-    in_flight = workers * blocks_per_worker * BLOCK
+    # a worker holds a block in each MD5 lane it reads in, and blocks_per_worker - 1 committing
+    workers, blocks_per_worker, lanes = 2, 2, md5lanes.engine().lanes
+    in_flight = workers * (lanes + blocks_per_worker - 1) * BLOCK
     rng = random.Random(20261121)
     # how long an uninterrupted run takes here, to spread the kills over it
     t0 = time.monotonic()

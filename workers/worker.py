@@ -1,9 +1,10 @@
 """The worker: get each block's bytes, hash and store them, reply with locators.
 
 A block's bytes either arrive in CHUNK messages, or (a local worker sent READ) are
-read here from the source files the READ lists, into one reused buffer. Either way
-the main thread appends each chunk to the block's writer and updates the block's MD5
-as the bytes arrive, with no second pass. When a block's last chunk arrives, the
+read here from the source files the READ lists: several blocks at once, the next
+chunk of each hashed together in MD5 lanes (workers.lanes), between the messages.
+Either way the main thread appends each chunk to the block's writer and updates the
+block's MD5 as the bytes arrive, with no second pass. When a block's last chunk arrives, the
 commit (fsync and rename, or the HTTP PUT) runs in a committer thread so the next
 block can already stream in; the committer reports back through an inproc socket,
 and the main thread forwards the result to the coordinator.
@@ -29,7 +30,7 @@ from typing import Any
 import xxhash
 import zmq
 
-from ingest import protocol
+from ingest import md5lanes, protocol
 from ingest.errors import IngestError
 from ingest.gcpause import collector_paused
 from ingest.keep.factory import open_store
@@ -38,6 +39,7 @@ from ingest.keep.store import BlockStore, BlockWriter
 from ingest.link import WorkerCredentials
 from ingest.protocol import Message, ProtocolError
 from ingest.reader import BlockReader, FileChanged, Unreadable
+from workers.lanes import Lanes, lane_chunk, layout
 
 log = logging.getLogger("keep-ingest.worker")
 
@@ -47,10 +49,6 @@ _REMOTE_KINDS = protocol.FROM_COORDINATOR - {protocol.READ}
 _REMOTE_FRAME_MAX = BLOCK_SIZE_MAX + protocol.HEADER_MAX  # a chunk is at most a block
 _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-
-
-class _CoordinatorGone(Exception):
-    """The local worker's coordinator process has exited."""
 
 
 class _Committer(threading.Thread):
@@ -92,14 +90,11 @@ class _Committer(threading.Thread):
 
 
 class _Worker:
-    def __init__(self, sock: zmq.Socket, store: BlockStore, committer: _Committer, chunk_size: int,
-                 parent_pid: int | None):
+    def __init__(self, sock: zmq.Socket, store: BlockStore, committer: _Committer, lanes: Lanes):
         self.sock = sock
         self.store = store
         self.committer = committer
-        self.parent_pid = parent_pid
-        self.reader = BlockReader(chunk_size)    # for READ blocks
-        self.read_buffer: bytearray | None = None  # allocated at the first READ
+        self.lanes = lanes                 # the READ blocks being read
         self.last_sent = time.monotonic()
         self.block: int | None = None      # block being received
         self.writer: BlockWriter | None = None
@@ -136,43 +131,40 @@ class _Worker:
             self.block = self.writer = self.md5 = self.xxh3 = None
 
     def on_read(self, msg: Message) -> None:
-        """Read a block from the files it lists, hash it, queue its commit."""
-        block = msg["block"]
-        if self.read_buffer is None:
-            self.read_buffer = bytearray(self.reader.chunk_size)
-        digests: list[int] = []
-        md5, size = hashlib.md5(), 0
+        """Start reading a block from the files it lists, in a lane of its own."""
+        if len(self.lanes) >= self.lanes.lanes:
+            raise ProtocolError(f"a READ for block {msg['block']} while it reads {self.lanes.lanes} blocks")
         try:
-            writer = self.store.open_block()
-        except IngestError as exc:
-            self.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
-            return
-        try:
-            pieces = protocol.read_pieces(msg.frames[0])
-            for data, last in self.reader.chunks(msg["size"], pieces, digests, self.read_buffer):
-                if _parent_gone(self.parent_pid):
-                    raise _CoordinatorGone
-                md5.update(data)
-                writer.write(data)
-                size += len(data)
-                self.send(protocol.encode(protocol.PROGRESS, bytes=len(data), last=last))
-        except Unreadable as exc:
-            writer.abort()
-            self.send(protocol.encode(protocol.UNREADABLE, block=block, path=exc.path, reason=exc.reason))
-        except FileChanged as exc:
-            writer.abort()
-            self.send(protocol.encode(protocol.CHANGED, block=block, path=exc.path, why=exc.why))
-        except IngestError as exc:
-            writer.abort()
-            self.send(protocol.encode(protocol.FAILED, block=block, error=str(exc)))
-        except (TypeError, ValueError) as exc:  # pieces that are not [path, fingerprint, offset, length]
-            writer.abort()
+            with collector_paused():  # one tuple per piece: kept until the block is read, never cyclic
+                pieces = protocol.read_pieces(msg.frames[0])
+        except (TypeError, ValueError) as exc:
             raise ProtocolError(f"a READ whose pieces are malformed ({exc})") from None
-        except BaseException:
-            writer.abort()
-            raise
-        else:
-            self.committer.jobs.put((block, writer, md5.hexdigest(), size, {}, protocol.digest_frames(digests)))
+        try:
+            self.lanes.add(msg["block"], msg["size"], pieces)
+        except IngestError as exc:
+            self.send(protocol.encode(protocol.FAILED, block=msg["block"], error=str(exc)))
+
+    def read_lanes(self) -> None:
+        """Read, hash and write the next chunk of every block being read; say how far
+        they got, queue the commits of those read whole, report those dropped."""
+        try:
+            with collector_paused():  # a Fingerprint per piece read, none kept
+                done = self.lanes.step()
+        except (TypeError, ValueError) as exc:  # pieces that are not [path, fingerprint, offset, length]
+            self.lanes.drop_all()
+            raise ProtocolError(f"a READ whose pieces are malformed ({exc})") from None
+        for block, nbytes, last in done.progress:
+            self.send(protocol.encode(protocol.PROGRESS, block=block, bytes=nbytes, last=last))
+        for r in done.read:
+            self.committer.jobs.put((r.block, r.writer, r.md5_hex, r.size, {}, protocol.digest_frames(r.digests)))
+        for dropped in done.dropped:
+            exc = dropped.error
+            if isinstance(exc, Unreadable):
+                self.send(protocol.encode(protocol.UNREADABLE, block=dropped.block, path=exc.path, reason=exc.reason))
+            elif isinstance(exc, FileChanged):
+                self.send(protocol.encode(protocol.CHANGED, block=dropped.block, path=exc.path, why=exc.why))
+            else:
+                self.send(protocol.encode(protocol.FAILED, block=dropped.block, error=str(exc)))
 
     def on_abort(self, msg: Message) -> None:
         if msg["block"] == self.block:
@@ -183,6 +175,11 @@ class _Worker:
         if self.writer is not None:
             self.writer.abort()
         self.block = self.writer = self.md5 = self.xxh3 = None
+
+    def drop_all(self) -> None:
+        """Give up the block being received and those being read."""
+        self.drop_current()
+        self.lanes.drop_all()
 
     def fail(self, block: int, error: str) -> None:
         self.drop_current()
@@ -282,29 +279,41 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
     results.bind(_RESULTS_ADDR)
     committer = _Committer(ctx)
     store = None
+    worker = None
     coordinator_gone = False
     try:
         sock.connect(address)
+        engine, lanes = md5lanes.engine(), 1
+        hello = {}
+        if local:  # only a local worker is sent READs: it says how many it reads at once
+            store = _open_store(store_spec, address)
+            engine, lanes = layout(engine, store)
+            hello["lanes"] = lanes
         sock.send(protocol.encode(protocol.HELLO, pid=os.getpid(), host=socket.gethostname(),
-                                  version=protocol.PROTOCOL_VERSION))
+                                  version=protocol.PROTOCOL_VERSION, **hello))
         welcome = _await_welcome(sock, address, kinds, parent_pid, wait_s, _Handshakes(monitor))
         if welcome is None:
             coordinator_gone = _parent_gone(parent_pid)
             return 0
-        spec = store_spec if local else welcome.get("store")
-        if spec is None:
-            raise ProtocolError("a WELCOME without the store")
-        store = _open_store(spec, address)
+        if store is None:
+            if welcome.get("store") is None:
+                raise ProtocolError("a WELCOME without the store")
+            store = _open_store(welcome["store"], address)
         log.debug("worker %d serving %s, storing into %s", os.getpid(), address, store.describe())
         committer.start()
-        worker = _Worker(sock, store, committer, welcome["chunk_size"], parent_pid)
+        chunk_size = welcome["chunk_size"]
+        reader = BlockReader(lane_chunk(chunk_size, lanes))
+        worker = _Worker(sock, store, committer, Lanes(engine, lanes, reader, store, report_every=chunk_size))
+        if local:
+            log.debug("worker %d reads %d blocks at once, %d bytes of each per pass; MD5: %s", os.getpid(),
+                      lanes, reader.chunk_size, engine.describe())
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
         silence_limit = float(welcome["heartbeat_timeout"])
         last_heard = time.monotonic()
         while True:
-            events = dict(poller.poll(POLL_MS))
+            events = dict(poller.poll(0 if len(worker.lanes) else POLL_MS))
             if results in events:
                 worker.send(*results.recv_multipart())
             now = time.monotonic()
@@ -314,14 +323,12 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
                 last_heard = now
                 msg = protocol.parse(sock.recv_multipart(copy=False), kinds)
                 if msg.kind == protocol.READ:
-                    with collector_paused():  # one tuple per piece, none kept
-                        worker.on_read(msg)
+                    worker.on_read(msg)
                 elif msg.kind == protocol.CHUNK:
                     worker.on_chunk(msg)
                 elif msg.kind == protocol.ABORT:
                     worker.on_abort(msg)
                 elif msg.kind == protocol.STOP:
-                    worker.drop_current()
                     if "error" in msg.fields:
                         log.error("coordinator at %s dropped worker %d: %s", address, os.getpid(), msg["error"])
                         return 1
@@ -330,12 +337,10 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
             if _parent_gone(parent_pid) or now - last_heard > silence_limit:
                 coordinator_gone = True
                 log.error("coordinator at %s is gone; worker %d exiting", address, os.getpid())
-                worker.drop_current()
                 return 1
+            if len(worker.lanes):
+                worker.read_lanes()
         return 0
-    except _CoordinatorGone:
-        coordinator_gone = True
-        return 1
     except ProtocolError as exc:
         log.error("coordinator at %s sent %s; worker %d exiting", address, exc, os.getpid())
         return 1
@@ -343,9 +348,12 @@ def run_worker(address: str, credentials: WorkerCredentials | None, *, store_spe
         log.error("%s", exc)
         return 1
     finally:
+        # Blocks still being read or received are dropped, whatever ended the loop.
         # After STOP the queue is empty in a run that went well; otherwise the
         # coordinator has stopped listening, so queued blocks are dropped and closing
         # the store ends a commit that is waiting to retry.
+        if worker is not None:
+            worker.drop_all()
         committer.cancel_pending()
         if store is not None:
             store.close()

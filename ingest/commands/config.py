@@ -50,7 +50,9 @@ def _resolved(settings: Settings) -> dict[str, tuple[object, str]]:
 
 def effective(settings: Settings) -> dict[str, tuple[object, str, str]]:
     """Every setting as ``{"section.key": (value, origin, note)}``, secrets redacted;
-    paths shown resolved, the note saying what an empty or "auto" value stands for."""
+    paths shown resolved, the note saying what an empty or "auto" value stands for;
+    last, ``md5``: the MD5 engine of this host (see ingest.md5lanes)."""
+    from ingest import md5lanes
     from ingest.config import sections
 
     out: dict[str, tuple[object, str, str]] = {}
@@ -62,6 +64,8 @@ def effective(settings: Settings) -> dict[str, tuple[object, str, str]]:
             if key in SECRETS and value:
                 value = "<redacted>"
             out[key] = (value, settings.origin(key), note)
+    engine = md5lanes.engine()
+    out["md5"] = (engine.name, engine.origin, engine.lanes_text)
     return out
 
 

@@ -152,6 +152,7 @@ class KeepClient:
 
     SPEC_KEYS = frozenset({"type", "services", "token", "service_uuids", "service_types",
                            *KeepClientOptions.__dataclass_fields__})
+    buffers_whole_blocks = True    # a PUT sends the whole block: KeepBlockWriter holds it
 
     def __init__(self, services: Sequence[str], token: str | None = None, replication: int = 1,
                  *, service_uuids: Sequence[str] | None = None, service_types: Sequence[str] | None = None,

@@ -89,6 +89,8 @@ def _store_error(exc: OSError, what: str) -> StoreError:
 class DirectoryStore:
     """Blocks stored as files under one root directory."""
 
+    buffers_whole_blocks = False   # streamed into a temporary file
+
     def __init__(self, root: str, fsync: bool = True, write: bool = True):
         """A store for writing (created if missing, and checked writable) or, with
         ``write=False``, for reading only: nothing is created, and it must exist."""

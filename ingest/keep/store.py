@@ -41,6 +41,10 @@ class BlockWriter(Protocol):
 class BlockStore(Protocol):
     """A place blocks are written to and read from."""
 
+    buffers_whole_blocks: bool
+    """Whether a block being written is held in memory until its commit (so a worker
+    keeps few open at once)."""
+
     def open_block(self) -> BlockWriter:
         """Start writing a new block."""
 
