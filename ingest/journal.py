@@ -42,15 +42,16 @@ def frame(record: dict[str, Any]) -> bytes:
         xxhash.xxh3_64_intdigest(payload)) + payload
 
 
-def read_journal(path: str) -> tuple[list[dict[str, Any]], int, bool]:
-    """(records, length of the valid prefix, whether a torn tail follows it).
+def read_journal(path: str, end: int = -1) -> tuple[list[dict[str, Any]], int, bool]:
+    """(records, length of the valid prefix, whether a torn tail follows it), of the
+    first ``end`` bytes when given.
 
     Raises JournalCorrupt naming the path and offset when a damaged record is
     followed by more data.
     """
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(end)
     except FileNotFoundError:
         return [], 0, False
     records: list[dict[str, Any]] = []

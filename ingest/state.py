@@ -26,7 +26,6 @@ from ingest.errors import EXIT_LOCKED, IngestError
 from ingest.journal import JournalWriter, read_journal, rewrite_journal
 from ingest.keep.locator import Locator
 from ingest.plan import BlockPlan
-from ingest.walk import SourceFile
 
 JOURNAL_VERSION = 1
 
@@ -71,13 +70,12 @@ class Locked(IngestError):
     exit_code = EXIT_LOCKED
 
 
-def piece_rows(block: BlockPlan, files: list[SourceFile]) -> list[list[Any]]:
+def piece_rows(block: BlockPlan) -> list[list[Any]]:
     """The identity of a block's content: each piece's file name, fingerprint and range."""
     rows = []
-    for p in block.pieces:
-        f = files[p.file_index]
+    for f, offset, length in block.pieces:
         fp = f.fingerprint
-        rows.append([f.name, fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode, p.file_offset, p.length])
+        rows.append([f.name, fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode, offset, length])
     return rows
 
 
@@ -177,6 +175,17 @@ class RunState:
         for record in records:
             index.add(record)
         return index, valid
+
+    def previous_fingerprints(self, names: set[str], end: int) -> dict[str, tuple[int, int, int, int]]:
+        """The fingerprint (size, mtime, ctime, inode) the journal's first ``end`` bytes
+        (what earlier runs wrote) last recorded for each of ``names`` that they hold."""
+        found: dict[str, tuple[int, int, int, int]] = {}
+        for record in read_journal(self.journal_path, end)[0]:
+            if record["t"] == "block":
+                for name, size, mtime, ctime, inode, _, _ in record["pieces"]:
+                    if name in names:
+                        found[name] = (size, mtime, ctime, inode)
+        return found
 
     def open_writer(self, valid_length: int) -> JournalWriter:
         self._make_dir()
