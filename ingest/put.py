@@ -85,12 +85,14 @@ def _file_reasons(walk: WalkResult, plan: Plan, todo: list[int], index: ResumeIn
                   block_reason: dict[int, str]) -> dict[str, list[str]]:
     """Why each file of the blocks to upload is uploaded."""
     reasons: dict[str, list[str]] = {}
+    names = {walk.files[p.file_index].name for b in todo for p in plan.block(b).pieces}
+    previous = index.previous_fingerprints(names)
     for b in todo:
         for piece in plan.block(b).pieces:
             f = walk.files[piece.file_index]
             if f.name in reasons:
                 continue
-            before = index.files.get(f.name)
+            before = previous.get(f.name)
             if before is None:
                 reasons[f.name] = ["new"]
                 continue

@@ -10,12 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 from conftest import cli_env
 from trees import MiB, fill
 
 from ingest import md5lanes
-from ingest.journal import iter_records, rewrite_journal
+from ingest.journal import frame, iter_records, rewrite_journal
+from ingest.state import block_key, record_rows
 
 BLOCK = MiB
 
@@ -105,10 +107,13 @@ def test_verify_content_catches_an_edit_the_fingerprint_misses(cli, tmp_path, sr
     st = target.stat()
     records = list(iter_records(str(journal)))
     for r in records:
-        for row in r.get("pieces", []):
-            if row[0] == "src/small/d3/s10":
-                row[2], row[3] = st.st_mtime_ns, st.st_ctime_ns
-    rewrite_journal(str(journal), records)
+        if r["t"] == "block":
+            rows = record_rows(r)
+            for row in rows:
+                if row[0] == "src/small/d3/s10":
+                    row[2], row[3] = st.st_mtime_ns, st.st_ctime_ns
+            r["rows"], r["key"] = msgpack.packb(rows), block_key(rows)
+    rewrite_journal(str(journal), map(frame, records))
     stale = put_json(cli, tmp_path, src)
     assert stale["blocks_uploaded"] == 0  # the hazard: nothing looks changed
     checked = put_json(cli, tmp_path, src, "--verify-content")
