@@ -25,6 +25,7 @@ import xxhash
 
 from ingest.config import Settings
 from ingest.errors import EXIT_LOCKED, IngestError
+from ingest.gcpause import collector_paused
 from ingest.journal import FRAME_OVERHEAD, Frames, JournalWriter, frame_at, rewrite_journal
 from ingest.keep.locator import Locator
 from ingest.plan import BlockPlan
@@ -215,17 +216,18 @@ class ResumeIndex:
         found: dict[str, tuple[int, int, int, int]] = {}
         if not names or not self.blocks or not self.journal:
             return found
-        for _, payload in Frames(self.journal):
-            fields, spans = _outer(payload)
-            if fields["t"] != "block":
-                continue
-            start, end = spans["rows"] if "rows" in spans else spans["pieces"]
-            rows = msgpack.unpackb(memoryview(payload)[start:end])
-            if isinstance(rows, bytes):  # a version 2 record: the rows packed in a bin
-                rows = msgpack.unpackb(rows)
-            for name, size, mtime, ctime, inode, _, _ in rows:
-                if name in names:
-                    found[name] = (size, mtime, ctime, inode)
+        with collector_paused():  # the rows of a block at a time: many small tuples
+            for _, payload in Frames(self.journal):
+                fields, spans = _outer(payload)
+                if fields["t"] != "block":
+                    continue
+                start, end = spans["rows"] if "rows" in spans else spans["pieces"]
+                rows = msgpack.unpackb(memoryview(payload)[start:end], use_list=False)
+                if isinstance(rows, bytes):  # a version 2 record: the rows packed in a bin
+                    rows = msgpack.unpackb(rows, use_list=False)
+                for row in rows:
+                    if row[0] in names:
+                        found[row[0]] = row[1:5]
         return found
 
 
