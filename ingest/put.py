@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +33,16 @@ from ingest.keep.store import BlockStore, StoredBlock
 from ingest.plan import BlockPlan, Packer
 from ingest.progress import Display, NoDisplay, Tracker
 from ingest.reader import BlockReader, FileChanged, piece_sources
-from ingest.state import ResumeIndex, RunIdentity, RunState, StoredRecord, block_key, block_record, piece_rows
+from ingest.state import (
+    JOURNAL_VERSION,
+    ResumeIndex,
+    RunIdentity,
+    RunState,
+    StoredRecord,
+    block_key,
+    block_record,
+    piece_rows,
+)
 from ingest.walk import Excludes, SourceFile, TreeDir, TreeWalk, check_sources
 from ingest.words import plural
 
@@ -105,10 +113,9 @@ class _Changes:
                 # block was packed anew around it.
                 self.listed.append((f, why or ("not stored yet" if large else "repacked")))
 
-    def reasons(self, previous: Callable[[set[str]], dict[str, tuple[int, int, int, int]]] | None
-                ) -> dict[str, list[str]]:
-        """Path -> why it is uploaded, given the fingerprints earlier runs recorded (None: there are none)."""
-        before = previous({f.name for f, _ in self.listed}) if previous and self.listed else {}
+    def reasons(self, previous: Callable[[set[str]], dict[str, tuple[int, int, int, int]]]) -> dict[str, list[str]]:
+        """Path -> why it is uploaded, given what earlier runs recorded of some files."""
+        before = previous({f.name for f, _ in self.listed}) if self.listed else {}
         reasons: dict[str, list[str]] = {}
         for f, why in self.listed:
             old = before.get(f.name)
@@ -224,8 +231,7 @@ class _Run:
         """What to do as the store confirms a block: journal it, locate it."""
         def on_stored(block: BlockPlan, stored: StoredBlock, digests: list[int]) -> None:
             record = block_record(piece_rows(block), stored.locator, digests)
-            journal.append(record)
-            self.index.add(record)
+            self.index.add(record, journal.append(record))
             self._located(block, stored.locator)
             self.bytes_uploaded += block.size
             self.tracker.block_done(block.size, block.ends, reused=False)
@@ -246,7 +252,7 @@ class _Run:
             self.assembler.discard()
 
     def result(self, started: float, state_dir: str,
-               previous: Callable[[set[str]], dict[str, tuple[int, int, int, int]]] | None) -> PutResult:
+               previous: Callable[[set[str]], dict[str, tuple[int, int, int, int]]]) -> PutResult:
         manifest = self.assembler.finish() if self.assembler is not None else None
         return PutResult(
             manifest, manifest.pdh if manifest else "",
@@ -320,7 +326,7 @@ def check_store(settings: Settings) -> None:
 
 
 def _run_record(identity: RunIdentity) -> dict[str, Any]:
-    return {"t": "run", "v": 1, "sources": list(identity.sources), "block_size": identity.block_size,
+    return {"t": "run", "v": JOURNAL_VERSION, "sources": list(identity.sources), "block_size": identity.block_size,
             "store": identity.store, "started": time.time()}
 
 
@@ -331,13 +337,7 @@ def dry_run(settings: Settings, sources: list[str]) -> PutResult:
     index = state.load()[0] if settings.put.resume else ResumeIndex()
     run = _Run(settings, sources, index, leave_out={}, tracker=Tracker(NoDisplay()), spool_dir=None)
     run.walk_all()
-    earlier = _earlier_fingerprints(state, os.path.getsize(state.journal_path)) if index.blocks else None
-    return run.result(started, state.dir, earlier)
-
-
-def _earlier_fingerprints(state: RunState, end: int) -> Callable[[set[str]], dict[str, tuple[int, int, int, int]]]:
-    """What earlier runs (the journal's first ``end`` bytes) recorded of some files."""
-    return lambda names: state.previous_fingerprints(names, end)
+    return run.result(started, state.dir, index.previous_fingerprints)
 
 
 def run_put(settings: Settings, sources: list[str], verify_content: bool = False,
@@ -369,7 +369,7 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
             journal.append(_run_record(identity))
             run = _attempt(settings, sources, index, verify, journal, tracker, hooks, state.dir)
             tracker.close()
-            result = run.result(started, state.dir, _earlier_fingerprints(state, valid) if index.blocks else None)
+            result = run.result(started, state.dir, index.previous_fingerprints)
             journal.append({"t": "done", "pdh": result.pdh,
                             "files": result.files, "bytes": result.bytes, "finished": time.time()})
             if hooks:
