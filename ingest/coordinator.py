@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 200
 FEED_ITEMS = 2048               # walk items planned per turn of the loop while the walk goes on
+FILES_AHEAD = 1 << 17           # pieces (files) of blocks handed out and not stored, beyond which the walk waits
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 STOP_GRACE_S = 10.0
 STRIKES = 3                     # bad messages after which a remote key is refused for the run
@@ -172,6 +173,7 @@ class Coordinator:
         self._failures: Counter[int] = Counter()
         self._pending: deque[int] = deque()
         self._blocks: dict[int, BlockPlan] = {}   # blocks to store, not stored yet: pending or open
+        self._pieces = 0                            # in those blocks
         self._walking = False
         self.progress = Tracker(NoDisplay())   # run() is given the run's
 
@@ -296,14 +298,18 @@ class Coordinator:
         self.reader, self.on_stored, self.progress = reader, on_stored, progress
         self._pending.clear()
         self._blocks.clear()
+        self._pieces = 0
         self._walking = True
         self._dispatch(feed)
 
     def _feed(self, feed: Callable[[int], list[BlockPlan] | None]) -> bool:
-        """Walk on if few blocks wait for a worker; True if it did."""
+        """Walk on if few blocks wait for a worker and the blocks not stored yet hold
+        few files (what the run holds per file lives until its block is stored);
+        True if it did."""
         lanes = max((p.lanes for p in self.peers.values()), default=1)
         workers = max(len(self.peers), self.settings.local_worker_count, 1)
-        if not self._walking or len(self._pending) >= 2 * workers * (self.max_blocks + lanes):
+        if (not self._walking or len(self._pending) >= 2 * workers * (self.max_blocks + lanes)
+                or self._pieces >= FILES_AHEAD):
             return False
         blocks = feed(FEED_ITEMS)
         if blocks is None:
@@ -311,8 +317,15 @@ class Coordinator:
             return True
         for block in blocks:
             self._blocks[block.index] = block
+            self._pieces += len(block.pieces)
             self._pending.append(block.index)
         return True
+
+    def _forget(self, index: int) -> BlockPlan:
+        """A block is stored, or left out: it is no longer the coordinator's."""
+        block = self._blocks.pop(index)
+        self._pieces -= len(block.pieces)
+        return block
 
     # -- the dispatch loop ----------------------------------------------------
 
@@ -448,7 +461,7 @@ class Coordinator:
         self.unreadable[path] = reason
         self.progress.file_unreadable()
         peer.open_blocks.discard(index)
-        del self._blocks[index]
+        self._forget(index)
 
     # -- what workers say ---------------------------------------------------------
 
@@ -533,7 +546,7 @@ class Coordinator:
             stored, _ = check_receipt(msg, block.size, self.replication, sent_xxh3=sent_xxh3, in_store=self._in_store)
         peer.open_blocks.discard(index)
         peer.last_progress = time.monotonic()
-        del self._blocks[index]
+        self._forget(index)
         self.progress.worker_stored(peer.name, block.size)
         self.on_stored(block, stored, digests)
 
