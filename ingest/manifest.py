@@ -13,8 +13,8 @@ import hashlib
 import re
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from ingest.keep.locator import EMPTY_BLOCK_LOCATOR, Locator, LocatorError, is_md5_hex
 
@@ -58,9 +58,9 @@ def unescape_name(token: str) -> str:
     return _UNESCAPE_RE.sub(lambda m: chr(int(m.group(1), 8)), token)
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """A piece of a file: ``length`` bytes at ``offset`` within one block."""
+class Segment(NamedTuple):
+    """A piece of a file: ``length`` bytes at ``offset`` within one block (a named
+    tuple: one is made per file of a manifest, and a tuple is made fastest)."""
 
     locator: str  # as stored, possibly with +A signature hints
     block_size: int  # size of that block (the locator's size)

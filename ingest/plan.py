@@ -68,18 +68,11 @@ class Packer:
     def add(self, file: SourceFile) -> tuple[FileParts, list[BlockPlan]]:
         """Place one file: where its bytes go, and the blocks this closes (its own,
         for a large file; the shared block it did not fit in, for a small one)."""
-        size = file.size
-        if size == 0:
+        size = file.fingerprint.size
+        if size > self._half:
+            return self._add_large(file, size)
+        if not size:
             return (), []
-        if self.is_large(size):
-            parts, blocks = [], []
-            for start in range(0, size, self.block_size):
-                length = min(self.block_size, size - start)
-                index = self._new_index()
-                last = start + length == size
-                blocks.append(BlockPlan(index, length, (Piece(file, start, length),), int(last)))
-                parts.append((index, 0, length))
-            return tuple(parts), blocks
         closed = []
         if self._open >= 0 and self._open_size + size > self.block_size:
             closed.append(self._close())
@@ -89,6 +82,16 @@ class Packer:
         self._open_pieces.append(Piece(file, 0, size))
         self._open_size += size
         return parts, closed
+
+    def _add_large(self, file: SourceFile, size: int) -> tuple[FileParts, list[BlockPlan]]:
+        parts, blocks = [], []
+        for start in range(0, size, self.block_size):
+            length = min(self.block_size, size - start)
+            index = self._new_index()
+            last = start + length == size
+            blocks.append(BlockPlan(index, length, (Piece(file, start, length),), int(last)))
+            parts.append((index, 0, length))
+        return tuple(parts), blocks
 
     def finish(self) -> list[BlockPlan]:
         """The shared block still open, if any: the walk is over."""

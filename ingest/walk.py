@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import logging
+import operator
 import os
 import re
 import stat
@@ -51,9 +52,9 @@ class Fingerprint(NamedTuple):
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-@dataclass(frozen=True, slots=True)
-class SourceFile:
-    """A regular file to upload: where it is, and its path in the manifest."""
+class SourceFile(NamedTuple):
+    """A regular file to upload: where it is, and its path in the manifest (a named
+    tuple: the walk makes one per file, and a tuple is made fastest)."""
 
     path: str           # filesystem path to open
     name: str           # manifest path, '/'-separated, relative to the root, unescaped
@@ -136,6 +137,9 @@ class Excludes:
                         fnmatch.fnmatchcase(n, p) for n, p in zip(parts, pat, strict=True)):
                     return True
         return False
+
+
+_entry_name = operator.attrgetter("name")
 
 
 def _kind(mode: int) -> str:
@@ -260,10 +264,11 @@ class TreeWalk:
         self.seen[name] = (path, is_dir)
 
     def new_file(self, path: str, name: str, st: os.stat_result) -> SourceFile:
-        self.claim(name, path, False)
+        if self.seen is not None:
+            self.claim(name, path, False)
         self.files_found += 1
         self.bytes_found += st.st_size
-        return SourceFile(path, name, Fingerprint.of(st))
+        return SourceFile(path, name, Fingerprint(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
 
     def stat_entry(self, path: str, is_link: bool) -> os.stat_result | None:
         """Stat an entry of a directory, following a symlink only when asked; None
@@ -308,7 +313,7 @@ class TreeWalk:
             dirpath, manifest_dir, relbase, ancestors = stack.pop()
             try:
                 with os.scandir(dirpath) as it:
-                    entries = sorted(it, key=lambda e: e.name)
+                    entries = sorted(it, key=_entry_name)
             except OSError as exc:
                 log.error("cannot read directory %s: %s", dirpath, exc.strerror)
                 self.unreadable[dirpath] = exc.strerror or str(exc)
@@ -317,17 +322,20 @@ class TreeWalk:
                 self.claim(manifest_dir, dirpath, True)
                 yield TreeDir(manifest_dir)
             subdirs = []
+            base = f"{manifest_dir}/" if manifest_dir else ""
+            leave_out = self.leave_out
             for entry in entries:
                 self.entries_left -= 1
                 if not self.entries_left:
                     self.report()
-                relpath = f"{relbase}/{entry.name}" if relbase else entry.name
-                if excludes is not None and excludes.excluded(relpath, entry.name):
+                entry_name = entry.name
+                if excludes is not None and excludes.excluded(f"{relbase}/{entry_name}" if relbase else entry_name,
+                                                              entry_name):
                     continue
                 path = entry.path
-                if path in self.leave_out:
+                if leave_out and path in leave_out:
                     continue
-                if not _storable(path, self.bad_names):
+                if not path.isascii() and not _storable(path, self.bad_names):
                     continue
                 st: os.stat_result | None
                 if entry.is_symlink():
@@ -339,10 +347,11 @@ class TreeWalk:
                         st = self.stat_entry(path, False)
                 if st is None:
                     continue
-                name = f"{manifest_dir}/{entry.name}" if manifest_dir else entry.name
+                name = base + entry_name
                 if S_ISREG(st.st_mode):
                     yield self.new_file(path, name, st)
                 elif stat.S_ISDIR(st.st_mode):
+                    relpath = f"{relbase}/{entry_name}" if relbase else entry_name
                     ident = (st.st_dev, st.st_ino)
                     if ident in ancestors:
                         self.skip(entry.path, "symlink loop")
