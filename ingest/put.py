@@ -27,7 +27,6 @@ from ingest.assemble import ManifestAssembler, ManifestText
 from ingest.config import Settings
 from ingest.coordinator import FEED_ITEMS, Coordinator
 from ingest.errors import EXIT_INTERRUPTED, BlockCorrupt, BlockNotFound, ConfigError, IngestError, StoreError
-from ingest.gcpause import collector_paused
 from ingest.journal import JournalWriter
 from ingest.keep.factory import open_store
 from ingest.keep.store import BlockStore, StoredBlock
@@ -161,10 +160,6 @@ class _Run:
         once the walk is over (and every block decided)."""
         if not self._walking:
             return None
-        with collector_paused():   # many small objects, no cycles: no full collections meanwhile
-            return self._feed(limit)
-
-    def _feed(self, limit: int) -> list[BlockPlan]:
         todo: list[BlockPlan] = []
         assembler, packer = self.assembler, self.packer
         for item in self._items:

@@ -232,8 +232,9 @@ class TreeWalk:
     def __iter__(self) -> Iterator[TreeItem]:
         """The tree's directories and files in walk order; SourceError on bad input,
         and once the walk is over if names cannot be stored."""
-        for source in self.sources:
-            yield from self.walk_source(source)
+        with collector_paused():
+            for source in self.sources:
+                yield from self.walk_source(source)
         self.report()
         if self.bad_names:
             shown = "\n  ".join(self.bad_names[:20])
@@ -374,10 +375,9 @@ def walk_sources(sources: Iterable[str], follow_links: bool = True,
     """
     walk = TreeWalk(sources, follow_links, excludes, leave_out, on_progress)
     result = WalkResult(skipped=walk.skipped, unreadable=walk.unreadable)
-    with collector_paused():
-        for item in walk:
-            if isinstance(item, TreeDir):
-                result.directories.append(item.name)
-            else:
-                result.files.append(item)
+    for item in walk:
+        if isinstance(item, TreeDir):
+            result.directories.append(item.name)
+        else:
+            result.files.append(item)
     return result
