@@ -43,7 +43,7 @@ from ingest.state import (
     block_record,
     piece_rows,
 )
-from ingest.walk import Excludes, SourceFile, TreeDir, TreeWalk, check_sources
+from ingest.walk import Excludes, Fingerprint, TreeDir, TreeWalk, check_sources
 from ingest.words import plural
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class _Changes:
     CHANGES_LISTED of them kept, the rest counted."""
 
     def __init__(self) -> None:
-        self.listed: list[tuple[SourceFile, str]] = []   # (file, why its block is stored, if the file did not change)
+        self.listed: list[tuple[str, Fingerprint, str]] = []   # (name, fingerprint, why if the file did not change)
         self.total = 0
         self._last = ""
 
@@ -111,21 +111,20 @@ class _Changes:
                 # Unchanged, yet its block is to be stored: a large file keeps its blocks,
                 # so that one was not stored yet (an interrupted run); a small file's
                 # block was packed anew around it.
-                self.listed.append((f, why or ("not stored yet" if large else "repacked")))
+                self.listed.append((f.name, f.fingerprint, why or ("not stored yet" if large else "repacked")))
 
     def reasons(self, previous: Callable[[set[str]], dict[str, tuple[int, int, int, int]]]) -> dict[str, list[str]]:
         """Path -> why it is uploaded, given what earlier runs recorded of some files."""
-        before = previous({f.name for f, _ in self.listed}) if self.listed else {}
+        before = previous({name for name, _, _ in self.listed}) if self.listed else {}
         reasons: dict[str, list[str]] = {}
-        for f, why in self.listed:
-            old = before.get(f.name)
+        for name, fp, why in self.listed:
+            old = before.get(name)
             if old is None:
-                reasons[f.name] = ["new"]
+                reasons[name] = ["new"]
                 continue
-            fp = f.fingerprint
             now = (fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode)
-            diff = [name for name, a, b in zip(("size", "mtime", "ctime", "inode"), old, now, strict=True) if a != b]
-            reasons[f.name] = diff or [why]
+            diff = [part for part, a, b in zip(("size", "mtime", "ctime", "inode"), old, now, strict=True) if a != b]
+            reasons[name] = diff or [why]
         return reasons
 
 
