@@ -140,6 +140,18 @@ class Excludes:
 
 
 _entry_name = operator.attrgetter("name")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _listing(dirpath: str) -> tuple[int, list[os.DirEntry]]:
+    """A descriptor of the directory (the caller closes it) and its entries by name."""
+    dir_fd = os.open(dirpath, _DIR_FLAGS)
+    try:
+        with os.scandir(dir_fd) as it:
+            return dir_fd, sorted(it, key=_entry_name)
+    except BaseException:
+        os.close(dir_fd)
+        raise
 
 
 def _kind(mode: int) -> str:
@@ -302,63 +314,73 @@ class TreeWalk:
             if _storable(name, self.bad_names):
                 yield self.new_file(path, name, st)
 
+    def _entries(self, dirpath: str, dir_fd: int, entries: list[os.DirEntry], manifest_dir: str, relbase: str,
+                 ancestors: frozenset[tuple[int, int]]) -> Iterator[TreeItem]:
+        """The files of one directory (each stat-ed relative to its descriptor: no path
+        lookup per file); returns its subdirectories to walk, as stack items."""
+        excludes = self.excludes if self.excludes else None
+        S_ISREG = stat.S_ISREG
+        subdirs = []
+        base = f"{manifest_dir}/" if manifest_dir else ""
+        prefix = dirpath if dirpath.endswith("/") else dirpath + "/"
+        leave_out = self.leave_out
+        for entry in entries:
+            self.entries_left -= 1
+            if not self.entries_left:
+                self.report()
+            entry_name = entry.name
+            if excludes is not None and excludes.excluded(f"{relbase}/{entry_name}" if relbase else entry_name,
+                                                          entry_name):
+                continue
+            path = prefix + entry_name
+            if leave_out and path in leave_out:
+                continue
+            if not path.isascii() and not _storable(path, self.bad_names):
+                continue
+            st: os.stat_result | None
+            if entry.is_symlink():
+                st = self.stat_entry(path, True)
+            else:
+                try:
+                    st = os.stat(entry_name, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError:   # stat_entry raises the right SourceError
+                    st = self.stat_entry(path, False)
+            if st is None:
+                continue
+            name = base + entry_name
+            if S_ISREG(st.st_mode):
+                yield self.new_file(path, name, st)
+            elif stat.S_ISDIR(st.st_mode):
+                relpath = f"{relbase}/{entry_name}" if relbase else entry_name
+                ident = (st.st_dev, st.st_ino)
+                if ident in ancestors:
+                    self.skip(path, "symlink loop")
+                    continue
+                subdirs.append((path, name, relpath, ancestors | {ident}))
+            else:
+                self.skip(path, _kind(st.st_mode))
+        return subdirs
+
     def walk_dir(self, top: str, prefix: str) -> Iterator[TreeItem]:
         """Depth-first, files before subdirectories, each sorted by name."""
         top_st = os.stat(top)
-        excludes = self.excludes if self.excludes else None
-        S_ISREG = stat.S_ISREG
         # Each stack item: (dir path, manifest path, path relative to the source, ancestor ids)
         stack = [(top, prefix, "", frozenset({(top_st.st_dev, top_st.st_ino)}))]
         while stack:
             dirpath, manifest_dir, relbase, ancestors = stack.pop()
             try:
-                with os.scandir(dirpath) as it:
-                    entries = sorted(it, key=_entry_name)
+                dir_fd, entries = _listing(dirpath)
             except OSError as exc:
                 log.error("cannot read directory %s: %s", dirpath, exc.strerror)
                 self.unreadable[dirpath] = exc.strerror or str(exc)
                 continue
-            if manifest_dir:
-                self.claim(manifest_dir, dirpath, True)
-                yield TreeDir(manifest_dir)
-            subdirs = []
-            base = f"{manifest_dir}/" if manifest_dir else ""
-            leave_out = self.leave_out
-            for entry in entries:
-                self.entries_left -= 1
-                if not self.entries_left:
-                    self.report()
-                entry_name = entry.name
-                if excludes is not None and excludes.excluded(f"{relbase}/{entry_name}" if relbase else entry_name,
-                                                              entry_name):
-                    continue
-                path = entry.path
-                if leave_out and path in leave_out:
-                    continue
-                if not path.isascii() and not _storable(path, self.bad_names):
-                    continue
-                st: os.stat_result | None
-                if entry.is_symlink():
-                    st = self.stat_entry(path, True)
-                else:
-                    try:
-                        st = os.lstat(path)
-                    except OSError:   # stat_entry raises the right SourceError
-                        st = self.stat_entry(path, False)
-                if st is None:
-                    continue
-                name = base + entry_name
-                if S_ISREG(st.st_mode):
-                    yield self.new_file(path, name, st)
-                elif stat.S_ISDIR(st.st_mode):
-                    relpath = f"{relbase}/{entry_name}" if relbase else entry_name
-                    ident = (st.st_dev, st.st_ino)
-                    if ident in ancestors:
-                        self.skip(entry.path, "symlink loop")
-                        continue
-                    subdirs.append((entry.path, name, relpath, ancestors | {ident}))
-                else:
-                    self.skip(entry.path, _kind(st.st_mode))
+            try:
+                if manifest_dir:
+                    self.claim(manifest_dir, dirpath, True)
+                    yield TreeDir(manifest_dir)
+                subdirs = yield from self._entries(dirpath, dir_fd, entries, manifest_dir, relbase, ancestors)
+            finally:
+                os.close(dir_fd)
             stack.extend(reversed(subdirs))
 
 
