@@ -41,7 +41,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,16 +62,17 @@ from ingest.link import (
     peer_user,
     private_ipc_endpoint,
 )
-from ingest.plan import Plan
+from ingest.plan import BlockPlan
 from ingest.progress import NoDisplay, Tracker
 from ingest.protocol import Message, ProtocolError
 from ingest.reader import BlockReader, Chunk, FileChanged, Unreadable, piece_sources
 from ingest.receipts import check_receipt
-from ingest.walk import SourceFile
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 200
+FEED_ITEMS = 2048               # walk items planned per turn of the loop while the walk goes on
+FILES_AHEAD = 1 << 17           # pieces (files) of blocks handed out and not stored, beyond which the walk waits
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 STOP_GRACE_S = 10.0
 STRIKES = 3                     # bad messages after which a remote key is refused for the run
@@ -171,7 +172,9 @@ class Coordinator:
         self._strikes: Counter[str] = Counter()
         self._failures: Counter[int] = Counter()
         self._pending: deque[int] = deque()
-        self._remaining = 0
+        self._blocks: dict[int, BlockPlan] = {}   # blocks to store, not stored yet: pending or open
+        self._pieces = 0                            # in those blocks
+        self._walking = False
         self.progress = Tracker(NoDisplay())   # run() is given the run's
 
     # -- lifecycle -------------------------------------------------------
@@ -277,33 +280,64 @@ class Coordinator:
                 proc.join()
         self.processes.clear()
 
-    def run(self, plan: Plan, files: Sequence[SourceFile], reader: BlockReader, block_indexes: list[int],
-            on_stored: Callable[[int, StoredBlock, list[int]], None], progress: Tracker) -> None:
-        """Store the listed blocks of ``plan`` (over the walk's ``files``), except those
-        whose files cannot be read (see ``unreadable``); raise on a store failure, a
-        changing file or no workers.
+    def run(self, feed: Callable[[int], list[BlockPlan] | None], reader: BlockReader,
+            on_stored: Callable[[BlockPlan, StoredBlock, list[int]], None], progress: Tracker) -> None:
+        """Store the blocks ``feed`` gives, except those whose files cannot be read (see
+        ``unreadable``); raise on a store failure, a changing file or no workers.
 
-        ``reader`` reads the blocks streamed to workers that do not read them
-        themselves; ``on_stored(block index, stored block, xxh3 digests of its pieces)``
-        is called for each block as the store confirms it; ``progress`` hears of every
-        worker (joined, its bytes, its blocks stored or dropped, left) and every file
-        that cannot be read, and is ticked on each turn of the loop.
+        ``feed(n)`` walks up to ``n`` more items of the tree and returns the blocks
+        among them to store, or None once the walk is over; it is called while few
+        blocks wait for a worker, so the walk goes on while the workers upload and
+        stays only a few blocks ahead of them. ``reader`` reads the blocks streamed to
+        workers that do not read them themselves; ``on_stored(block, stored block,
+        xxh3 digests of its pieces)`` is called for each block as the store confirms
+        it; ``progress`` hears of every worker (joined, its bytes, its blocks stored or
+        dropped, left) and every file that cannot be read, and is ticked on each turn
+        of the loop.
         """
-        self.plan, self.files, self.reader = plan, files, reader
-        self.on_stored, self.progress = on_stored, progress
-        self._pending = deque(block_indexes)
-        self._remaining = len(block_indexes)
-        if self._remaining:
-            self._dispatch()
+        self.reader, self.on_stored, self.progress = reader, on_stored, progress
+        self._pending.clear()
+        self._blocks.clear()
+        self._pieces = 0
+        self._walking = True
+        self._dispatch(feed)
+
+    def _feed(self, feed: Callable[[int], list[BlockPlan] | None]) -> bool:
+        """Walk on if few blocks wait for a worker and the blocks not stored yet hold
+        few files (what the run holds per file lives until its block is stored);
+        True if it did."""
+        lanes = max((p.lanes for p in self.peers.values()), default=1)
+        workers = max(len(self.peers), self.settings.local_worker_count, 1)
+        if (not self._walking or len(self._pending) >= 2 * workers * (self.max_blocks + lanes)
+                or self._pieces >= FILES_AHEAD):
+            return False
+        blocks = feed(FEED_ITEMS)
+        if blocks is None:
+            self._walking = False
+            return True
+        for block in blocks:
+            self._blocks[block.index] = block
+            self._pieces += len(block.pieces)
+            self._pending.append(block.index)
+        return True
+
+    def _forget(self, index: int) -> BlockPlan:
+        """A block is stored, or left out: it is no longer the coordinator's."""
+        block = self._blocks.pop(index)
+        self._pieces -= len(block.pieces)
+        return block
 
     # -- the dispatch loop ----------------------------------------------------
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, feed: Callable[[int], list[BlockPlan] | None]) -> None:
         timeout_s = self.settings.put.worker_timeout
         last_worker_seen = time.monotonic()
-        while self._remaining:
+        while True:
+            walked = self._feed(feed)
+            if not self._walking and not self._blocks:
+                return
             sent = self._send_round()
-            events = dict(self._poller.poll(0 if sent else POLL_MS))
+            events = dict(self._poller.poll(0 if sent or walked else POLL_MS))
             for link in self._links:
                 while events.get(link.sock):
                     self._handle(link, link.sock.recv_multipart(copy=False))
@@ -311,7 +345,7 @@ class Coordinator:
             self._keep_alive()
             self._check_local_workers()
             self.progress.tick()
-            if self.peers:
+            if self.peers or not self._blocks:
                 last_worker_seen = time.monotonic()
             elif not self.processes and self.settings.local_worker_count:
                 raise IngestError("every worker process died and none could be restarted; "
@@ -346,9 +380,9 @@ class Coordinator:
             if not self._may_take(peer):
                 return False
             index = self._assign(peer)
-            block = self.plan.block(index)
+            block = self._blocks[index]
             peer.stream_digests = []
-            peer.stream = self.reader.chunks(block.size, piece_sources(block, self.files), peer.stream_digests)
+            peer.stream = self.reader.chunks(block.size, piece_sources(block), peer.stream_digests)
             peer.stream_block, peer.stream_hash = index, xxhash.xxh3_64()
         index = peer.stream_block
         try:
@@ -412,10 +446,10 @@ class Coordinator:
         """Give a reading worker its next block if it may take one; True if sent."""
         if not self._may_take(peer):
             return False
-        block = self.plan.block(self._assign(peer))
+        block = self._blocks[self._assign(peer)]
         peer.reading[block.index] = block.size
         try:
-            self._send(peer, protocol.read_frames(block.index, block.size, piece_sources(block, self.files)))
+            self._send(peer, protocol.read_frames(block.index, block.size, piece_sources(block)))
         except _PeerLost as exc:
             self._lose(peer, str(exc))
             return False
@@ -427,7 +461,7 @@ class Coordinator:
         self.unreadable[path] = reason
         self.progress.file_unreadable()
         peer.open_blocks.discard(index)
-        self._remaining -= 1
+        self._forget(index)
 
     # -- what workers say ---------------------------------------------------------
 
@@ -483,8 +517,7 @@ class Coordinator:
             if not peer.reads:
                 raise ProtocolError(f"{protocol.named(kind)} from a worker that is streamed its blocks")
             index = self._held(peer, msg)
-            if index not in peer.reading or msg["path"] not in {p.path for p in piece_sources(self.plan.block(index),
-                                                                                               self.files)}:
+            if index not in peer.reading or msg["path"] not in {p.path for p in piece_sources(self._blocks[index])}:
                 raise ProtocolError(f"{protocol.named(kind)} for {msg['path']!r}, not a file of a block it is reading")
             del peer.reading[index]
             if kind == protocol.CHANGED:
@@ -500,22 +533,22 @@ class Coordinator:
 
     def _on_stored(self, peer: _Peer, msg: Message) -> None:
         index = self._held(peer, msg)
+        block = self._blocks[index]
         if peer.reads:
             if index in peer.reading:
                 raise ProtocolError(f"a STORED for block {index} before it said it read it")
-            stored, digests = check_receipt(msg, self.plan.block_size_of(index), self.replication,
-                                            pieces=len(self.plan.block(index).pieces), in_store=self._in_store)
+            stored, digests = check_receipt(msg, block.size, self.replication,
+                                            pieces=len(block.pieces), in_store=self._in_store)
         elif index not in peer.sent:
             raise ProtocolError(f"a STORED for block {index} before it was sent the whole block")
         else:
             sent_xxh3, digests = peer.sent.pop(index)
-            stored, _ = check_receipt(msg, self.plan.block_size_of(index), self.replication,
-                                      sent_xxh3=sent_xxh3, in_store=self._in_store)
+            stored, _ = check_receipt(msg, block.size, self.replication, sent_xxh3=sent_xxh3, in_store=self._in_store)
         peer.open_blocks.discard(index)
         peer.last_progress = time.monotonic()
-        self._remaining -= 1
-        self.progress.worker_stored(peer.name, self.plan.block_size_of(index))
-        self.on_stored(index, stored, digests)
+        self._forget(index)
+        self.progress.worker_stored(peer.name, block.size)
+        self.on_stored(block, stored, digests)
 
     def _on_failed(self, peer: _Peer, msg: Message) -> None:
         index = self._held(peer, msg)

@@ -13,8 +13,8 @@ import hashlib
 import re
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from ingest.keep.locator import EMPTY_BLOCK_LOCATOR, Locator, LocatorError, is_md5_hex
 
@@ -26,6 +26,10 @@ __all__ = [
     "unescape_name",
     "parse_manifest",
     "portable_data_hash",
+    "stream_name",
+    "stream_line",
+    "stripped_locator",
+    "EMPTY_DIR_SUFFIX",
 ]
 
 # Characters escaped as \ooo in names: backslash, colon, controls and space.
@@ -35,7 +39,7 @@ _ESCAPES[ord(":")] = "\\072"
 _UNESCAPE_RE = re.compile(r"\\([0-3][0-7][0-7])")
 _FILE_TOKEN_RE = re.compile(r"([0-9]+):([0-9]+):(.+)", re.DOTALL)
 _RAW_CONTROL_RE = re.compile(r"[\x00-\x1f]")
-_EMPTY_DIR_SUFFIX = f" {EMPTY_BLOCK_LOCATOR} 0:0:\\056\n"
+EMPTY_DIR_SUFFIX = f" {EMPTY_BLOCK_LOCATOR} 0:0:\\056\n"
 
 
 class ManifestError(ValueError):
@@ -54,9 +58,9 @@ def unescape_name(token: str) -> str:
     return _UNESCAPE_RE.sub(lambda m: chr(int(m.group(1), 8)), token)
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """A piece of a file: ``length`` bytes at ``offset`` within one block."""
+class Segment(NamedTuple):
+    """A piece of a file: ``length`` bytes at ``offset`` within one block (a named
+    tuple: one is made per file of a manifest, and a tuple is made fastest)."""
 
     locator: str  # as stored, possibly with +A signature hints
     block_size: int  # size of that block (the locator's size)
@@ -92,7 +96,12 @@ def _locator_size(locator: str) -> int:
         raise ManifestError(str(exc)) from None
 
 
-def _stripped(locator: str) -> str:
+def stream_name(path: str) -> str:
+    """The stream token of a directory path ("" is the root, ``.``)."""
+    return f"./{escape_name(path)}" if path else "."
+
+
+def stripped_locator(locator: str) -> str:
     """``md5+size`` of an already validated locator, size without leading zeros."""
     cut = locator.find("+", 33)
     core = locator if cut < 0 else locator[:cut]
@@ -213,7 +222,7 @@ class Manifest:
         when no locator carries hints (the text is then its own stripped form)."""
         locators: set[str] = set()
         text = self._render(None, locators)
-        stripped = text if all(_stripped(loc) == loc for loc in locators) else self.text(strip=True)
+        stripped = text if all(stripped_locator(loc) == loc for loc in locators) else self.text(strip=True)
         return text, _hash_text(stripped)
 
     def _render(self, strip_cache: dict[str, str] | None, locators: set[str] | None) -> str:
@@ -224,9 +233,9 @@ class Manifest:
         while stack:
             stream, node = stack.pop()
             if node.files:
-                out.append(_stream_line(stream, node.files, strip_cache, locators))
+                out.append(stream_line(stream, node.files, strip_cache, locators))
             elif not node.dirs and node is not self._root:
-                out.append(stream + _EMPTY_DIR_SUFFIX)
+                out.append(stream + EMPTY_DIR_SUFFIX)
             dirs = node.dirs
             stack.extend((f"{stream}/{escape_name(name)}", dirs[name]) for name in sorted(dirs, reverse=True))
         return "".join(out)
@@ -241,7 +250,7 @@ def _hash_text(stripped_text: str) -> str:
     return f"{hashlib.md5(data, usedforsecurity=False).hexdigest()}+{len(data)}"
 
 
-def _stream_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict[str, str] | None,
+def stream_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict[str, str] | None,
                  locators: set[str] | None) -> str:
     """One normalized line for a directory's files."""
     tokens = [stream]
@@ -260,7 +269,7 @@ def _stream_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict
             if strip_cache is not None:
                 short = strip_cache.get(loc)
                 if short is None:
-                    short = strip_cache[loc] = _stripped(loc)
+                    short = strip_cache[loc] = stripped_locator(loc)
                 loc = short
             pos = block_pos.get(loc)
             if pos is None:

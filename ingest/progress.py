@@ -7,8 +7,9 @@ terminal display (rich, laid out by :func:`render` for the terminal's width), JS
 lines for scripts and log collectors, arv-put's ``--batch-progress`` lines, or
 nothing.
 
-A run goes through phases: ``walk`` (files and bytes found so far), ``check``
-(planning blocks, deciding what to reuse), ``upload`` and ``done``. Rates are
+A run goes through phases: ``walk`` (files and bytes found so far, while the first
+blocks are already reused or uploaded), ``upload`` (the walk is over: totals are
+known) and ``done``. Rates are
 measured over the last ``RATE_WINDOW`` seconds from the bytes each worker read or
 received; the run's rate is the sum of its workers' rates.
 """
@@ -29,7 +30,7 @@ from typing import IO, Protocol
 from ingest.walk import WalkCount
 
 MODES = ("auto", "tty", "json", "batch", "none")
-WALK, CHECK, UPLOAD, DONE = "walk", "check", "upload", "done"
+WALK, UPLOAD, DONE = "walk", "upload", "done"
 RATE_WINDOW = 5.0         # seconds of history a rate is measured over
 
 
@@ -108,7 +109,7 @@ class BatchLines(JsonLines):
     from the upload on (arv-put prints none while it walks either)."""
 
     def show(self, snap: Snapshot) -> None:
-        if snap.phase in (WALK, CHECK):
+        if snap.phase == WALK:
             return
         self.stream.write(f"keep-ingest {os.getpid()}: {snap.bytes_done} written {snap.bytes_total} total\n")
         self.stream.flush()
@@ -125,7 +126,7 @@ def human_bytes(n: float) -> str:
 
 # -- the terminal display's layout ---------------------------------------------------
 
-PHASE_WORDS = {WALK: "walking", CHECK: "checking", UPLOAD: "uploading", DONE: "done"}
+PHASE_WORDS = {WALK: "walking", UPLOAD: "uploading", DONE: "done"}
 MIN_WIDTH = 20            # narrower terminals get lines cut at this width
 NARROW = 50               # below this width: no blocks, reused or per-worker lines
 BAR_MIN = 10              # a bar narrower than this is left out
@@ -145,7 +146,7 @@ def clock(seconds: float) -> str:
 
 def _bar(snap: Snapshot, width: int, unicode: bool) -> str:
     full, empty = ("━", "─") if unicode else ("#", "-")
-    if snap.phase in (WALK, CHECK):   # no total yet: a pulse, a sign of life
+    if snap.phase == WALK:   # no total yet: a pulse, a sign of life
         size = max(1, width // 5)
         start = int((snap.elapsed % PULSE_S) / PULSE_S * (width + size)) - size
         return "".join(full if start <= i < start + size else empty for i in range(width))
@@ -158,7 +159,7 @@ def _bar(snap: Snapshot, width: int, unicode: bool) -> str:
 
 
 def _percent(snap: Snapshot) -> str:
-    if snap.phase in (WALK, CHECK):
+    if snap.phase == WALK:
         return ""
     if snap.phase == DONE:
         return "100.0%"
@@ -323,8 +324,8 @@ class Tracker:
     """Counts a run's progress and feeds its display every ``interval`` seconds (or
     more often, if the display asks: see ``Display.max_interval``).
 
-    The walk calls ``walk_progress``; ``put`` calls ``walk_started``, ``planned``,
-    ``block_done`` and ``uploading``; the coordinator the ``worker_*`` methods and
+    The walk calls ``walk_progress``; ``put`` calls ``walk_started``, ``block_done``
+    and ``walked``; the coordinator the ``worker_*`` methods and
     ``file_unreadable``, and ``tick`` on every turn of its loop. A worker is named by
     the caller's key for it; the display names it ``w1``, ``w2``... (local) or by its
     host (remote).
@@ -342,7 +343,6 @@ class Tracker:
         self.found = WalkCount(0, 0, 0, 0)
         self.left_out, self.read_unreadable = left_out, 0
         self.files_total = self.bytes_total = self.blocks_total = 0
-        self.files_ending: list[int] = []
         self.files_done = self.blocks_done = self.bytes_uploaded = self.bytes_reused = 0
         self._workers: dict[str, _Worker] = {}
         self._samples: deque[tuple[float, dict[str, int]]] = deque()
@@ -359,26 +359,20 @@ class Tracker:
         self.found = found
         self.tick()
 
-    def planned(self, files_total: int, bytes_total: int, files_ending: list[int]) -> None:
-        """The walk is over and planned: ``files_ending`` gives, per block, the files
-        whose last byte is in it."""
-        self.phase = CHECK
-        self.files_total, self.bytes_total, self.blocks_total = files_total, bytes_total, len(files_ending)
-        self.files_ending = files_ending
-        self.files_done = files_total - sum(files_ending)  # empty files are done from the start
+    def walked(self, files_total: int, bytes_total: int, blocks_total: int, empty_files: int) -> None:
+        """The walk is over: the totals are known (empty files, in no block, are done)."""
+        self.phase = UPLOAD
+        self.files_total, self.bytes_total, self.blocks_total = files_total, bytes_total, blocks_total
+        self.files_done += empty_files
 
-    def block_done(self, index: int, size: int, reused: bool) -> None:
+    def block_done(self, size: int, files: int, reused: bool) -> None:
+        """A block of ``size`` bytes, the last of ``files`` files, is stored or reused."""
         self.blocks_done += 1
-        self.files_done += self.files_ending[index]
+        self.files_done += files
         if reused:
             self.bytes_reused += size
         else:
             self.bytes_uploaded += size
-
-    def uploading(self) -> None:
-        self.phase = UPLOAD
-        self._samples.clear()
-        self._samples.append((time.monotonic(), {k: w.moved for k, w in self._workers.items()}))
 
     # -- the workers (coordinator) ---------------------------------------------------
 

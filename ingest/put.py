@@ -1,49 +1,62 @@
-"""One ``put`` run: walk, plan, reuse what is checkpointed, dispatch the rest, assemble.
+"""One ``put`` run: walk, plan, reuse what is checkpointed, upload the rest, assemble.
+
+The walk, the plan and the upload go on together: the coordinator asks for more of
+the tree while few blocks wait for a worker, each file is placed by the packer as the
+walk finds it, and each block, once closed, is either reused (its pieces, by name,
+fingerprint and range, are in the journal) or handed to a worker. The manifest is
+assembled on disk as blocks get their locators (ingest.assemble). Nothing is held per
+file beyond the few blocks in flight, so memory does not grow with the tree.
 
 Every run of the same sources, packing and destination shares a checkpoint journal
-(see ingest.state). A block whose pieces (file names, fingerprints and ranges) are
-in the journal is reused without reading or uploading a byte; every other block is
-read, stored and journaled. A file that changes while being read sends the run back
-to the walk (up to ``change_retries`` times): blocks stored meanwhile stay reusable
-when their files did not change.
+(see ingest.state). A block stored is journaled at once. A file that changes while
+being read sends the run back to the walk (up to ``change_retries`` times): blocks
+stored meanwhile stay reusable when their files did not change.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ingest import md5lanes
+from ingest.assemble import ManifestAssembler, ManifestText
 from ingest.config import Settings
-from ingest.coordinator import Coordinator
+from ingest.coordinator import FEED_ITEMS, Coordinator
 from ingest.errors import EXIT_INTERRUPTED, BlockCorrupt, BlockNotFound, ConfigError, IngestError, StoreError
-from ingest.gcpause import collector_paused
 from ingest.journal import JournalWriter
 from ingest.keep.factory import open_store
-from ingest.keep.store import StoredBlock
-from ingest.manifest import Manifest, Segment
-from ingest.plan import Plan
+from ingest.keep.store import BlockStore, StoredBlock
+from ingest.plan import BlockPlan, Packer
 from ingest.progress import Display, NoDisplay, Tracker
 from ingest.reader import BlockReader, FileChanged, piece_sources
-from ingest.state import ResumeIndex, RunIdentity, RunState, StoredRecord, block_key, block_record, piece_rows
-from ingest.walk import Excludes, WalkResult, check_sources, walk_sources
+from ingest.state import (
+    JOURNAL_VERSION,
+    ResumeIndex,
+    RunIdentity,
+    RunState,
+    StoredRecord,
+    block_key,
+    block_record,
+    piece_rows,
+)
+from ingest.walk import Excludes, Fingerprint, TreeDir, TreeWalk, check_sources
 from ingest.words import plural
 
 log = logging.getLogger(__name__)
+
+CHANGES_LISTED = 10_000   # files listed with the reasons they are uploaded; the rest are counted
 
 
 @dataclass
 class PutResult:
     """What a run produced (or, for a dry run, would do), for output and summary."""
 
-    manifest: Manifest
-    text: str                    # the manifest's normalized text
-    pdh: str                     # its portable data hash
+    manifest: ManifestText | None   # the normalized text, on disk (none for a dry run)
+    pdh: str                        # its portable data hash
     files: int
     bytes: int
     blocks: int
@@ -52,189 +65,233 @@ class PutResult:
     bytes_reused: int
     bytes_read: int
     seconds: float
-    changed: dict[str, list[str]] = field(default_factory=dict)  # path -> reasons it is uploaded
+    changed: dict[str, list[str]] = field(default_factory=dict)  # path -> reasons it is uploaded (the first ones)
+    changed_total: int = 0                                       # files uploaded, listed or not
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)     # left out (--skip-unreadable)
     state_dir: str = ""
+
+    def close(self) -> None:
+        """Remove the manifest's files."""
+        if self.manifest is not None:
+            self.manifest.close()
 
 
 class RunHooks(Protocol):
     """What a caller adds to a run (ingest.save saves the collection through them)."""
 
-    def planned(self, walk: WalkResult, plan: Plan) -> None:
-        """The tree is planned and nothing is uploaded yet; raise to stop the run."""
+    def stand_in(self, block: BlockPlan) -> str:
+        """A locator for a block not stored yet, as long as the real one will be."""
+
+    def planned(self, manifest: ManifestText, files: int, blocks: int) -> None:
+        """The tree's manifest with stand-in locators, before anything is uploaded;
+        raise to stop the run."""
 
     def finished(self, result: PutResult, journal: JournalWriter, index: ResumeIndex) -> None:
         """Every block is stored and journaled; the run still holds its lock."""
 
 
-def build_manifest(walk: WalkResult, plan: Plan, locators: list[str]) -> Manifest:
-    """The manifest of a walked tree, given the locator of every planned block."""
-    manifest = Manifest()
-    with collector_paused():
-        for directory in walk.directories:
-            manifest.add_dir(directory)
-        for index, source in enumerate(walk.files):
-            manifest.add_file(source.name, [
-                Segment(locators[block], plan.block_size_of(block), offset, length)
-                for block, offset, length in plan.placement(index).parts])
-    return manifest
+class _Changes:
+    """The files of the blocks to upload, for saying why each is uploaded: the first
+    CHANGES_LISTED of them kept, the rest counted."""
 
+    def __init__(self) -> None:
+        self.listed: list[tuple[str, Fingerprint, str]] = []   # (name, fingerprint, why if the file did not change)
+        self.total = 0
+        self._last = ""
 
-def _file_reasons(walk: WalkResult, plan: Plan, todo: list[int], index: ResumeIndex,
-                  block_reason: dict[int, str]) -> dict[str, list[str]]:
-    """Why each file of the blocks to upload is uploaded."""
-    reasons: dict[str, list[str]] = {}
-    for b in todo:
-        for piece in plan.block(b).pieces:
-            f = walk.files[piece.file_index]
-            if f.name in reasons:
+    def add(self, block: BlockPlan, why: str, large: bool) -> None:
+        for piece in block.pieces:
+            f = piece.file
+            if f.name == self._last:     # a large file's next block
                 continue
-            before = index.files.get(f.name)
-            if before is None:
-                reasons[f.name] = ["new"]
+            self._last = f.name
+            self.total += 1
+            if len(self.listed) < CHANGES_LISTED:
+                # Unchanged, yet its block is to be stored: a large file keeps its blocks,
+                # so that one was not stored yet (an interrupted run); a small file's
+                # block was packed anew around it.
+                self.listed.append((f.name, f.fingerprint, why or ("not stored yet" if large else "repacked")))
+
+    def reasons(self, previous: Callable[[set[str]], dict[str, tuple[int, int, int, int]]]) -> dict[str, list[str]]:
+        """Path -> why it is uploaded, given what earlier runs recorded of some files."""
+        before = previous({name for name, _, _ in self.listed}) if self.listed else {}
+        reasons: dict[str, list[str]] = {}
+        for name, fp, why in self.listed:
+            old = before.get(name)
+            if old is None:
+                reasons[name] = ["new"]
                 continue
-            fp = f.fingerprint
             now = (fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode)
-            diff = [name for name, old, new in zip(("size", "mtime", "ctime", "inode"), before, now, strict=True)
-                    if old != new]
-            # Unchanged, yet its block is to be stored: a large file keeps its blocks,
-            # so that one was not stored yet (an interrupted run); a small file's
-            # block was packed anew around it.
-            unstored = "not stored yet" if plan.is_large(f.size) else "repacked"
-            reasons[f.name] = diff or [block_reason.get(b, unstored)]
-    return reasons
+            diff = [part for part, a, b in zip(("size", "mtime", "ctime", "inode"), old, now, strict=True) if a != b]
+            reasons[name] = diff or [why]
+        return reasons
 
 
 class _Run:
-    """One attempt at the tree: plan it, decide what to reuse, upload the rest."""
+    """One attempt at the tree: walk and plan it, decide block by block what to reuse,
+    hand the rest to the coordinator, assemble the manifest."""
 
-    def __init__(self, settings: Settings, sources: list[str], index: ResumeIndex,
-                 verify_content: bool, leave_out: dict[str, str], tracker: Tracker):
+    def __init__(self, settings: Settings, sources: list[str], index: ResumeIndex, leave_out: dict[str, str],
+                 tracker: Tracker, spool_dir: str | None, verify: _ContentCheck | None = None,
+                 stand_in: Callable[[BlockPlan], str] | None = None):
         self.settings = settings
         self.tracker = tracker
         tracker.walk_started(left_out=len(leave_out))
-        self.walk = walk_sources(sources, settings.put.follow_links, Excludes(settings.put.exclude),
-                                 leave_out, on_progress=tracker.walk_progress)
-        self.unreadable = {**leave_out, **self.walk.unreadable}
-        self.plan = Plan([f.size for f in self.walk.files], settings.put.block_size)
-        tracker.planned(len(self.walk.files), self.walk.total_bytes, self._files_ending())
-        # The file list and plan live until the end of the run: move them out of the
-        # collector's sight (fewer full passes).
-        gc.freeze()
+        self.leave_out = leave_out
+        self.walk = TreeWalk(sources, settings.put.follow_links, Excludes(settings.put.exclude),
+                             leave_out, on_progress=tracker.walk_progress)
+        self._items = iter(self.walk)
+        self.packer = Packer(settings.put.block_size)
+        self.assembler = ManifestAssembler(spool_dir) if spool_dir else None
         self.reader = BlockReader(settings.put.chunk_size)
         self.index = index
-        self.locators = [""] * self.plan.block_count
-        self.keys = [block_key(piece_rows(self.plan.block(b), self.walk.files))
-                     for b in range(self.plan.block_count)]
-        self.todo: list[int] = []
-        self.block_reason: dict[int, str] = {}
-        self.bytes_reused = self.bytes_uploaded = 0
-        self.bytes_read_by_workers = 0
-        self._decide(verify_content)
-        self.changed = _file_reasons(self.walk, self.plan, self.todo, index, self.block_reason)
-        todo = set(self.todo)
-        for b in range(self.plan.block_count):
-            if b not in todo:
-                self.tracker.block_done(b, self.plan.block_size_of(b), reused=True)
+        self.verify = verify
+        self.stand_in = stand_in
+        self.live_keys: set[bytes] = set()
+        self.changes = _Changes()
+        self.files = self.bytes = self.empty_files = 0
+        self.blocks_uploaded = self.bytes_uploaded = self.bytes_reused = self.bytes_read_by_workers = 0
+        self._walking = True
 
-    def _files_ending(self) -> list[int]:
-        """Per block, how many files have their last byte in it."""
-        ending = [0] * self.plan.block_count
-        for i in range(len(self.walk.files)):
-            parts = self.plan.placement(i).parts
-            if parts:
-                ending[parts[-1][0]] += 1
-        return ending
+    def feed(self, limit: int) -> list[BlockPlan] | None:
+        """Walk up to ``limit`` more items; the blocks among them to upload, or None
+        once the walk is over (and every block decided)."""
+        if not self._walking:
+            return None
+        todo: list[BlockPlan] = []
+        assembler, packer = self.assembler, self.packer
+        for item in self._items:
+            if isinstance(item, TreeDir):
+                if assembler is not None:
+                    assembler.add_dir(item.name)
+            else:
+                self.files += 1
+                self.bytes += item.size
+                parts, closed = packer.add(item)
+                if assembler is not None:
+                    assembler.add_file(item.name, parts)
+                if not parts:
+                    self.empty_files += 1
+                for block in closed:
+                    self._decide(block, todo)
+            limit -= 1
+            if not limit:
+                return todo
+        for block in packer.finish():
+            self._decide(block, todo)
+        self._walking = False
+        self.tracker.walked(self.files, self.bytes, packer.block_count, self.empty_files)
+        return todo
 
-    def _reusable(self, b: int, record: StoredRecord | None, verify_content: bool) -> bool:
+    def walk_all(self) -> int:
+        """Walk to the end without uploading (a dry run, a stand-in manifest); the
+        number of blocks to upload."""
+        count = 0
+        while (blocks := self.feed(FEED_ITEMS)) is not None:
+            count += len(blocks)
+        return count
+
+    def _decide(self, block: BlockPlan, todo: list[BlockPlan]) -> None:
+        """Reuse a closed block (its locator goes to the manifest) or add it to ``todo``."""
+        self.tracker.tick()
+        if self.stand_in is not None:
+            self._located(block, self.stand_in(block))
+            return
+        key = block_key(piece_rows(block))
+        self.live_keys.add(key)
+        record = self.index.blocks.get(key)
+        why = self._unusable(block, record)
+        if why is None:
+            self._located(block, record.locator)
+            self.bytes_reused += block.size
+            self.tracker.block_done(block.size, block.ends, reused=True)
+            return
+        todo.append(block)
+        self.blocks_uploaded += 1
+        self.changes.add(block, why, self.packer.is_large(block.pieces[0].file.size))
+
+    def _unusable(self, block: BlockPlan, record: StoredRecord | None) -> str | None:
+        """Why a journaled block cannot be reused ("" when it is not journaled), or None."""
         if record is None:
-            return False
+            return ""
         margin = self.settings.put.signature_margin
         if record.expiry is not None and record.expiry < time.time() + margin:
-            self.block_reason[b] = "signature expiring"
-            return False
-        if verify_content:
-            block = self.plan.block(b)
-            if self.reader.digests(block.size, piece_sources(block, self.walk.files)) != record.digests:
-                self.block_reason[b] = "content"
-                return False
-        return True
+            return "signature expiring"
+        if self.verify is not None:
+            return self.verify.problem(block, record, self.reader)
+        return None
 
-    def _decide(self, verify_content: bool) -> None:
-        reusable: dict[int, str] = {}
-        for b, key in enumerate(self.keys):
-            self.tracker.tick()
-            record = self.index.blocks.get(key)
-            if self._reusable(b, record, verify_content):
-                reusable[b] = record.locator
-            else:
-                self.todo.append(b)
-        if verify_content:
-            for b, why in _not_in_store(self.settings, reusable).items():
-                del reusable[b]
-                self.block_reason[b] = why
-                self.todo.append(b)
-            self.todo.sort()
-        for b, locator in reusable.items():
-            self.locators[b] = locator
-            self.bytes_reused += self.plan.block_size_of(b)
+    def _located(self, block: BlockPlan, locator: str) -> None:
+        if self.assembler is not None:
+            self.assembler.block_located(block.index, locator, block.size)
+
+    def stored(self, journal: JournalWriter) -> Callable[[BlockPlan, StoredBlock, list[int]], None]:
+        """What to do as the store confirms a block: journal it, locate it."""
+        def on_stored(block: BlockPlan, stored: StoredBlock, digests: list[int]) -> None:
+            record = block_record(piece_rows(block), stored.locator, digests)
+            self.index.add(record, journal.append(record))
+            self._located(block, stored.locator)
+            self.bytes_uploaded += block.size
+            self.tracker.block_done(block.size, block.ends, reused=False)
+        return on_stored
 
     def upload(self, coordinator: Coordinator, journal: JournalWriter) -> dict[str, str]:
-        """Store the blocks to upload through the coordinator's workers; return the
-        files that could not be read."""
-        def on_stored(b: int, stored: StoredBlock, digests: list[int]) -> None:
-            record = block_record(piece_rows(self.plan.block(b), self.walk.files), stored.locator, digests)
-            journal.append(record)
-            self.index.add(record)
-            self.locators[b] = stored.locator
-            self.bytes_uploaded += self.plan.block_size_of(b)
-            self.tracker.block_done(b, self.plan.block_size_of(b), reused=False)
-
-        self.tracker.uploading()
-        coordinator.run(self.plan, self.walk.files, self.reader, self.todo, on_stored, self.tracker)
+        """Walk the tree and store its blocks through the coordinator's workers;
+        return the files that could not be read."""
+        coordinator.run(self.feed, self.reader, self.stored(journal), self.tracker)
         self.bytes_read_by_workers = coordinator.bytes_read_by_workers
         return coordinator.unreadable
 
-    def result(self, started: float, state_dir: str, with_manifest: bool = True) -> PutResult:
-        manifest = build_manifest(self.walk, self.plan, self.locators) if with_manifest else Manifest()
+    def unreadable(self) -> dict[str, str]:
+        return {**self.leave_out, **self.walk.unreadable}
+
+    def discard(self) -> None:
+        if self.assembler is not None:
+            self.assembler.discard()
+
+    def result(self, started: float, state_dir: str,
+               previous: Callable[[set[str]], dict[str, tuple[int, int, int, int]]]) -> PutResult:
+        manifest = self.assembler.finish() if self.assembler is not None else None
         return PutResult(
-            manifest, *manifest.text_and_pdh(),
-            files=len(self.walk.files), bytes=self.walk.total_bytes, blocks=self.plan.block_count,
-            blocks_uploaded=len(self.todo), bytes_uploaded=self.bytes_uploaded,
+            manifest, manifest.pdh if manifest else "",
+            files=self.files, bytes=self.bytes, blocks=self.packer.block_count,
+            blocks_uploaded=self.blocks_uploaded, bytes_uploaded=self.bytes_uploaded,
             bytes_reused=self.bytes_reused, bytes_read=self.reader.bytes_read + self.bytes_read_by_workers,
-            seconds=time.monotonic() - started, changed=self.changed, skipped=self.walk.skipped,
-            unreadable=self.unreadable, state_dir=state_dir)
+            seconds=time.monotonic() - started, changed=self.changes.reasons(previous),
+            changed_total=self.changes.total, skipped=self.walk.skipped, unreadable=self.unreadable(),
+            state_dir=state_dir)
 
 
-STORE_CHECKS = 8          # reused blocks checked in the store at once (--verify-content)
+class _ContentCheck:
+    """--verify-content: a journaled block is reused only if its files still hold the
+    bytes recorded (their xxh3 digests) and the store still holds it, sound."""
+
+    REASONS = {BlockNotFound: "missing from the store", BlockCorrupt: "damaged in the store"}
+
+    def __init__(self, settings: Settings):
+        self.store: BlockStore = open_store(settings.store_spec(), write=False)
+        self.problems = 0
+
+    def problem(self, block: BlockPlan, record: StoredRecord, reader: BlockReader) -> str | None:
+        if reader.digests(block.size, piece_sources(block)) != record.digests:
+            return "content"
+        try:
+            self.store.check_block(record.locator)
+        except StoreError as exc:
+            self.problems += 1
+            if self.problems <= SHOWN_STORE_PROBLEMS:
+                log.warning("%s; storing it again", exc)
+            return self.REASONS.get(type(exc), "unconfirmed by the store")
+        return None
+
+    def close(self) -> None:
+        if self.problems > SHOWN_STORE_PROBLEMS:
+            log.warning("... and %d more blocks to store again", self.problems - SHOWN_STORE_PROBLEMS)
+        self.store.close()
+
+
 SHOWN_STORE_PROBLEMS = 10
-
-
-def _not_in_store(settings: Settings, blocks: dict[int, str]) -> dict[int, str]:
-    """--verify-content: the blocks (index -> locator) that are no longer in the store
-    or no longer sound there, each with the reason it is stored again."""
-    reasons = {BlockNotFound: "missing from the store", BlockCorrupt: "damaged in the store"}
-    store = open_store(settings.store_spec(), write=False)
-    try:
-        def check(locator: str) -> StoreError | None:
-            try:
-                store.check_block(locator)
-            except StoreError as exc:
-                return exc
-            return None
-
-        with ThreadPoolExecutor(STORE_CHECKS, thread_name_prefix="store-check") as pool:
-            unique = list(dict.fromkeys(blocks.values()))
-            problems = {loc: exc for loc, exc in zip(unique, pool.map(check, unique), strict=True) if exc}
-    finally:
-        store.close()
-    for exc in list(problems.values())[:SHOWN_STORE_PROBLEMS]:
-        log.warning("%s; storing it again", exc)
-    if len(problems) > SHOWN_STORE_PROBLEMS:
-        log.warning("... and %d more blocks to store again", len(problems) - SHOWN_STORE_PROBLEMS)
-    return {b: reasons.get(type(problems[loc]), "unconfirmed by the store")
-            for b, loc in blocks.items() if loc in problems}
 
 
 def check_store(settings: Settings) -> None:
@@ -268,7 +325,7 @@ def check_store(settings: Settings) -> None:
 
 
 def _run_record(identity: RunIdentity) -> dict[str, Any]:
-    return {"t": "run", "v": 1, "sources": list(identity.sources), "block_size": identity.block_size,
+    return {"t": "run", "v": JOURNAL_VERSION, "sources": list(identity.sources), "block_size": identity.block_size,
             "store": identity.store, "started": time.time()}
 
 
@@ -277,16 +334,19 @@ def dry_run(settings: Settings, sources: list[str]) -> PutResult:
     started = time.monotonic()
     state = RunState(settings.state_dir, RunIdentity.of(settings, sources))
     index = state.load()[0] if settings.put.resume else ResumeIndex()
-    run = _Run(settings, sources, index, verify_content=False, leave_out={}, tracker=Tracker(NoDisplay()))
-    return run.result(started, state.dir, with_manifest=False)
+    run = _Run(settings, sources, index, leave_out={}, tracker=Tracker(NoDisplay()), spool_dir=None)
+    run.walk_all()
+    return run.result(started, state.dir, index.previous_fingerprints)
 
 
 def run_put(settings: Settings, sources: list[str], verify_content: bool = False,
             reset: bool = False, display: Display | None = None, hooks: RunHooks | None = None) -> PutResult:
-    """Upload the sources, resuming from the run's journal; return the result.
+    """Upload the sources, resuming from the run's journal; return the result (whose
+    manifest files the caller removes with ``close``).
 
     ``display`` shows progress (see ingest.progress); it is closed before returning.
-    ``hooks`` are called once the tree is planned and once everything is stored.
+    ``hooks`` hear of the tree's manifest before anything is uploaded, and of the
+    result once everything is stored.
     """
     display = display or NoDisplay()
     started = time.monotonic()
@@ -302,30 +362,41 @@ def run_put(settings: Settings, sources: list[str], verify_content: bool = False
         check_store(settings)
         tracker = Tracker(display, settings.put.progress_interval, started)
         journal = state.open_writer(valid)
+        verify = _ContentCheck(settings) if verify_content else None
+        run = None
         try:
             journal.append(_run_record(identity))
-            run = _attempt(settings, sources, index, verify_content, journal, tracker, hooks)
+            run = _attempt(settings, sources, index, verify, journal, tracker, hooks, state.dir)
             tracker.close()
-            result = run.result(started, state.dir)
+            result = run.result(started, state.dir, index.previous_fingerprints)
             journal.append({"t": "done", "pdh": result.pdh,
                             "files": result.files, "bytes": result.bytes, "finished": time.time()})
             if hooks:
                 hooks.finished(result, journal, index)
         except KeyboardInterrupt:
+            _discard(run)
             raise IngestError(f"interrupted; every block stored so far is checkpointed in {state.dir}; "
                               "run the same command again to resume", EXIT_INTERRUPTED) from None
         except IngestError as exc:
+            _discard(run)
             # `status` tells a failed run from an interrupted one by this record.
             with contextlib.suppress(OSError, IngestError):
                 journal.append({"t": "failed", "error": str(exc), "exit": exc.exit_code, "at": time.time()})
             raise
         finally:
             journal.close()
+            if verify is not None:
+                verify.close()
             display.close_quietly()
-        state.compact(set(run.keys), index)
+        state.compact(run.live_keys, index)
         return result
     finally:
         state.release()
+
+
+def _discard(run: _Run | None) -> None:
+    if run is not None:
+        run.discard()
 
 
 def _log_md5_engine() -> None:
@@ -339,8 +410,8 @@ def _log_md5_engine() -> None:
         log.info("MD5: %s, %s", engine.describe(), engine.origin)
 
 
-def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_content: bool,
-             journal: JournalWriter, tracker: Tracker, hooks: RunHooks | None) -> _Run:
+def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify: _ContentCheck | None,
+             journal: JournalWriter, tracker: Tracker, hooks: RunHooks | None, spool_dir: str) -> _Run:
     """Walk and upload; walk again when files change under the reader, or to leave out
     unreadable files (--skip-unreadable). Without that option an unreadable file fails
     the run once everything else is stored and checkpointed."""
@@ -348,26 +419,32 @@ def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_
     changes = 0
     leave_out: dict[str, str] = {}
     while True:
+        if hooks:
+            _check_planned(settings, sources, leave_out, hooks, spool_dir)
+        run = None
         try:
             # Workers start first: they are forked small, and start up during the walk.
             with Coordinator(settings) as coordinator:
-                run = _Run(settings, sources, index, verify_content, leave_out, tracker)
-                if hooks:
-                    hooks.planned(run.walk, run.plan)
-                log.info("%d files, %d bytes in %d blocks: %d to upload to %s, %d reused",
-                         len(run.walk.files), run.walk.total_bytes, run.plan.block_count, len(run.todo),
-                         settings.describe_store(), run.plan.block_count - len(run.todo))
-                unreadable = {**run.walk.unreadable, **run.upload(coordinator, journal)}
+                run = _Run(settings, sources, index, leave_out, tracker, spool_dir, verify)
+                unreadable = {**run.upload(coordinator, journal), **run.walk.unreadable}
+            log.info("%d files, %d bytes in %d blocks: %d uploaded to %s, %d reused",
+                     run.files, run.bytes, run.packer.block_count, run.blocks_uploaded,
+                     settings.describe_store(), run.packer.block_count - run.blocks_uploaded)
         except FileChanged as exc:
+            _discard(run)
             changes += 1
             if changes == tries:
                 raise IngestError(f"{exc}; still changing after {tries} attempts, giving up "
                                   "(blocks stored so far are checkpointed)") from None
             log.warning("%s; walking the tree again (attempt %d of %d)", exc, changes + 1, tries)
             continue
+        except BaseException:
+            _discard(run)
+            raise
         if not unreadable:
             return run
         if not settings.put.skip_unreadable:
+            run.discard()
             listed = "\n  ".join(f"{path}: {why}" for path, why in sorted(unreadable.items()))
             raise IngestError(f"{plural(len(unreadable), 'path')} could not be read; everything else is "
                               f"stored and checkpointed. Fix them and run again, or use "
@@ -375,5 +452,24 @@ def _attempt(settings: Settings, sources: list[str], index: ResumeIndex, verify_
         new = {p: why for p, why in unreadable.items() if p not in leave_out}
         if not new:
             return run
+        run.discard()
         leave_out.update(new)
         log.warning("leaving out %s and packing the tree again", plural(len(new), "unreadable path"))
+
+
+def _check_planned(settings: Settings, sources: list[str], leave_out: dict[str, str], hooks: RunHooks,
+                   spool_dir: str) -> None:
+    """Walk the tree once without uploading, for the hooks to see its manifest with
+    stand-in locators (a save refuses one over the cluster's request limit)."""
+    run = _Run(settings, sources, ResumeIndex(), leave_out, Tracker(NoDisplay()), spool_dir,
+               stand_in=hooks.stand_in)
+    try:
+        run.walk_all()
+        manifest = run.assembler.finish()
+    except BaseException:
+        run.discard()
+        raise
+    try:
+        hooks.planned(manifest, run.files, run.packer.block_count)
+    finally:
+        manifest.close()

@@ -10,14 +10,14 @@ pieces; small files cost one open, read, fstat and close each.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import xxhash
 
 from ingest.errors import SourceError
 from ingest.plan import BlockPlan
-from ingest.walk import Fingerprint, SourceFile
+from ingest.walk import Fingerprint
 
 Chunk = bytearray | memoryview  # a chunk of a block's bytes, readable without a copy
 
@@ -73,10 +73,9 @@ class PieceSource(NamedTuple):
     length: int
 
 
-def piece_sources(block: BlockPlan, files: Sequence[SourceFile]) -> list[PieceSource]:
+def piece_sources(block: BlockPlan) -> list[PieceSource]:
     """The sources of a planned block's pieces, in block order."""
-    return [PieceSource(f.path, f.fingerprint, p.file_offset, p.length)
-            for p in block.pieces for f in (files[p.file_index],)]
+    return [PieceSource(p.file.path, p.file.fingerprint, p.file_offset, p.length) for p in block.pieces]
 
 
 class BlockReader:

@@ -7,10 +7,10 @@ classes, all folded into the settings, so the store spec the workers get names t
 services; then (:meth:`CollectionSaver.prepare`) the owner (``users/current`` or
 the project given) or the collection to update.
 
-Once the tree is planned (:meth:`CollectionSaver.planned`), before a byte is
-uploaded: the request that will save the manifest is measured with stand-in
-locators of the real length (every signature has the same length) and refused
-when it would exceed the cluster's ``maxRequestSize``.
+Before a byte is uploaded (:meth:`CollectionSaver.planned`), ``put`` walks the tree
+once and assembles its manifest with stand-in locators of the real length (every
+signature has the same length): the request that will save it is measured, and
+refused when it would exceed the cluster's ``maxRequestSize``.
 
 Once every block is stored (:meth:`CollectionSaver.finished`), under the run's lock:
 a ``save`` record goes into the journal, then the collection is created
@@ -43,14 +43,14 @@ from ingest.arvados.collections import (
     owner_uuid,
     update_collection,
 )
+from ingest.assemble import ManifestText
 from ingest.config import Settings
 from ingest.errors import ApiError, ConfigError, IngestError
 from ingest.journal import JournalWriter
 from ingest.manifest import Manifest, ManifestError, parse_manifest
-from ingest.plan import Plan
-from ingest.put import PutResult, build_manifest
+from ingest.plan import BlockPlan
+from ingest.put import PutResult
 from ingest.state import ResumeIndex
-from ingest.walk import WalkResult
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +174,6 @@ def _portable(segments: list[Any]) -> list[tuple[str, int, int]]:
     return [(s.locator.split("+A")[0], s.offset, s.length) for s in segments]
 
 
-def _stand_in_manifest(walk: WalkResult, plan: Plan) -> Manifest:
-    """The run's manifest with a distinct stand-in for each block's signed locator:
-    the same length as the real text, or longer when blocks repeat."""
-    locators = [f"{b:032x}+{plan.block_size_of(b)}{_STAND_IN_SIGNATURE}" for b in range(plan.block_count)]
-    return build_manifest(walk, plan, locators)
-
-
 class CollectionSaver:
     """The cluster side of a ``put``: passed to ``run_put`` as its hooks."""
 
@@ -211,16 +204,19 @@ class CollectionSaver:
 
     # ---- RunHooks
 
-    def planned(self, walk: WalkResult, plan: Plan) -> None:
-        manifest = _stand_in_manifest(walk, plan)
-        if self.base is not None:
-            manifest = overlay(self.base, manifest)[0]
-        size = self.client.body_size(self._body(manifest.text(), "0" * 32))
+    def stand_in(self, block: BlockPlan) -> str:
+        """A distinct stand-in for a block's signed locator, of the same length: the
+        manifest's real text is as long, or shorter when blocks repeat."""
+        return f"{block.index:032x}+{block.size}{_STAND_IN_SIGNATURE}"
+
+    def planned(self, manifest: ManifestText, files: int, blocks: int) -> None:
+        text = manifest.text() if self.base is None else overlay(self.base, manifest.parse())[0].text()
+        size = self.client.body_size(self._body(text, "0" * 32))
         limit = self.cluster.max_request_size
         if size > limit:
             raise IngestError(
-                f"the collection's manifest would take {size:,} bytes to save ({len(walk.files):,} files in "
-                f"{plan.block_count:,} blocks), over the cluster's limit of {limit:,} bytes (maxRequestSize "
+                f"the collection's manifest would take {size:,} bytes to save ({files:,} files in "
+                f"{blocks:,} blocks), over the cluster's limit of {limit:,} bytes (maxRequestSize "
                 f"of {self.cluster.host}); nothing was uploaded. Split the tree into several runs, e.g. one "
                 f"per subdirectory, each saved as its own collection")
 
@@ -256,7 +252,8 @@ class CollectionSaver:
     def _create(self, result: PutResult, journal: JournalWriter, index: ResumeIndex) -> SavedCollection:
         pending = _pending_create(index.saves)
         run_id = pending["rid"] if pending else secrets.token_hex(16)
-        body = self._body(result.text, run_id)
+        text = result.manifest.text()
+        body = self._body(text, run_id)
         self._check_size(body)
         journal.append({"t": "save", "rid": run_id, "target": None, "pdh": result.pdh, "at": time.time()})
         journal.sync()
@@ -266,7 +263,7 @@ class CollectionSaver:
             if record is not None:
                 log.info("collection %s was created by the interrupted run; not creating another", record["uuid"])
                 if record.get("portable_data_hash") != result.pdh:
-                    record = update_collection(self.client, record["uuid"], {"manifest_text": result.text})
+                    record = update_collection(self.client, record["uuid"], {"manifest_text": text})
         tries = 0
         while record is None:
             try:
@@ -286,7 +283,7 @@ class CollectionSaver:
         uuid = self.options.update_uuid
         assert uuid is not None
         base = self._parse(get_collection(self.client, uuid))   # as it is now, not as before the run
-        merged, changed = overlay(base, result.manifest)
+        merged, changed = overlay(base, result.manifest.parse())
         text, pdh = merged.text_and_pdh()
         attrs: dict[str, Any] = {"manifest_text": text}
         trash = self.options.trash_time()

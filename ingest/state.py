@@ -13,7 +13,9 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +25,14 @@ import xxhash
 
 from ingest.config import Settings
 from ingest.errors import EXIT_LOCKED, IngestError
-from ingest.journal import JournalWriter, read_journal, rewrite_journal
+from ingest.gcpause import collector_paused
+from ingest.journal import FRAME_OVERHEAD, Frames, JournalWriter, frame_at, rewrite_journal
 from ingest.keep.locator import Locator
 from ingest.plan import BlockPlan
-from ingest.walk import SourceFile
 
-JOURNAL_VERSION = 1
+# 2: block records hold their rows packed ("rows", "key") and their digests as
+# u64s; version 1 records ("pieces", a "digests" list) are still read.
+JOURNAL_VERSION = 2
 
 
 def source_forms(sources: Iterable[str]) -> list[str]:
@@ -71,57 +75,160 @@ class Locked(IngestError):
     exit_code = EXIT_LOCKED
 
 
-def piece_rows(block: BlockPlan, files: list[SourceFile]) -> list[list[Any]]:
+def piece_rows(block: BlockPlan) -> list[list[Any]]:
     """The identity of a block's content: each piece's file name, fingerprint and range."""
     rows = []
-    for p in block.pieces:
-        f = files[p.file_index]
+    for f, offset, length in block.pieces:
         fp = f.fingerprint
-        rows.append([f.name, fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode, p.file_offset, p.length])
+        rows.append([f.name, fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode, offset, length])
     return rows
 
 
 def block_key(rows: list[list[Any]]) -> bytes:
-    """A compact key for a block's piece rows."""
+    """A compact key for a block's piece rows: the xxh3-128 of their msgpack bytes."""
     return xxhash.xxh3_128_digest(msgpack.packb(rows))
 
 
-@dataclass
+def block_record(rows: list[list[Any]], locator: str, digests: list[int]) -> dict[str, Any]:
+    """The journal record of a stored block (never holds a token: a signature at most).
+
+    The rows are kept packed (``key`` is the xxh3-128 of those bytes) and the piece
+    digests as little-endian u64s, so that loading the journal decodes neither.
+    """
+    packed = msgpack.packb(rows)
+    return {"t": "block", "loc": locator, "exp": Locator.parse(locator).permission_expiry,
+            "key": xxhash.xxh3_128_digest(packed), "rows": packed, "digests": _pack_digests(digests)}
+
+
+def record_rows(record: dict[str, Any]) -> list[list[Any]]:
+    """A decoded block record's piece rows, in either format."""
+    return msgpack.unpackb(record["rows"]) if "rows" in record else record["pieces"]
+
+
+def _pack_digests(digests: list[int]) -> bytes:
+    packed = array("Q", digests)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpack_digests(digests: bytes | list[int]) -> list[int]:
+    """Digests as a record holds them (packed, or a list in version 1 records)."""
+    if isinstance(digests, list):
+        return digests
+    unpacked = array("Q")
+    unpacked.frombytes(digests)
+    if sys.byteorder == "big":
+        unpacked.byteswap()
+    return unpacked.tolist()
+
+
+_PACKED = ("rows", "pieces", "digests")
+
+
+def _outer(payload: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+    """A record's fields but those of ``_PACKED``, and where those lie in ``payload``
+    (start, end), skipped without being decoded."""
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(payload)
+    fields: dict[str, Any] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    for _ in range(unpacker.read_map_header()):
+        name = unpacker.unpack()
+        if name in _PACKED:
+            start = unpacker.tell()
+            unpacker.skip()
+            spans[name] = (start, unpacker.tell())
+        else:
+            fields[name] = unpacker.unpack()
+    return fields, spans
+
+
+def _key(fields: dict[str, Any], spans: dict[str, tuple[int, int]], payload: bytes) -> bytes:
+    """A block record's key; a version 1 record's is that of its pieces, as packed in it."""
+    if "key" in fields:
+        return fields["key"]
+    start, end = spans["pieces"]
+    return xxhash.xxh3_128_digest(memoryview(payload)[start:end])
+
+
+@dataclass(frozen=True)
 class StoredRecord:
-    """A block the journal says is stored."""
+    """A block the journal says is stored; its piece digests are read back from its
+    frame in the journal when asked for."""
 
     locator: str
     expiry: int | None
-    digests: list[int]
+    journal: str
+    offset: int
+
+    @property
+    def digests(self) -> list[int]:
+        """The xxh3-64 of each piece, as they were stored."""
+        payload = frame_at(self.journal, self.offset)
+        start, end = _outer(payload)[1]["digests"]
+        return _unpack_digests(msgpack.unpackb(memoryview(payload)[start:end]))
 
 
 @dataclass
 class ResumeIndex:
-    """What earlier runs stored, as loaded from the journal."""
+    """What earlier runs stored: per block, never per file (see previous_fingerprints)."""
 
+    journal: str = ""  # the journal it was loaded from ("" for none)
+    loaded: int = 0    # how many of its bytes were loaded: what earlier runs wrote
     blocks: dict[bytes, StoredRecord] = field(default_factory=dict)
-    files: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # name -> size, mtime, ctime, inode
     last_done: dict[str, Any] | None = None
     saves: list[dict[str, Any]] = field(default_factory=list)  # "save" / "saved" records (ingest.save)
     records: int = 0
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: dict[str, Any], offset: int) -> None:
+        """A record this run has just journaled at ``offset`` (a block's as block_record
+        made it: its digests are read back from there when asked for)."""
         self.records += 1
         if record["t"] == "block":
-            rows = record["pieces"]
-            self.blocks[block_key(rows)] = StoredRecord(record["loc"], record.get("exp"), record["digests"])
-            for name, size, mtime, ctime, inode, _, _ in rows:
-                self.files[name] = (size, mtime, ctime, inode)
-        elif record["t"] == "done":
+            self.blocks[record["key"]] = StoredRecord(record["loc"], record["exp"], self.journal, offset)
+        else:
+            self._add_other(record)
+
+    def add_frame(self, offset: int, payload: bytes) -> None:
+        """A record read from the journal at ``offset``, its rows and digests left packed."""
+        fields, spans = _outer(payload)
+        self.records += 1
+        if fields["t"] == "block":
+            self.blocks[_key(fields, spans, payload)] = StoredRecord(fields["loc"], fields.get("exp"), self.journal,
+                                                                     offset)
+        else:
+            self._add_other(fields)
+
+    def _add_other(self, record: dict[str, Any]) -> None:
+        if record["t"] == "done":
             self.last_done = record
         elif record["t"] in ("save", "saved"):
             self.saves.append(record)
 
-
-def block_record(rows: list[list[Any]], locator: str, digests: list[int]) -> dict[str, Any]:
-    """The journal record of a stored block (never holds a token: a signature at most)."""
-    return {"t": "block", "loc": locator, "exp": Locator.parse(locator).permission_expiry,
-            "pieces": rows, "digests": digests}
+    def previous_fingerprints(self, names: set[str]) -> dict[str, tuple[int, int, int, int]]:
+        """The last fingerprint (size, mtime_ns, ctime_ns, inode) that earlier runs (the
+        journal as loaded) recorded for each of ``names`` they hold: one pass over the
+        journal, decoding the rows of each block record in turn (none when no block
+        was known)."""
+        found: dict[str, tuple[int, int, int, int]] = {}
+        if not names or not self.blocks or not self.loaded:
+            return found
+        with collector_paused():  # the rows of a block at a time: many small tuples
+            for offset, payload in Frames(self.journal):
+                if offset >= self.loaded:
+                    break      # written by this run
+                fields, spans = _outer(payload)
+                if fields["t"] != "block":
+                    continue
+                start, end = spans["rows"] if "rows" in spans else spans["pieces"]
+                rows = msgpack.unpackb(memoryview(payload)[start:end], use_list=False)
+                if isinstance(rows, bytes):  # a version 2 record: the rows packed in a bin
+                    rows = msgpack.unpackb(rows, use_list=False)
+                for row in rows:
+                    if row[0] in names:
+                        found[row[0]] = row[1:5]
+        return found
 
 
 class RunState:
@@ -171,27 +278,41 @@ class RunState:
             pass
 
     def load(self) -> tuple[ResumeIndex, int]:
-        """The resume index and the length of the journal's valid prefix."""
-        records, valid, _ = read_journal(self.journal_path)
-        index = ResumeIndex()
-        for record in records:
-            index.add(record)
-        return index, valid
+        """The resume index and the length of the journal's valid prefix (the journal is
+        streamed: block records' rows and digests are not decoded)."""
+        index = ResumeIndex(self.journal_path)
+        frames = Frames(self.journal_path)
+        for offset, payload in frames:
+            index.add_frame(offset, payload)
+        index.loaded = frames.valid
+        return index, frames.valid
 
     def open_writer(self, valid_length: int) -> JournalWriter:
         self._make_dir()
         return JournalWriter(self.journal_path, valid_length=valid_length)
 
     def compact(self, live: set[bytes], index: ResumeIndex) -> None:
-        """Rewrite the journal with only the records this tree still uses, when worth it."""
+        """Rewrite the journal with only the records this tree still uses, when worth it:
+        the last record of each block in ``live``, the last run, done and failed
+        records, every save record. Frames are copied as they are (rows undecoded)."""
         if index.records <= 2 * len(live) + 16:
             return
-        records, _, _ = read_journal(self.journal_path)
-        keep = [r for r in records if r["t"] != "block" or block_key(r["pieces"]) in live]
-        drop: set[int] = set()
-        for kind in ("run", "done", "failed"):  # only the last of each
-            drop.update([i for i, r in enumerate(keep) if r["t"] == kind][:-1])
-        rewrite_journal(self.journal_path, [r for i, r in enumerate(keep) if i not in drop])
+        kept: list[tuple[int, int, str]] = []   # offset, length and kind of the frames kept
+        last: dict[str, int] = {}                # run / done / failed -> the offset of its last frame
+        for offset, payload in Frames(self.journal_path):
+            fields, spans = _outer(payload)
+            kind = fields["t"]
+            if kind == "block":
+                key = _key(fields, spans, payload)
+                record = index.blocks.get(key) if key in live else None
+                if record is None or record.locator != fields["loc"]:
+                    continue
+            elif kind in ("run", "done", "failed"):
+                last[kind] = offset
+            kept.append((offset, FRAME_OVERHEAD + len(payload), kind))
+        with open(self.journal_path, "rb") as f:
+            rewrite_journal(self.journal_path, (os.pread(f.fileno(), length, offset) for offset, length, kind in kept
+                                                if last.get(kind, offset) == offset))
 
 
 def describe_holder(lock_path: str) -> str:

@@ -7,7 +7,11 @@ Symlinks are followed by default, with loop detection (a loop through directorie
 or between symlinks is skipped with a warning); FIFOs, sockets and devices are
 skipped with a warning and never opened. A source named on the command line that
 would yield nothing (missing, a dangling symlink or loop, a FIFO...) is an error,
-and so are names that are not valid UTF-8, before any data moves.
+and so are names that are not valid UTF-8 (reported once the walk is over).
+
+``iter_tree`` yields the tree as it walks it (a directory, then its files), holding
+nothing per file: ``put`` plans and uploads while it walks. ``walk_sources`` collects
+the same items into lists, for callers that want the whole tree at once.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from __future__ import annotations
 import errno
 import fnmatch
 import logging
+import operator
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -47,9 +52,9 @@ class Fingerprint(NamedTuple):
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-@dataclass(frozen=True, slots=True)
-class SourceFile:
-    """A regular file to upload: where it is, and its path in the manifest."""
+class SourceFile(NamedTuple):
+    """A regular file to upload: where it is, and its path in the manifest (a named
+    tuple: the walk makes one per file, and a tuple is made fastest)."""
 
     path: str           # filesystem path to open
     name: str           # manifest path, '/'-separated, relative to the root, unescaped
@@ -58,6 +63,15 @@ class SourceFile:
     @property
     def size(self) -> int:
         return self.fingerprint.size
+
+
+class TreeDir(NamedTuple):
+    """A directory of the tree, yielded before its files: its manifest path ("" is never yielded)."""
+
+    name: str
+
+
+TreeItem = SourceFile | TreeDir
 
 
 @dataclass(slots=True)
@@ -123,6 +137,21 @@ class Excludes:
                         fnmatch.fnmatchcase(n, p) for n, p in zip(parts, pat, strict=True)):
                     return True
         return False
+
+
+_entry_name = operator.attrgetter("name")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _listing(dirpath: str) -> tuple[int, list[os.DirEntry]]:
+    """A descriptor of the directory (the caller closes it) and its entries by name."""
+    dir_fd = os.open(dirpath, _DIR_FLAGS)
+    try:
+        with os.scandir(dir_fd) as it:
+            return dir_fd, sorted(it, key=_entry_name)
+    except BaseException:
+        os.close(dir_fd)
+        raise
 
 
 def _kind(mode: int) -> str:
@@ -192,41 +221,66 @@ def _storable(path: str, bad: list[str]) -> bool:
     return True
 
 
-class _Walker:
-    def __init__(self, follow_links: bool, excludes: Excludes, leave_out: frozenset[str],
-                 on_progress: WalkProgress | None):
+class TreeWalk:
+    """One walk of the sources: iterate it for the tree's items, in walk order; what
+    it skipped or could not read is in ``skipped`` and ``unreadable`` as it goes."""
+
+    def __init__(self, sources: Iterable[str], follow_links: bool = True, excludes: Excludes | None = None,
+                 leave_out: Iterable[str] = (), on_progress: WalkProgress | None = None):
+        self.sources = list(sources)
         self.follow_links = follow_links
-        self.excludes = excludes
-        self.leave_out = leave_out
-        self.result = WalkResult()
+        self.excludes = excludes or Excludes(())
+        self.leave_out = frozenset(leave_out)
+        self.skipped: list[tuple[str, str]] = []       # (path, reason)
+        self.unreadable: dict[str, str] = {}           # directory path -> reason
         self.bad_names: list[str] = []
-        self.seen: dict[str, tuple[str, bool]] = {}  # manifest path -> (source path, is_dir)
+        # Only sources that share a directory can give one path twice: with a single
+        # source, no path is remembered (memory stays flat in the file count).
+        self.seen: dict[str, tuple[str, bool]] | None = {} if len(self.sources) > 1 else None
         self.on_progress = on_progress
-        self.bytes_found = 0
+        self.files_found = self.bytes_found = 0
         self.entries_left = PROGRESS_EVERY   # before the next progress call
+
+    def __iter__(self) -> Iterator[TreeItem]:
+        """The tree's directories and files in walk order; SourceError on bad input,
+        and once the walk is over if names cannot be stored."""
+        with collector_paused():
+            for source in self.sources:
+                yield from self.walk_source(source)
+        self.report()
+        if self.bad_names:
+            shown = "\n  ".join(self.bad_names[:20])
+            more = f"\n  ... and {len(self.bad_names) - 20} more" if len(self.bad_names) > 20 else ""
+            raise SourceError(
+                f"{len(self.bad_names)} name(s) cannot be stored in a manifest (not valid UTF-8, "
+                f"or non-ASCII whitespace the Arvados SDK cannot parse); rename them or --exclude "
+                f"them:\n  {shown}{more}")
 
     def report(self) -> None:
         """Tell the progress callback what has been found so far."""
         self.entries_left = PROGRESS_EVERY
         if self.on_progress is not None:
-            r = self.result
-            self.on_progress(WalkCount(len(r.files), self.bytes_found, len(r.skipped), len(r.unreadable)))
+            self.on_progress(WalkCount(self.files_found, self.bytes_found, len(self.skipped), len(self.unreadable)))
 
     def skip(self, path: str, reason: str) -> None:
         log.warning("skipping %s: %s", reason, path)
-        self.result.skipped.append((path, reason))
+        self.skipped.append((path, reason))
 
     def claim(self, name: str, path: str, is_dir: bool) -> None:
         """Record a manifest path; two sources may share a directory, nothing else."""
+        if self.seen is None:
+            return
         other = self.seen.get(name)
         if other is not None and not (is_dir and other[1]):
             raise SourceError(f"two sources give the same manifest path {quoted(name)}: {other[0]} and {path}")
         self.seen[name] = (path, is_dir)
 
-    def add_file(self, path: str, name: str, st: os.stat_result) -> None:
-        self.claim(name, path, False)
-        self.result.files.append(SourceFile(path, name, Fingerprint.of(st)))
+    def new_file(self, path: str, name: str, st: os.stat_result) -> SourceFile:
+        if self.seen is not None:
+            self.claim(name, path, False)
+        self.files_found += 1
         self.bytes_found += st.st_size
+        return SourceFile(path, name, Fingerprint(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
 
     def stat_entry(self, path: str, is_link: bool) -> os.stat_result | None:
         """Stat an entry of a directory, following a symlink only when asked; None
@@ -242,10 +296,10 @@ class _Walker:
                 self.skip(path, why)
             else:
                 log.error("cannot stat %s: %s", path, exc.strerror)
-                self.result.unreadable[path] = exc.strerror or str(exc)
+                self.unreadable[path] = exc.strerror or str(exc)
             return None
 
-    def walk_source(self, source: str) -> None:
+    def walk_source(self, source: str) -> Iterator[TreeItem]:
         path = os.path.abspath(source)
         if path in self.leave_out:
             return
@@ -254,88 +308,98 @@ class _Walker:
             prefix = "" if source.endswith(os.sep) else os.path.basename(path)
             if prefix and not _storable(prefix, self.bad_names):
                 return
-            self.walk_dir(path, prefix)
+            yield from self.walk_dir(path, prefix)
         elif stat.S_ISREG(st.st_mode):
             name = os.path.basename(path)
             if _storable(name, self.bad_names):
-                self.add_file(path, name, st)
+                yield self.new_file(path, name, st)
 
-    def walk_dir(self, top: str, prefix: str) -> None:
-        """Depth-first, files before subdirectories, each sorted by name."""
-        top_st = os.stat(top)
+    def _entries(self, dirpath: str, dir_fd: int, entries: list[os.DirEntry], manifest_dir: str, relbase: str,
+                 ancestors: frozenset[tuple[int, int]]) -> Iterator[TreeItem]:
+        """The files of one directory (each stat-ed relative to its descriptor: no path
+        lookup per file); returns its subdirectories to walk, as stack items."""
         excludes = self.excludes if self.excludes else None
         S_ISREG = stat.S_ISREG
+        subdirs = []
+        base = f"{manifest_dir}/" if manifest_dir else ""
+        prefix = dirpath if dirpath.endswith("/") else dirpath + "/"
+        leave_out = self.leave_out
+        for entry in entries:
+            self.entries_left -= 1
+            if not self.entries_left:
+                self.report()
+            entry_name = entry.name
+            if excludes is not None and excludes.excluded(f"{relbase}/{entry_name}" if relbase else entry_name,
+                                                          entry_name):
+                continue
+            path = prefix + entry_name
+            if leave_out and path in leave_out:
+                continue
+            if not path.isascii() and not _storable(path, self.bad_names):
+                continue
+            st: os.stat_result | None
+            if entry.is_symlink():
+                st = self.stat_entry(path, True)
+            else:
+                try:
+                    st = os.stat(entry_name, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError:   # stat_entry raises the right SourceError
+                    st = self.stat_entry(path, False)
+            if st is None:
+                continue
+            name = base + entry_name
+            if S_ISREG(st.st_mode):
+                yield self.new_file(path, name, st)
+            elif stat.S_ISDIR(st.st_mode):
+                relpath = f"{relbase}/{entry_name}" if relbase else entry_name
+                ident = (st.st_dev, st.st_ino)
+                if ident in ancestors:
+                    self.skip(path, "symlink loop")
+                    continue
+                subdirs.append((path, name, relpath, ancestors | {ident}))
+            else:
+                self.skip(path, _kind(st.st_mode))
+        return subdirs
+
+    def walk_dir(self, top: str, prefix: str) -> Iterator[TreeItem]:
+        """Depth-first, files before subdirectories, each sorted by name."""
+        top_st = os.stat(top)
         # Each stack item: (dir path, manifest path, path relative to the source, ancestor ids)
         stack = [(top, prefix, "", frozenset({(top_st.st_dev, top_st.st_ino)}))]
         while stack:
             dirpath, manifest_dir, relbase, ancestors = stack.pop()
             try:
-                with os.scandir(dirpath) as it:
-                    entries = sorted(it, key=lambda e: e.name)
+                dir_fd, entries = _listing(dirpath)
             except OSError as exc:
                 log.error("cannot read directory %s: %s", dirpath, exc.strerror)
-                self.result.unreadable[dirpath] = exc.strerror or str(exc)
+                self.unreadable[dirpath] = exc.strerror or str(exc)
                 continue
-            if manifest_dir:
-                self.claim(manifest_dir, dirpath, True)
-                self.result.directories.append(manifest_dir)
-            subdirs = []
-            for entry in entries:
-                self.entries_left -= 1
-                if not self.entries_left:
-                    self.report()
-                relpath = f"{relbase}/{entry.name}" if relbase else entry.name
-                if excludes is not None and excludes.excluded(relpath, entry.name):
-                    continue
-                path = entry.path
-                if path in self.leave_out:
-                    continue
-                if not _storable(path, self.bad_names):
-                    continue
-                st: os.stat_result | None
-                if entry.is_symlink():
-                    st = self.stat_entry(path, True)
-                else:
-                    try:
-                        st = os.lstat(path)
-                    except OSError:   # stat_entry raises the right SourceError
-                        st = self.stat_entry(path, False)
-                if st is None:
-                    continue
-                name = f"{manifest_dir}/{entry.name}" if manifest_dir else entry.name
-                if S_ISREG(st.st_mode):
-                    self.add_file(path, name, st)
-                elif stat.S_ISDIR(st.st_mode):
-                    ident = (st.st_dev, st.st_ino)
-                    if ident in ancestors:
-                        self.skip(entry.path, "symlink loop")
-                        continue
-                    subdirs.append((entry.path, name, relpath, ancestors | {ident}))
-                else:
-                    self.skip(entry.path, _kind(st.st_mode))
+            try:
+                if manifest_dir:
+                    self.claim(manifest_dir, dirpath, True)
+                    yield TreeDir(manifest_dir)
+                subdirs = yield from self._entries(dirpath, dir_fd, entries, manifest_dir, relbase, ancestors)
+            finally:
+                os.close(dir_fd)
             stack.extend(reversed(subdirs))
 
 
 def walk_sources(sources: Iterable[str], follow_links: bool = True,
                  excludes: Excludes | None = None, leave_out: Iterable[str] = (),
                  on_progress: WalkProgress | None = None) -> WalkResult:
-    """Walk every source in order; raise SourceError naming the path on bad input.
+    """The whole tree of a walk (see TreeWalk), in lists; SourceError naming the path
+    on bad input.
 
     Directories that cannot be read are listed in ``unreadable`` (the caller decides);
     paths in ``leave_out`` (e.g. unreadable files the user agreed to skip) are omitted.
     ``on_progress`` hears what has been found so far every ``PROGRESS_EVERY`` entries,
     and once at the end.
     """
-    walker = _Walker(follow_links, excludes or Excludes(()), frozenset(leave_out), on_progress)
-    with collector_paused():
-        for source in sources:
-            walker.walk_source(source)
-    walker.report()
-    if walker.bad_names:
-        shown = "\n  ".join(walker.bad_names[:20])
-        more = f"\n  ... and {len(walker.bad_names) - 20} more" if len(walker.bad_names) > 20 else ""
-        raise SourceError(
-            f"{len(walker.bad_names)} name(s) cannot be stored in a manifest (not valid UTF-8, "
-            f"or non-ASCII whitespace the Arvados SDK cannot parse); rename them or --exclude "
-            f"them:\n  {shown}{more}")
-    return walker.result
+    walk = TreeWalk(sources, follow_links, excludes, leave_out, on_progress)
+    result = WalkResult(skipped=walk.skipped, unreadable=walk.unreadable)
+    for item in walk:
+        if isinstance(item, TreeDir):
+            result.directories.append(item.name)
+        else:
+            result.files.append(item)
+    return result

@@ -67,6 +67,6 @@ def test_flipped_byte_in_the_middle_is_reported(tmp_path, where):
 def test_rewrite_is_atomic_and_private(tmp_path):
     path = tmp_path / "journal"
     write(path, RECORDS)
-    rewrite_journal(str(path), RECORDS[:3])
+    rewrite_journal(str(path), map(frame, RECORDS[:3]))
     assert read_journal(str(path))[0] == RECORDS[:3]
     assert os.listdir(tmp_path) == ["journal"] and path.stat().st_mode & 0o777 == 0o600

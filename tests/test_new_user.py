@@ -23,9 +23,10 @@ import pytest
 from conftest import REPO_ROOT, cli_env, finish, spawn_cli
 from trees import MiB, fill
 
-from ingest.journal import read_journal, rewrite_journal
+from ingest.journal import frame, read_journal, rewrite_journal
 from ingest.keep.locator import EMPTY_BLOCK_MD5
 from ingest.manifest import parse_manifest
+from ingest.state import record_rows
 
 
 def ok(proc):
@@ -285,8 +286,8 @@ def test_a_large_file_resumed_is_not_stored_yet_not_repacked(cli, tmp_path):
     records, _, _ = read_journal(str(journal))
     blocks = [r for r in records if r["t"] == "block"]
     # As if Ctrl-C came after three of the big file's six blocks (and the small file's).
-    keep = [r for r in blocks if r["pieces"][0][0] != "src/big.bin" or r["pieces"][0][5] < 3 * MiB]
-    rewrite_journal(str(journal), [records[0], *keep])
+    keep = [r for r in blocks if record_rows(r)[0][0] != "src/big.bin" or record_rows(r)[0][5] < 3 * MiB]
+    rewrite_journal(str(journal), map(frame, [records[0], *keep]))
     proc = ok(cli("put", *store, str(tmp_path / "src")))
     assert "  uploaded src/big.bin (not stored yet)\n" in proc.stderr
     assert "repacked" not in proc.stderr

@@ -1,28 +1,31 @@
 """The packing policy at its edges (DESIGN.md, 'Packing policy')."""
 
 import pytest
+from trees import pack, sized_files
 
-from ingest.plan import Plan
+from ingest.plan import Packer
 
 M = 1 << 26  # 64 MiB
 HALF = M // 2
 
 
 def layout(sizes, block_size=M):
-    plan = Plan(sizes, block_size)
-    return [[(p.file_index, p.file_offset, p.length) for p in b.pieces] for b in plan.blocks()], plan
+    files = sized_files(sizes)
+    plan = pack(files, block_size)
+    number = {id(f): i for i, f in enumerate(files)}
+    return [[(number[id(p.file)], p.file_offset, p.length) for p in b.pieces] for b in plan.blocks], plan
 
 
 def test_empty_files_take_no_block():
     blocks, plan = layout([0, 0])
-    assert blocks == [] and plan.block_count == 0
-    assert plan.placement(0).parts == ()
+    assert blocks == [] and plan.blocks == []
+    assert plan.parts[0] == ()
 
 
 def test_one_byte_file():
     blocks, plan = layout([1])
     assert blocks == [[(0, 0, 1)]]
-    assert plan.placement(0).parts == ((0, 0, 1),)
+    assert plan.parts[0] == ((0, 0, 1),)
 
 
 def test_half_block_is_small_and_shares_a_block():
@@ -34,7 +37,7 @@ def test_more_than_half_a_block_is_large_and_alone():
     blocks, plan = layout([5, HALF + 1, 7])
     # the small files around it share one block; the large file has its own
     assert blocks == [[(0, 0, 5), (2, 0, 7)], [(1, 0, HALF + 1)]]
-    assert plan.placement(2).parts == ((0, 5, 7),)
+    assert plan.parts[2] == ((0, 5, 7),)
 
 
 def test_exactly_one_block():
@@ -45,14 +48,14 @@ def test_exactly_one_block():
 def test_one_byte_over_a_block_gets_its_tail_block():
     blocks, plan = layout([M + 1])
     assert blocks == [[(0, 0, M)], [(0, M, 1)]]
-    assert plan.placement(0).parts == ((0, 0, M), (1, 0, 1))
+    assert plan.parts[0] == ((0, 0, M), (1, 0, 1))
 
 
 def test_file_of_several_blocks_is_cut_every_block_from_offset_zero():
     size = 3 * M + 12345
     blocks, plan = layout([size])
     assert blocks == [[(0, 0, M)], [(0, M, M)], [(0, 2 * M, M)], [(0, 3 * M, 12345)]]
-    assert sum(length for _, _, length in plan.placement(0).parts) == size
+    assert sum(length for _, _, length in plan.parts[0]) == size
 
 
 def test_many_tiny_files_fill_blocks_in_order_and_never_split():
@@ -63,7 +66,7 @@ def test_many_tiny_files_fill_blocks_in_order_and_never_split():
     assert sum(len(b) for b in blocks) == len(sizes)
     flat = [piece[0] for b in blocks for piece in b]
     assert flat == list(range(len(sizes)))  # walk order preserved
-    assert all(plan.block_size_of(i) <= M for i in range(plan.block_count))
+    assert all(b.size <= M for b in plan.blocks)
 
 
 def test_block_closes_when_next_small_file_does_not_fit():
@@ -87,4 +90,4 @@ def test_plan_depends_only_on_sizes_and_block_size():
 @pytest.mark.parametrize("bad", [0, M + 1])
 def test_block_size_bounds(bad):
     with pytest.raises(ValueError):
-        Plan([1], bad)
+        Packer(bad)

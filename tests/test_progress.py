@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from trees import MiB, fill
 
 from ingest.commands.put import _summary
-from ingest.progress import CHECK, DONE, UPLOAD, WALK, Snapshot, Tracker, clock, render
+from ingest.progress import DONE, UPLOAD, WALK, Snapshot, Tracker, clock, render
 from ingest.put import PutResult
 from ingest.walk import WalkCount
 
@@ -68,13 +68,13 @@ def test_the_walk_shows_what_it_found_and_a_pulse_instead_of_a_percentage():
 
 
 @pytest.mark.parametrize("width", [20, 33, 40, 49, 50, 60, 79, 80, 100, 200])
-@pytest.mark.parametrize("snap", [WALKING, upload(), HUGE, upload(phase=CHECK, rate=0.0, eta=None, workers={}),
+@pytest.mark.parametrize("snap", [WALKING, upload(), HUGE, upload(phase=WALK, rate=0.0, eta=None, workers={}),
                                   upload(phase=DONE, bytes_in_flight=0, bytes_done=2800 * MiB)],
                          ids=["walk", "upload", "huge", "check", "done"])
 def test_no_line_is_wider_than_the_terminal(width, snap):
     lines = render(snap, width)
     assert lines and all(len(line) <= width for line in lines), lines
-    assert lines[0].startswith(("walking", "checking", "uploading", "done"))
+    assert lines[0].startswith(("walking", "uploading", "done"))
 
 
 def test_narrow_terminals_keep_the_essentials_and_drop_the_details():
@@ -115,7 +115,7 @@ def test_the_layout_keeps_its_place_as_the_numbers_change():
 
 @given(width=st.integers(1, 300), done=st.integers(0, 1 << 60), flight=st.integers(0, 1 << 60),
        total=st.integers(0, 1 << 60), files=st.integers(0, 10**9), rate=st.floats(0, 1e13),
-       elapsed=st.floats(0, 1e8), workers=st.integers(0, 200), phase=st.sampled_from([WALK, CHECK, UPLOAD, DONE]))
+       elapsed=st.floats(0, 1e8), workers=st.integers(0, 200), phase=st.sampled_from([WALK, UPLOAD, DONE]))
 def test_any_figures_fit_any_width(width, done, flight, total, files, rate, elapsed, workers, phase):
     snap = upload(bytes_done=done, bytes_in_flight=flight, bytes_total=total, files_done=files, files_total=files,
                   files_found=files, bytes_found=total, rate=rate, elapsed=elapsed, eta=elapsed, phase=phase,
@@ -159,9 +159,8 @@ def test_the_tracker_counts_the_walk_then_bytes_as_workers_read_them():
     assert (walk.phase, walk.files_found, walk.bytes_found, walk.files_total, walk.bytes_total, walk.skipped) == \
         (WALK, 300, 5 * MiB, 300, 5 * MiB, 1)
     assert len(shown.shown) == 1 and shown.shown[0].phase == WALK   # shown at once when the walk starts
-    tracker.planned(301, 6 * MiB, files_ending=[1, 300])            # one empty file
-    tracker.block_done(1, MiB, reused=True)
-    tracker.uploading()
+    tracker.block_done(MiB, 299, reused=True)                        # a block reused while the walk goes on
+    tracker.walked(301, 6 * MiB, 2, empty_files=1)                   # one empty file, in no block
     tracker.worker_joined("worker 41@here")
     tracker.worker_bytes("worker 41@here", 3 * MiB)                   # half of block 0, read
     snap = tracker.snapshot()
@@ -170,7 +169,7 @@ def test_the_tracker_counts_the_walk_then_bytes_as_workers_read_them():
     assert snap.eta is not None
     tracker.worker_bytes("worker 41@here", 2 * MiB)
     tracker.worker_stored("worker 41@here", 5 * MiB)
-    tracker.block_done(0, 5 * MiB, reused=False)
+    tracker.block_done(5 * MiB, 1, reused=False)
     final = tracker.close()
     assert (final.phase, final.done, final.bytes_done, final.bytes_total, final.bytes_in_flight, final.files_done,
             final.blocks_done, final.bytes_uploaded, final.bytes_reused) == \
@@ -180,8 +179,7 @@ def test_the_tracker_counts_the_walk_then_bytes_as_workers_read_them():
 def test_workers_are_named_w1_w2_or_by_their_host_and_rates_add_up():
     tracker = Tracker(Recorder())
     tracker.walk_started()
-    tracker.planned(1, 100 * MiB, [1])
-    tracker.uploading()
+    tracker.walked(1, 100 * MiB, 1, empty_files=0)
     for key in ("a", "b", "c"):
         tracker.worker_joined(key)
     tracker.worker_joined("r1", host="gpu7.example")
@@ -203,7 +201,7 @@ def test_workers_are_named_w1_w2_or_by_their_host_and_rates_add_up():
 def test_a_new_attempt_starts_the_counters_again_but_not_the_clock():
     tracker = Tracker(Recorder())
     tracker.walk_started()
-    tracker.planned(3, 30, [3])
+    tracker.walked(3, 30, 1, empty_files=0)
     tracker.worker_joined("a")
     tracker.file_unreadable()
     assert tracker.snapshot().unreadable == 1
@@ -216,7 +214,7 @@ def test_a_new_attempt_starts_the_counters_again_but_not_the_clock():
 
 
 def test_the_summary_keeps_every_figure_in_lines_under_80_columns():
-    result = PutResult(manifest=None, text="", pdh="0" * 32 + "+1234567890", files=99_999_999, bytes=999 * TiB,
+    result = PutResult(manifest=None, pdh="0" * 32 + "+1234567890", files=99_999_999, bytes=999 * TiB,
                        blocks=16_777_216, blocks_uploaded=15_000_000, bytes_uploaded=900 * TiB,
                        bytes_reused=99 * TiB, bytes_read=900 * TiB, seconds=86399.99)
     lines = _summary(result, result.pdh).splitlines()
@@ -230,7 +228,7 @@ def test_the_summary_keeps_every_figure_in_lines_under_80_columns():
 # -- on a real terminal ------------------------------------------------------------------
 
 COLUMNS, ROWS = 80, 40
-PHASE_LINE = re.compile(r"(walking|checking|uploading) +(\d+\.\d%)? ([━─]+)  +elapsed (\S+)  ETA (\S+) *")
+PHASE_LINE = re.compile(r"(walking|uploading) +(\d+\.\d%)? ([━─]+)  +elapsed (\S+)  ETA (\S+) *")
 
 
 def run_in_terminal(tmp_path: Path, *args: str, unprivileged: bool = False) -> tuple[int, bytes, str]:

@@ -3,20 +3,20 @@
 import os
 
 import pytest
+from trees import pack
 
 from ingest.errors import SourceError
-from ingest.plan import Plan
 from ingest.reader import BlockReader, FileChanged, piece_sources
 from ingest.walk import walk_sources
 
 
 def read_all(files, plan, chunk_size):
     reader = BlockReader(chunk_size)
-    return [b"".join(bytes(c) for c, _ in chunks(reader, b, files)) for b in plan.blocks()]
+    return [b"".join(bytes(c) for c, _ in chunks(reader, b, files)) for b in plan.blocks]
 
 
 def chunks(reader, block, files, **options):
-    return reader.chunks(block.size, piece_sources(block, files), **options)
+    return reader.chunks(block.size, piece_sources(block), **options)
 
 
 @pytest.fixture
@@ -31,11 +31,11 @@ def src(tmp_path):
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096, 1 << 20])
 def test_chunks_concatenate_to_the_block_bytes(src, chunk_size):
     files = walk_sources([str(src) + "/"]).files
-    plan = Plan([f.size for f in files], block_size=8192)
+    plan = pack(files, 8192)
     blocks = read_all(files, plan, chunk_size)
     assert sum(len(b) for b in blocks) == sum(f.size for f in files)
-    for plan_block, data in zip(plan.blocks(), blocks, strict=True):
-        want = b"".join((src / files[p.file_index].name).read_bytes()[p.file_offset:p.file_offset + p.length]
+    for plan_block, data in zip(plan.blocks, blocks, strict=True):
+        want = b"".join((src / p.file.name).read_bytes()[p.file_offset:p.file_offset + p.length]
                         for p in plan_block.pieces)
         assert data == want
 
@@ -43,10 +43,10 @@ def test_chunks_concatenate_to_the_block_bytes(src, chunk_size):
 @pytest.mark.parametrize("buffer_size", [1, 7, 4096, 1 << 20])
 def test_chunks_read_into_a_reused_buffer_give_the_same_bytes(src, buffer_size):
     files = walk_sources([str(src) + "/"]).files
-    plan = Plan([f.size for f in files], block_size=8192)
+    plan = pack(files, 8192)
     reader = BlockReader(4096)
     buffer = bytearray(buffer_size)
-    for block, want in zip(plan.blocks(), read_all(files, plan, 4096), strict=True):
+    for block, want in zip(plan.blocks, read_all(files, plan, 4096), strict=True):
         got = b""
         for data, _ in chunks(reader, block, files, buffer=buffer):
             assert data.obj is buffer if isinstance(data, memoryview) else data is buffer
@@ -56,16 +56,16 @@ def test_chunks_read_into_a_reused_buffer_give_the_same_bytes(src, buffer_size):
 
 def test_last_flag_only_on_the_final_chunk(src):
     files = walk_sources([str(src) + "/"]).files
-    plan = Plan([f.size for f in files], block_size=8192)
+    plan = pack(files, 8192)
     reader = BlockReader(1000)
-    flags = [last for _, last in chunks(reader, plan.block(0), files)]
+    flags = [last for _, last in chunks(reader, plan.blocks[0], files)]
     assert flags[-1] is True and not any(flags[:-1])
 
 
 @pytest.mark.parametrize("change", ["append", "truncate", "rewrite-same-size", "replace", "delete"])
 def test_a_file_changed_after_the_walk_is_reported_with_its_path(src, change):
     files = walk_sources([str(src) + "/"]).files
-    plan = Plan([f.size for f in files])
+    plan = pack(files)
     target = src / "f2"
     if change == "append":
         with open(target, "ab") as f:
@@ -91,9 +91,9 @@ def test_interleaved_streams_each_read_their_own_file(tmp_path):
     for name, byte in (("a", b"A"), ("b", b"B")):
         (tmp_path / name).write_bytes(byte * 50_000)
     files = walk_sources([str(tmp_path) + "/"]).files
-    plan = Plan([f.size for f in files], block_size=50_000)
+    plan = pack(files, 50_000)
     reader = BlockReader(4096)
-    streams = [chunks(reader, plan.block(0), files), chunks(reader, plan.block(1), files)]
+    streams = [chunks(reader, plan.blocks[0], files), chunks(reader, plan.blocks[1], files)]
     got = [bytearray(), bytearray()]
     done = [False, False]
     while not all(done):

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 from conftest import cli_env
 from trees import MiB, fill
 
 from ingest import md5lanes
-from ingest.journal import iter_records, rewrite_journal
+from ingest.journal import frame, iter_records, rewrite_journal
+from ingest.state import block_key, record_rows
 
 BLOCK = MiB
 
@@ -105,16 +109,38 @@ def test_verify_content_catches_an_edit_the_fingerprint_misses(cli, tmp_path, sr
     st = target.stat()
     records = list(iter_records(str(journal)))
     for r in records:
-        for row in r.get("pieces", []):
-            if row[0] == "src/small/d3/s10":
-                row[2], row[3] = st.st_mtime_ns, st.st_ctime_ns
-    rewrite_journal(str(journal), records)
+        if r["t"] == "block":
+            rows = record_rows(r)
+            for row in rows:
+                if row[0] == "src/small/d3/s10":
+                    row[2], row[3] = st.st_mtime_ns, st.st_ctime_ns
+            r["rows"], r["key"] = msgpack.packb(rows), block_key(rows)
+    rewrite_journal(str(journal), map(frame, records))
     stale = put_json(cli, tmp_path, src)
     assert stale["blocks_uploaded"] == 0  # the hazard: nothing looks changed
     checked = put_json(cli, tmp_path, src, "--verify-content")
     changed = {c["path"]: c["reasons"] for c in checked["changed"]}
     assert changed["src/small/d3/s10"] == ["content"]
     assert checked["blocks_uploaded"] == 1
+
+
+def test_a_version_1_journal_still_resumes(cli, tmp_path, src):
+    """A user upgrading keeps their checkpoint: block records as version 1 wrote them
+    (rows and digests as plain lists) are reused, verified and told apart."""
+    first = manifest_of(cli, tmp_path, src)
+    journal = next((tmp_path / "state" / "runs").iterdir()) / "journal"
+    old = [{"t": "block", "loc": r["loc"], "exp": r["exp"], "pieces": record_rows(r),
+            "digests": list(struct.unpack(f"<{len(r['digests']) // 8}Q", r["digests"]))}
+           if r["t"] == "block" else r for r in iter_records(str(journal))]
+    rewrite_journal(str(journal), map(frame, old))
+    touched = src / "small" / "d3" / "s10"
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    result = put_json(cli, tmp_path, src, "--verify-content", "--manifest-out", str(tmp_path / "again"))
+    changed = {c["path"]: c["reasons"] for c in result["changed"]}
+    assert changed.pop("src/small/d3/s10") == ["mtime", "ctime"]
+    assert all(reasons == ["repacked"] for reasons in changed.values())   # the others of its block
+    assert result["blocks_uploaded"] == 1 and (tmp_path / "again").read_text() == first
 
 
 def test_second_run_on_the_same_state_exits_75_naming_the_holder(cli, tmp_path, src):
@@ -255,6 +281,7 @@ def test_status_lists_runs_and_the_lock_holder(cli, tmp_path, src):
     assert proc.returncode == 0, proc.stderr
     (info,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert info["sources"] == [str(src)] and info["finished"]["pdh"] == first["pdh"]
-    assert info["blocks_stored"] == first["blocks"] and info["locked"] is False
+    assert info["blocks_stored"] == first["blocks"] and info["bytes_stored"] == first["bytes"]
+    assert info["locked"] is False and info["torn_tail"] is False
     human = cli("status", "--state-dir", str(tmp_path / "state")).stdout
     assert f"finished, portable data hash {first['pdh']}" in human

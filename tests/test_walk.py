@@ -148,7 +148,7 @@ def test_special_files_are_skipped_and_never_opened(tree):
     assert not {"fifo", "sock", "device"} & set(names(result))
 
 
-def test_non_utf8_names_are_refused_before_anything_moves(tree):
+def test_non_utf8_names_are_refused_each_named(tree):
     bad = os.fsencode(str(tree)) + b"/bad\xff.txt"
     with open(bad, "wb") as f:
         f.write(b"x")

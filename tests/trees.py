@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 MiB = 1 << 20
 BLOCK = 1 << 26
@@ -66,3 +67,31 @@ def read_tree(root: Path) -> dict[str, bytes]:
             full = Path(dirpath) / name
             out[str(full.relative_to(root))] = full.read_bytes()
     return out
+
+
+class Packed(NamedTuple):
+    """A whole list of files packed: the blocks in index order, and each file's parts."""
+
+    blocks: list
+    parts: list
+
+
+def pack(files, block_size: int = BLOCK) -> Packed:
+    """Feed ``files`` (SourceFile) to a Packer, as a run does, and collect what it gives."""
+    from ingest.plan import Packer
+
+    packer = Packer(block_size)
+    blocks, parts = [], []
+    for f in files:
+        placed, closed = packer.add(f)
+        parts.append(placed)
+        blocks += closed
+    blocks += packer.finish()
+    return Packed(sorted(blocks, key=lambda b: b.index), parts)
+
+
+def sized_files(sizes) -> list:
+    """Stand-in SourceFiles of the given sizes (for the packing policy alone)."""
+    from ingest.walk import Fingerprint, SourceFile
+
+    return [SourceFile(f"f{i}", f"f{i}", Fingerprint(size, 0, 0, i, 0)) for i, size in enumerate(sizes)]

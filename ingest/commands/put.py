@@ -28,8 +28,10 @@ from ingest.progress import MODES, human_bytes, make_display
 from ingest.words import plural
 
 if TYPE_CHECKING:
+    from ingest.assemble import ManifestText
     from ingest.config import Settings
     from ingest.put import PutResult
+    from ingest.save import SavedCollection
 
 
 def _workers(text: str) -> int | str:
@@ -145,15 +147,15 @@ def prepare_manifest_out(path: str) -> None:
                           f"{exc.strerror or exc}") from None
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Write the file whole or not at all; a file it replaces keeps its mode."""
+def _write_atomically(path: str, manifest: ManifestText) -> None:
+    """Write the manifest's file whole or not at all; a file it replaces keeps its mode."""
     tmp = ""
     try:
         fd, tmp = _temporary_beside(path)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             with contextlib.suppress(FileNotFoundError):
                 os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
-            f.write(text)
+            manifest.copy_to(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -180,17 +182,15 @@ def _summary(result: PutResult, pdh: str) -> str:
     if result.bytes_reused and result.changed:
         items = list(result.changed.items())
         lines += [f"  uploaded {path} ({', '.join(reasons)})" for path, reasons in items[:SHOWN_CHANGES]]
-        if len(items) > SHOWN_CHANGES:
-            lines.append(f"  ... and {plural(len(items) - SHOWN_CHANGES, 'more file')} (see --json)")
+        if result.changed_total > SHOWN_CHANGES:
+            lines.append(f"  ... and {plural(result.changed_total - SHOWN_CHANGES, 'more file')} (see --json)")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     # Imported when the command runs: keeps start-up cheap for every command.
     import workers  # noqa: F401  (local workers are forked from this process: they inherit it)
-    from ingest.keep.factory import open_store
     from ingest.put import dry_run, run_put
-    from ingest.read.source import save_manifest
 
     settings = settings_from(args, {
         "put.workers": (args.workers, "--workers"),
@@ -222,10 +222,21 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if saver:
             saver.client.close()
-    collection = saver.saved if saver else None
-    text, pdh = result.text, collection.pdh if collection else result.pdh
+    try:
+        return _report(args, settings, result, saver.saved if saver else None)
+    finally:
+        result.close()
+
+
+def _report(args: argparse.Namespace, settings: Settings, result: PutResult,
+            collection: SavedCollection | None) -> int:
+    """Write the manifest where asked, say what the run did; the exit code."""
+    from ingest.keep.factory import open_store
+    from ingest.read.source import save_manifest
+
+    pdh = collection.pdh if collection else result.pdh
     if args.manifest_out:
-        _write_atomically(args.manifest_out, text)
+        _write_atomically(args.manifest_out, result.manifest)
     saved = None
     if args.save_manifest:
         store = open_store(settings.store_spec())
@@ -237,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"pdh": pdh, **_counters(result), "seconds": round(result.seconds, 3),
                    "store": settings.describe_store(), "state": result.state_dir,
                    "manifest_out": args.manifest_out, "manifest_locator": saved, "changed": _changed(result),
+                   "changed_total": result.changed_total,
                    "collection": saved_json(collection),
                    "unreadable": [{"path": p, "reason": r} for p, r in sorted(result.unreadable.items())],
                    "skipped": [{"path": p, "reason": r} for p, r in result.skipped]},
@@ -247,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     elif collection:
         print(collection.uuid)
     elif not args.manifest_out:
-        sys.stdout.write(text)
+        result.manifest.copy_to(sys.stdout)
     if not args.quiet:
         print(_summary(result, pdh), file=sys.stderr)
         if saved:
@@ -297,13 +309,16 @@ def _changed(result: PutResult) -> list[dict[str, object]]:
 def _report_dry_run(args: argparse.Namespace, result: PutResult) -> int:
     """List what would be uploaded; exit 2 if anything would be (arv-put's convention)."""
     if args.json:
-        json.dump({**_counters(result), "would_upload": _changed(result)}, sys.stdout)
+        json.dump({**_counters(result), "would_upload": _changed(result),
+                   "would_upload_total": result.changed_total}, sys.stdout)
         sys.stdout.write("\n")
     else:
         for path, reasons in result.changed.items():
             print(f"{path}\t{', '.join(reasons)}")
+        if result.changed_total > len(result.changed):
+            print(f"keep-ingest: dry run: the first {len(result.changed):,} files are listed", file=sys.stderr)
     if not args.quiet:
-        print(f"keep-ingest: dry run: {plural(len(result.changed), 'file')} in "
+        print(f"keep-ingest: dry run: {plural(result.changed_total, 'file')} in "
               f"{plural(result.blocks_uploaded, 'block')} "
               f"({human_bytes(result.bytes - result.bytes_reused)}) would be uploaded\n"
               f"  {human_bytes(result.bytes_reused)} already stored", file=sys.stderr)

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from ingest.commands.common import settings_from
 from ingest.errors import EXIT_OK
@@ -27,29 +28,40 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 def describe_run(run_dir: str) -> dict[str, object]:
     """What one run's state says, read without taking its lock or changing it."""
     # Imported when the command runs: keeps start-up cheap for every command.
-    from ingest.journal import read_journal
+    import msgpack
+
+    from ingest.journal import Frames
+    from ingest.keep.locator import Locator
     from ingest.state import describe_holder, is_locked
 
     journal = os.path.join(run_dir, "journal")
     lock = os.path.join(run_dir, "lock")
-    records, _, torn = read_journal(journal)
-    runs = [r for r in records if r["t"] == "run"]
-    blocks = [r for r in records if r["t"] == "block"]
-    done = [r for r in records if r["t"] == "done"]
-    saved = [r for r in records if r["t"] == "saved"]
-    work = [r for r in records if r["t"] not in ("save", "saved")]   # a save follows its run's "done"
+    frames = Frames(journal)
+    blocks = stored = 0
+    last: dict[str, dict[str, Any]] = {}   # kind -> its last record
+    last_work: dict[str, Any] | None = None  # the last but for saves (a save follows its run's "done")
+    final: dict[str, Any] | None = None
+    for _, payload in frames:   # one record at a time: a journal may hold millions of rows
+        final = msgpack.unpackb(payload)
+        if final["t"] == "block":
+            blocks += 1
+            stored += Locator.parse(final["loc"]).size
+        last[final["t"]] = final
+        if final["t"] not in ("save", "saved"):
+            last_work = final
+    runs, done, saved = last.get("run"), last.get("done"), last.get("saved")
     info: dict[str, object] = {
         "state": run_dir,
-        "sources": runs[-1]["sources"] if runs else [],
-        "store": runs[-1]["store"] if runs else "",
-        "blocks_stored": len(blocks),
-        "bytes_stored": sum(sum(p[6] for p in b["pieces"]) for b in blocks),
+        "sources": runs["sources"] if runs else [],
+        "store": runs["store"] if runs else "",
+        "blocks_stored": blocks,
+        "bytes_stored": stored,
         "last_checkpoint": os.stat(journal).st_mtime if os.path.exists(journal) else None,
-        "finished": done[-1] if done and work[-1]["t"] == "done" else None,
-        "failed": work[-1] if work and work[-1]["t"] == "failed" else None,
-        "collection": {"uuid": saved[-1]["uuid"], "pdh": saved[-1]["pdh"]} if saved else None,
-        "save_pending": bool(records) and records[-1]["t"] == "save",
-        "torn_tail": torn,
+        "finished": done if done and last_work["t"] == "done" else None,
+        "failed": last_work if last_work and last_work["t"] == "failed" else None,
+        "collection": {"uuid": saved["uuid"], "pdh": saved["pdh"]} if saved else None,
+        "save_pending": final is not None and final["t"] == "save",
+        "torn_tail": frames.torn,
         "locked": is_locked(lock),
     }
     if info["locked"]:

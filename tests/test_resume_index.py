@@ -1,0 +1,178 @@
+"""The resume index: block records, loading without decoding rows, fingerprints, compaction."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tracemalloc
+
+import msgpack
+import pytest
+
+from ingest.journal import JournalCorrupt, JournalWriter, frame, iter_records, read_journal, rewrite_journal
+from ingest.state import RunIdentity, RunState, block_key, block_record, record_rows
+
+TOP = 2**64 - 1  # digests are full u64s
+
+
+@pytest.fixture
+def state(tmp_path):
+    s = RunState(str(tmp_path / "state"), RunIdentity(("/src",), 1 << 20, "directory /store"))
+    os.makedirs(s.dir)
+    return s
+
+
+def rows_of(names, version=0, size=1024):
+    """Piece rows (name, size, mtime, ctime, inode, offset, length) of small files."""
+    return [[n, size, 1_700_000_000_000_000_000 + version, 1_700_000_000_500_000_000 + version, 1000 + i, 0, size]
+            for i, n in enumerate(names)]
+
+
+def locator(tag, size=1024):
+    return f"{hashlib.md5(tag.encode()).hexdigest()}+{size}"
+
+
+def old_record(rows, loc, digests):
+    """A block record as version 1 wrote it: the rows and digests as plain lists."""
+    return {"t": "block", "loc": loc, "exp": None, "pieces": rows, "digests": digests}
+
+
+def write(state, records):
+    w = JournalWriter(state.journal_path)
+    for r in records:
+        w.append(r)
+    w.close()
+
+
+def test_block_records_round_trip_packed(state):
+    rows = rows_of(["a", "b/c", "dé"])
+    digests = [0, 1, TOP]
+    record = block_record(rows, locator("x", 3072) + "+A" + "0" * 40 + "@65000000", digests)
+    assert record["key"] == block_key(rows) and isinstance(record["rows"], bytes)
+    assert len(record["digests"]) == 8 * len(rows) and record["exp"] == 0x65000000
+    write(state, [{"t": "run"}, record, {"t": "done", "pdh": "p"}])
+    (decoded,) = [r for r in iter_records(state.journal_path) if r["t"] == "block"]
+    assert record_rows(decoded) == rows
+    index, valid = state.load()
+    assert valid == os.path.getsize(state.journal_path) and index.records == 3
+    stored = index.blocks[block_key(rows)]
+    assert (stored.locator, stored.expiry, stored.digests) == (record["loc"], 0x65000000, digests)
+    assert index.last_done == {"t": "done", "pdh": "p"}
+
+
+def test_a_block_stored_by_this_run_is_indexed_with_its_digests_but_is_not_earlier(state):
+    index, valid = state.load()
+    rows = rows_of(["new"])
+    record = block_record(rows, locator("n"), [TOP])
+    journal = state.open_writer(valid)
+    try:
+        index.add(record, journal.append(record))   # as put does
+    finally:
+        journal.close()
+    assert index.blocks[block_key(rows)].digests == [TOP]
+    # what earlier runs recorded of a file, for saying why it is uploaded: not this run's
+    assert index.previous_fingerprints({"new"}) == {}
+
+
+def test_loading_does_not_decode_the_rows(state):
+    """200,000 rows in 20 records: loading holds about one frame, not the decoded rows."""
+    per, count = 10_000, 20
+    records = [block_record(rows_of([f"dir{b:03d}/file{i:05d}" for i in range(per)]), locator(str(b), per * 1024),
+                            list(range(per))) for b in range(count)]
+    write(state, records)
+    size = os.path.getsize(state.journal_path)
+    tracemalloc.start()
+    try:
+        msgpack.unpackb(records[0]["rows"])
+        one_record_decoded = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        index, _ = state.load()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert len(index.blocks) == count
+    print(f"journal {size} bytes, rows decoded ~{one_record_decoded * count} bytes, peak of load {peak} bytes")
+    assert peak < one_record_decoded * count / 5   # rows decoded cost 6-7 times the file
+    assert peak < size / 4                          # and the file is never read whole
+
+
+def test_a_version_1_journal_still_loads_and_gives_fingerprints(state):
+    rows = rows_of(["a", "b"])
+    write(state, [{"t": "run", "v": 1}, old_record(rows, locator("o", 2048), [5, TOP])])
+    index, _ = state.load()
+    assert index.blocks[block_key(rows)].digests == [5, TOP]
+    assert index.previous_fingerprints({"a", "z"}) == {"a": tuple(rows[0][1:5])}
+
+
+def test_previous_fingerprints_are_the_latest_of_the_names_asked(state):
+    first, second = rows_of(["a", "b", "c"], version=1), rows_of(["b"], version=2)
+    write(state, [old_record(first, locator("1", 3072), [1, 2, 3]), {"t": "done"},
+                  block_record(second, locator("2"), [4]), {"t": "run"}])
+    index, _ = state.load()
+    assert index.previous_fingerprints({"a", "b", "missing"}) == {"a": tuple(first[0][1:5]),
+                                                                  "b": tuple(second[0][1:5])}
+    assert index.previous_fingerprints(set()) == {}
+
+
+def test_no_block_known_means_no_pass_over_the_journal(state):
+    write(state, [{"t": "run"}, {"t": "done"}])
+    index, _ = state.load()
+    with open(state.journal_path, "r+b") as f:   # a pass would now fail
+        f.write(b"XX")
+    assert index.previous_fingerprints({"a"}) == {}
+
+
+def test_compaction_keeps_only_live_blocks_and_the_last_run_records(state):
+    live_old, live, dead = rows_of(["old"]), rows_of(["live"]), rows_of(["dead"])
+    kept_old = frame(old_record(live_old, locator("o"), [1]))
+    stale = block_record(live, locator("stale"), [2])     # stored again since: only the last is kept
+    fresh = block_record(live, locator("fresh"), [3])
+    save = {"t": "save", "rid": 1, "target": None, "pdh": "p"}
+    records = [{"t": "run", "n": 1}, stale, *[block_record(dead, locator(f"d{i}"), [i]) for i in range(20)],
+               {"t": "done", "n": 1}, save, {"t": "run", "n": 2}, fresh, {"t": "failed", "n": 2}, {"t": "done", "n": 2}]
+    with open(state.journal_path, "wb") as f:
+        f.write(kept_old)
+    write(state, records)
+    index, _ = state.load()
+    state.compact({block_key(live_old), block_key(live)}, index)
+    data = open(state.journal_path, "rb").read()
+    assert data.startswith(kept_old) and frame(fresh) in data   # frames copied byte for byte
+    kinds = [(r["t"], r.get("loc") or r.get("n")) for r in read_journal(state.journal_path)[0]]
+    assert kinds == [("block", locator("o")), ("save", None), ("run", 2), ("block", locator("fresh")),
+                     ("failed", 2), ("done", 2)]
+    again, valid = state.load()
+    assert set(again.blocks) == {block_key(live_old), block_key(live)} and valid == len(data)
+    assert again.blocks[block_key(live)].digests == [3] and again.blocks[block_key(live_old)].digests == [1]
+    assert os.listdir(state.dir) == ["journal"] and os.stat(state.journal_path).st_mode & 0o777 == 0o600
+
+
+def test_a_small_journal_is_left_as_it_is(state):
+    write(state, [{"t": "run"}, block_record(rows_of(["dead"]), locator("d"), [1]), {"t": "done"}])
+    before = open(state.journal_path, "rb").read()
+    state.compact(set(), state.load()[0])
+    assert open(state.journal_path, "rb").read() == before
+
+
+def test_load_stops_at_a_torn_tail_and_reports_damage(state):
+    rows = rows_of(["a"])
+    write(state, [{"t": "run"}, block_record(rows, locator("a"), [1])])
+    good = os.path.getsize(state.journal_path)
+    with open(state.journal_path, "ab") as f:
+        f.write(frame(block_record(rows_of(["b"]), locator("b"), [2]))[:-3])
+    index, valid = state.load()
+    assert valid == good and list(index.blocks) == [block_key(rows)]
+    data = bytearray(open(state.journal_path, "rb").read())
+    data[20] ^= 0x40   # inside the first record, with more after it
+    open(state.journal_path, "wb").write(bytes(data))
+    with pytest.raises(JournalCorrupt, match="damaged at byte 0 .*--reset-state"):
+        state.load()
+
+
+def test_digests_of_a_journal_changed_under_the_run_are_refused(state):
+    rows = rows_of(["a"])
+    write(state, [{"t": "run"}, block_record(rows, locator("a"), [1])])
+    stored = state.load()[0].blocks[block_key(rows)]
+    rewrite_journal(state.journal_path, [frame({"t": "run", "pad": "x" * 100})])
+    with pytest.raises(JournalCorrupt, match="changed under this run"):
+        _ = stored.digests
