@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Repetitions: {args.reps} (medians; ratios are medians of per-repetition ratios); "
           f"scale {args.scale:g}\n")
     print(report.table(summaries))
+    reruns = report.reruns_table(summaries)
+    if reruns:
+        print("\nFresh put, re-runs and the walk floor (x floor: re-run time over the floor's):\n" + reruns)
     print("\nScaling:\n" + report.scaling_text(sc))
     scaled = "" if args.scale == 1 else f" (the targets are for scale 1; this run is at {args.scale:g})"
     print(f"\nTargets{scaled}:\n" + report.targets_text(checks))
