@@ -22,6 +22,7 @@ help:
 	@echo "make test                                                      run the test suite"
 	@echo "make lint                                                      check the code with ruff"
 	@echo "make bench [QUICK=1] [BENCH_ARGS=...] [BENCH_DIR=...]          benchmark against arv-put and md5sum"
+	@echo "make bench BENCH_ARGS=\"--datasets tiny1m\"                       fresh put, re-runs and walk floor at 1,000,000 files"
 	@echo "make bench-md5                                                 MD5 throughput per core for each engine and lane count"
 	@echo "make bench-clean                                               remove the cached benchmark datasets"
 	@echo "make clean                                                     remove the virtualenv and caches"

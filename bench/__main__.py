@@ -18,22 +18,32 @@ import time
 
 from bench import datasets as ds
 from bench import report
-from bench.runners import BASELINE_ROWS, REPO_ROOT, ROWS, RunResult, run_row
+from bench.runners import BASELINE_OF, REPO_ROOT, ROWS, RunResult, run_row
 
+# The millions-of-files datasets (tiny1m, tiny2m, tiny4m) run only when named in --datasets.
 DEFAULT_DATASETS = ["large", "small", "tiny", "tiny10k", "mixed"]
 BASE_ROWS = ["ki", "ki-nofsync", "arvput", "md5sum", "ki-keep", "arvput-keep"]
+# Issue 15: a fresh put, the re-runs and their floor. arv-put is left out: at 1,000,000
+# files it takes minutes and gigabytes (bench/NOTES.md).
+FILES_ROWS = ["ki", "ki-rerun", "ki-rerun10", "walkfloor"]
 ROWS_FOR = {
     "large": BASE_ROWS + ["ki-hashlib", "ki-nofsync-hashlib", "ki-w1", "ki-w4", "ki-remote", "ki-remote-plain"],
     "mixed": BASE_ROWS + ["ki-hashlib", "ki-nofsync-hashlib", "ki-remote", "ki-remote-plain"],
     "tiny10k": ["ki", "ki-nofsync", "arvput", "md5sum"],  # only for time per file
+    "tiny1m": FILES_ROWS,
+    "tiny2m": FILES_ROWS,
+    "tiny4m": FILES_ROWS,
 }
+# Rows any dataset runs when --rows names them (e.g. the re-runs on tiny, for 100,000 files).
+ON_REQUEST = ["ki-rerun", "ki-rerun10", "walkfloor"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS),
-                   help=f"comma-separated, from: {', '.join(ds.GENERATORS)} (default: all)")
+                   help=f"comma-separated, from: {', '.join(ds.GENERATORS)} "
+                        f"(default: {','.join(DEFAULT_DATASETS)})")
     p.add_argument("--rows", default="",
                    help="comma-separated row keys to run (default: all that apply): " + ", ".join(ROWS))
     p.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported (default 3)")
@@ -59,10 +69,14 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _rows_for(name: str, only: list[str], baseline: bool) -> list[str]:
+def rows_for(name: str, only: list[str], baseline: bool) -> list[str]:
+    """The rows to run on dataset ``name``: its own, or those of ``only`` among its own and
+    the rows on request; with ``baseline``, their @baseline twins after the first two."""
     rows = ROWS_FOR.get(name, BASE_ROWS)
+    if only:
+        rows = list(dict.fromkeys(rows + ON_REQUEST))
     if baseline:
-        rows = rows[:2] + list(BASELINE_ROWS) + rows[2:]
+        rows = rows[:2] + [BASELINE_OF[r] for r in rows if r in BASELINE_OF] + rows[2:]
     return [r for r in rows if r in only] if only else rows
 
 
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for name in names:
         dataset = sets[name] = ds.ensure(name, args.bench_dir, args.scale, log=_log)
-        rows = _rows_for(name, only, bool(args.baseline))
+        rows = rows_for(name, only, bool(args.baseline))
         _log(f"== {name}: {dataset.description}; {dataset.files:,} files, {dataset.bytes / 1e6:,.0f} MB")
         for rep in range(args.reps):
             shift = rep % len(rows)
@@ -99,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_row(ROWS[key], dataset, work, rep, args.baseline)
                 os.sync()
                 results.append(r)
+                again = "" if r.bytes_read is None else (
+                    f"; read {r.bytes_read / 1e6:,.1f} MB, uploaded {r.blocks_uploaded} blocks")
                 server = "" if r.server_cpu_s is None else (
                     f"; server CPU {r.server_cpu_s:.1f} s, RSS {(r.server_peak_rss or 0) / report.MiB:.0f} MiB, "
                     f"PSS {(r.server_peak_pss or 0) / report.MiB:.0f} MiB")
                 _log(f"  [{name} {rep + 1}/{args.reps}] {ROWS[key].label}: {r.wall_s:.2f} s, "
                      f"{dataset.bytes / 1e6 / r.wall_s:.0f} MB/s, {dataset.files / r.wall_s:,.0f} files/s, "
                      f"CPU {r.cpu_s:.1f} s, peak RSS {r.peak_rss / report.MiB:.0f} MiB, "
-                     f"PSS {r.peak_pss / report.MiB:.0f} MiB{server}")
+                     f"PSS {r.peak_pss / report.MiB:.0f} MiB{again}{server}")
         _write(out, args, machine, sets, results, started)
     summaries, sc, checks = _write(out, args, machine, sets, results, started)
 
@@ -113,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Repetitions: {args.reps} (medians; ratios are medians of per-repetition ratios); "
           f"scale {args.scale:g}\n")
     print(report.table(summaries))
+    reruns = report.reruns_table(summaries)
+    if reruns:
+        print("\nFresh put, re-runs and the walk floor (x floor: re-run time over the floor's):\n" + reruns)
     print("\nScaling:\n" + report.scaling_text(sc))
     scaled = "" if args.scale == 1 else f" (the targets are for scale 1; this run is at {args.scale:g})"
     print(f"\nTargets{scaled}:\n" + report.targets_text(checks))
@@ -127,7 +146,7 @@ def _pdh_mismatches(summaries: list[report.Summary]) -> list[str]:
     """Datasets where the tools' portable data hashes differ (they should not)."""
     bad = []
     for name in dict.fromkeys(s.dataset for s in summaries):
-        pdhs = {s.pdh for s in summaries if s.dataset == name and s.row != "md5sum"}
+        pdhs = {s.pdh for s in summaries if s.dataset == name and ROWS[s.row].uploads}
         if len(pdhs) > 1:
             bad.append(f"{name}: {sorted(str(p) for p in pdhs)}")
     return bad

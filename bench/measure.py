@@ -4,11 +4,17 @@
   every descendant that was waited for (worker processes joined by the coordinator,
   ``md5sum`` processes reaped by ``xargs``, threads of course), so the whole tree counts.
 * **Peak memory** is the largest sum of resident set sizes over the command and all
-  its descendants, sampled every ``interval`` seconds with psutil. Forked processes
+  its descendants, sampled every ``interval`` seconds with psutil; the list of
+  descendants is refreshed every ``TREE_EVERY`` samples (listing them reads every
+  process's ``/proc`` entry: every 20 ms it took a tenth of a core). Forked processes
   share some pages, which the RSS sum counts once per process: it is an upper bound.
   The proportional set size (PSS, each shared page divided among its sharers) is
-  sampled too, every fifth sample (it costs a page-table walk); its sum is what the
-  tree really holds.
+  sampled too, every fifth sample at most, and less often for big processes: it costs
+  a walk of their page tables (some 25 ms of kernel time per GiB resident, taken in
+  the sampler's process), so the next PSS sample waits at least ``PSS_SPACING`` times
+  as long as the last one took, which keeps the sampler under 5% of a core (at
+  1,000,000 files every fifth sample took a fifth of a core). Its sum is what the tree
+  really holds.
 * ``servers`` (a keepstore server the command talks to, which it did not start) are
   measured apart from the command, never added to its figures: their CPU time as a
   before/after difference, their memory (RSS and PSS, summed over each server and its
@@ -26,6 +32,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import psutil
+
+PSS_SPACING = 20   # the wait before the next PSS sample, in multiples of the last one's cost
+TREE_EVERY = 5     # samples between two listings of the command's process tree
 
 
 @dataclass
@@ -75,17 +84,26 @@ class _Sampler(threading.Thread):
         self.peak = self.peak_pss = 0
         self.server_peak = self.server_peak_pss = 0
         self.samples = 0
+        self.next_pss = 0.0      # time.monotonic() from which the next PSS sample may be taken
+        self.procs: list[psutil.Process] = []
+        self.server_procs: list[psutil.Process] = []
         self.stop = threading.Event()
 
     def _sample(self) -> None:
-        with_pss = self.samples % 5 == 0
-        rss, pss = _memory(_tree(self.root), with_pss)
+        started = time.monotonic()
+        with_pss = self.samples % 5 == 0 and started >= self.next_pss
+        if self.samples % TREE_EVERY == 0:
+            self.procs = _tree(self.root)
+            self.server_procs = [p for s in self.servers for p in _tree(s)]
+        rss, pss = _memory(self.procs, with_pss)
         self.peak = max(self.peak, rss)
         self.peak_pss = max(self.peak_pss, pss)
         if self.servers:
-            rss, pss = _memory([p for s in self.servers for p in _tree(s)], with_pss)
+            rss, pss = _memory(self.server_procs, with_pss)
             self.server_peak = max(self.server_peak, rss)
             self.server_peak_pss = max(self.server_peak_pss, pss)
+        if with_pss:
+            self.next_pss = started + PSS_SPACING * (time.monotonic() - started)
         self.samples += 1
 
     def run(self) -> None:

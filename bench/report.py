@@ -6,7 +6,9 @@ same background load) and the median of those per-repetition ratios is reported:
 * ``x arv-put``: the row's throughput over arv-put engine's, same dataset and same
   kind of store (directory rows against arv-put's local store, keepstore rows
   against arv-put through the same keepstore);
-* ``% md5sum``: the row's throughput as a share of all-cores md5sum's.
+* ``% md5sum``: the row's throughput as a share of all-cores md5sum's;
+* ``x floor``: a re-run row's time over the walk floor's (``walkfloor``: the same tree
+  walked with ``os.scandir`` and one stat per file), issue 15.
 
 In keepstore rows, CPU seconds and peak memory are the client's alone (keep-ingest's
 coordinator and workers, or arv-put's engine process); the keepstore server's are
@@ -39,6 +41,19 @@ TARGET_LARGE_CPU_SHARE = 0.5         # issue 16: CPU seconds at most half of bef
 TARGET_SMALL_VS_ARVPUT = 5.0
 TARGET_PEAK_MIB = 400
 TARGET_FLAT_TOLERANCE = 1.25   # time per file at 100k within 25% of 10k's
+# Issue 15, at 1,000,000 files (tiny1m), peak memory summed over all processes.
+MILLIONS_DATASET = "tiny1m"
+TARGET_MILLIONS_PEAK_MIB = 300
+TARGET_MILLIONS_FILES_S = 80_000
+TARGET_RERUN_S = 3.0            # nothing changed; or 1.5x the walk floor if that floor is above 2 s
+TARGET_RERUN_FLOOR_S = 2.0
+TARGET_RERUN_VS_FLOOR = 1.5
+TARGET_RERUN_TOUCHED_EXTRA_S = 1.0   # 10 files touched: 4 s, one more than nothing changed
+# Tiny's shape at 100,000 files and more: the per-file figures, extrapolated to 10 million.
+FILES_SERIES = ("tiny", "tiny1m", "tiny2m", "tiny4m")
+FILES_SERIES_MIN = 100_000     # fewer files (a scaled run) say too little of millions
+FILES_ROWS = ("ki", "ki-rerun", "ki-rerun10", "walkfloor", "base", "base-rerun", "base-rerun10")
+EXTRAPOLATE_TO = 10_000_000
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -76,6 +91,11 @@ class Summary:
     server_cpu_s: float | None = None         # median over the repetitions
     server_peak_rss_mib: float | None = None  # the largest over the repetitions
     server_peak_pss_mib: float | None = None
+    # re-run rows only: time over the walk floor's (median of per-repetition ratios),
+    # and what the re-run read and uploaded again (medians)
+    vs_floor: float | None = None
+    bytes_read: float | None = None
+    blocks_uploaded: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -94,13 +114,15 @@ def summarize(results: list[RunResult], datasets: dict[str, Dataset]) -> list[Su
         ds = datasets[ds_name]
         row = ROWS[key]
         mine = [r for r in results if r.dataset == ds_name and r.row == key]
-        vs_arv, vs_md5 = [], []
+        vs_arv, vs_md5, vs_floor = [], [], []
         for r in mine:
             peers = by_rep[(ds_name, r.repetition)]
             if row.baseline and row.baseline in peers:
                 vs_arv.append(peers[row.baseline].wall_s / r.wall_s)
             if key != "md5sum" and "md5sum" in peers:
                 vs_md5.append(peers["md5sum"].wall_s / r.wall_s)
+            if row.rerun is not None and "walkfloor" in peers:
+                vs_floor.append(r.wall_s / peers["walkfloor"].wall_s)
         wall = statistics.median(r.wall_s for r in mine)
         pdhs = {r.pdh for r in mine}
         out.append(Summary(
@@ -115,7 +137,9 @@ def summarize(results: list[RunResult], datasets: dict[str, Dataset]) -> list[Su
             pdh=pdhs.pop() if len(pdhs) == 1 else "MISMATCH between repetitions",
             server_cpu_s=_median(r.server_cpu_s for r in mine),
             server_peak_rss_mib=_max_mib(r.server_peak_rss for r in mine),
-            server_peak_pss_mib=_max_mib(r.server_peak_pss for r in mine)))
+            server_peak_pss_mib=_max_mib(r.server_peak_pss for r in mine),
+            vs_floor=_median(vs_floor), bytes_read=_median(r.bytes_read for r in mine),
+            blocks_uploaded=_median(r.blocks_uploaded for r in mine)))
     return out
 
 
@@ -151,13 +175,75 @@ def table(summaries: list[Summary]) -> str:
     return "\n".join(lines)
 
 
+def reruns_table(summaries: list[Summary]) -> str:
+    """Issue 15's rows side by side, per dataset: the fresh put, the re-runs (with their time
+    over the walk floor's) and the floor; empty when no re-run or floor row ran."""
+    shown = [s for s in summaries if s.dataset in {t.dataset for t in summaries
+                                                   if ROWS[t.row].rerun is not None or t.row == "walkfloor"}
+             and (s.row in FILES_ROWS or ROWS[s.row].rerun is not None)]
+    if not shown:
+        return ""
+    lines = ["| dataset | row | wall s | files/s | CPU s | peak RSS MiB | peak PSS MiB | x floor | MB read "
+             "| blocks uploaded |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in shown:
+        lines.append(
+            f"| {s.dataset} | {s.label} | {s.wall_s:.2f} | {s.files_s:,.0f} | {s.cpu_s:.1f} | {s.peak_mib:.0f} | "
+            f"{s.peak_pss_mib:.0f} | {_fmt(s.vs_floor, '.2f', 'x')} | "
+            f"{_fmt(None if s.bytes_read is None else s.bytes_read / 1e6, ',.1f')} | "
+            f"{_fmt(s.blocks_uploaded, ',.0f')} |")
+    return "\n".join(lines)
+
+
 def _find(summaries: list[Summary], dataset: str, row: str) -> Summary | None:
     return next((s for s in summaries if s.dataset == dataset and s.row == row), None)
 
 
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares line through ``points``: (slope, intercept)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return slope, my - slope * mx
+
+
+def files_scaling(summaries: list[Summary]) -> dict[str, Any]:
+    """For each of issue 15's rows run on two or more of tiny's sizes (of 100,000 files and up):
+    time and peak memory at each size, their growth per file (least squares) and the line
+    taken to 10 million files."""
+    out: dict[str, Any] = {}
+    for key in FILES_ROWS:
+        found = [s for name in FILES_SERIES if (s := _find(summaries, name, key)) and s.files >= FILES_SERIES_MIN]
+        if len({s.files for s in found}) < 2:
+            continue
+        us, wall0 = _fit([(s.files, s.wall_s) for s in found])
+        per_file, peak0 = _fit([(s.files, s.peak_mib * MiB) for s in found])
+        out[key] = {
+            "label": ROWS[key].label,
+            "points": [{"files": s.files, "wall_s": round(s.wall_s, 3), "peak_mib": round(s.peak_mib, 1),
+                        "us_per_file": round(s.us_per_file, 2)} for s in found],
+            "us_per_file": round(us * 1e6, 3), "bytes_per_file": round(per_file, 1),
+            f"wall_s_at_{EXTRAPOLATE_TO}": round(wall0 + us * EXTRAPOLATE_TO, 1),
+            f"peak_mib_at_{EXTRAPOLATE_TO}": round((peak0 + per_file * EXTRAPOLATE_TO) / MiB, 0)}
+    return out
+
+
+def files_scaling_text(fs: dict[str, Any]) -> str:
+    lines = []
+    for t in fs.values():
+        at = ", ".join(f"{p['files']:,} files {p['wall_s']:.2f} s / {p['peak_mib']:.0f} MiB" for p in t["points"])
+        lines.append(f"{t['label']}: {at}; growth {t['us_per_file']:.2f} us and {t['bytes_per_file']:,.0f} "
+                     f"bytes per file; at {EXTRAPOLATE_TO:,} files: {t[f'wall_s_at_{EXTRAPOLATE_TO}']:,.1f} s, "
+                     f"{t[f'peak_mib_at_{EXTRAPOLATE_TO}']:,.0f} MiB")
+    return "\n".join(lines)
+
+
 def scaling(summaries: list[Summary]) -> dict[str, Any]:
-    """Throughput at 1, 2 and 4 workers (large), and time per file at 10k vs 100k files."""
-    out: dict[str, Any] = {"workers": {}, "time_per_file": {}}
+    """Throughput at 1, 2 and 4 workers (large), time per file at 10k vs 100k files, and
+    issue 15's rows from 100,000 files up (:func:`files_scaling`)."""
+    out: dict[str, Any] = {"workers": {}, "time_per_file": {}, "files": files_scaling(summaries)}
     for key, n in (("ki-w1", 1), ("ki", 2), ("ki-w4", 4)):
         if (s := _find(summaries, "large", key)):
             out["workers"][n] = round(s.mb_s, 1)
@@ -185,7 +271,10 @@ def scaling_text(sc: dict[str, Any]) -> str:
         lines.append(f"{t['label']}: " + ", ".join(
             f"{t[k]:.1f} us/file at {int(k.rsplit('_', 1)[1]):,} files" for k in counts)
             + f" (ratio {t['ratio']:.2f}; marginal {_fmt(t['marginal_us_per_file'], '.1f')} us/file)")
-    return "\n".join(lines) or "(not run: needs the large dataset, or both tiny and tiny10k)"
+    if sc.get("files"):
+        lines.append(files_scaling_text(sc["files"]))
+    return "\n".join(lines) or ("(not run: needs the large dataset, both tiny and tiny10k, "
+                                 "or issue 15's rows on two of tiny, tiny1m, tiny2m, tiny4m)")
 
 
 def targets(summaries: list[Summary], sc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -218,13 +307,47 @@ def targets(summaries: list[Summary], sc: dict[str, Any]) -> list[dict[str, Any]
                     s.vs_arvput, None if s.vs_arvput is None else s.vs_arvput >= TARGET_SMALL_VS_ARVPUT)
     for s in summaries:
         # The target is for the tool's own processes: the keepstore row counts its client alone.
-        if s.row in ("ki", "ki-nofsync", "ki-keep"):
+        # (Millions of files have issue 15's targets instead.)
+        if s.row in ("ki", "ki-nofsync", "ki-keep") and s.dataset not in FILES_SERIES[1:]:
             add(f"{s.dataset}, {s.label}: peak memory <= {TARGET_PEAK_MIB} MiB", s.peak_mib,
                 s.peak_mib <= TARGET_PEAK_MIB)
     for key, t in sc["time_per_file"].items():
         if key.startswith("ki"):
             add(f"{t['label']}: time per file flat from 10k to 100k files (ratio <= "
                 f"{TARGET_FLAT_TOLERANCE:g})", t["ratio"], t["ratio"] <= TARGET_FLAT_TOLERANCE)
+    checks += millions_targets(summaries)
+    return checks
+
+
+def millions_targets(summaries: list[Summary]) -> list[dict[str, Any]]:
+    """Issue 15's targets at 1,000,000 files, each with the measured value and whether it is met."""
+    checks: list[dict[str, Any]] = []
+    ds = MILLIONS_DATASET
+
+    def add(what: str, value: float | None, ok: bool | None) -> None:
+        checks.append({"target": what, "value": None if value is None else round(value, 3), "met": ok})
+
+    if (s := _find(summaries, ds, "ki")):
+        add(f"{ds}, {s.label}: >= {TARGET_MILLIONS_FILES_S:,} files/s", s.files_s,
+            s.files_s >= TARGET_MILLIONS_FILES_S)
+    for key in ("ki", "ki-rerun", "ki-rerun10"):
+        if (s := _find(summaries, ds, key)):
+            add(f"{ds}, {s.label}: peak memory <= {TARGET_MILLIONS_PEAK_MIB} MiB", s.peak_mib,
+                s.peak_mib <= TARGET_MILLIONS_PEAK_MIB)
+            if (small := _find(summaries, "tiny", key)):
+                ratio = s.peak_mib / small.peak_mib
+                add(f"{ds}, {s.label}: peak memory flat from {small.files:,} files (ratio <= "
+                    f"{TARGET_FLAT_TOLERANCE:g})", ratio, ratio <= TARGET_FLAT_TOLERANCE)
+    floor = _find(summaries, ds, "walkfloor")
+    goal = TARGET_RERUN_S
+    if floor and floor.wall_s > TARGET_RERUN_FLOOR_S:
+        goal = max(goal, TARGET_RERUN_VS_FLOOR * floor.wall_s)
+    floor_text = f"{floor.wall_s:.2f} s" if floor else "not measured"
+    for key, extra in (("ki-rerun", 0.0), ("ki-rerun10", TARGET_RERUN_TOUCHED_EXTRA_S)):
+        if (s := _find(summaries, ds, key)):
+            add(f"{ds}, {s.label}: <= {goal + extra:.2f} s ({TARGET_RERUN_S + extra:g} s, or "
+                f"{TARGET_RERUN_VS_FLOOR:g}x the walk floor{f' + {extra:g} s' if extra else ''} if the floor "
+                f"is above {TARGET_RERUN_FLOOR_S:g} s; floor {floor_text})", s.wall_s, s.wall_s <= goal + extra)
     return checks
 
 

@@ -1,7 +1,9 @@
 """The rows of the benchmark: which command each one runs, and running it once.
 
 Every upload starts from an empty store (a fresh directory, or a fresh keepstore with
-a fresh volume), so no block is already stored and nothing is skipped.
+a fresh volume) and, for keep-ingest, an empty state directory (its checkpoint
+journals), both in the run's scratch directory, so no block is already stored and
+nothing is skipped; the re-run rows are the exception, by design.
 
 Rows (``Row.key``):
 
@@ -23,8 +25,16 @@ Rows (``Row.key``):
 * ``ki-hashlib`` / ``ki-nofsync-hashlib``: ``ki`` and ``ki-nofsync`` with the MD5
   extension off (``KEEP_INGEST_MD5=hashlib``: one block at a time, as without the
   extension); the other keep-ingest rows use the fastest engine this machine has;
-* ``base`` / ``base-nofsync``: with ``--baseline SRC``, keep-ingest run from another
-  source tree (a checkout of another revision), for before/after figures side by side.
+* ``ki-rerun`` / ``ki-rerun10``: a re-run (issue 15): ``ki`` is run once unmeasured,
+  then (``ki-rerun10``) 10 files spread evenly over the tree get a new mtime (the
+  dataset's content stays as it is), then the same ``put``, same store and same state
+  directory, so it resumes, is measured (with ``--json``: bytes read and blocks
+  uploaded are kept with the run);
+* ``walkfloor``: the floor of a re-run: ``python -m bench.walkfloor`` walks the tree
+  with ``os.scandir`` and one ``lstat`` per file, measured like a ``put``;
+* ``base`` / ``base-nofsync`` / ``base-rerun`` / ``base-rerun10``: with ``--baseline
+  SRC``, keep-ingest's rows run from another source tree (a checkout of another
+  revision), for before/after figures side by side.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +67,12 @@ class Row:
     workers: int | None = None  # keep-ingest worker processes
     baseline: str | None = None  # the arv-put row this row's ratio is taken against
     md5: str | None = None       # $KEEP_INGEST_MD5 for keep-ingest (None: its default, the fastest)
+    rerun: int | None = None     # a re-run after a first put, with this many files touched between
+
+    @property
+    def uploads(self) -> bool:
+        """Whether the row uploads the tree (and so gives its portable data hash)."""
+        return self.tool.startswith(("keep-ingest", "arv-put"))
 
     @property
     def label(self) -> str:
@@ -77,11 +94,18 @@ ROWS: dict[str, Row] = {r.key: r for r in (
     Row("ki-remote-plain", "keep-ingest", "dir, fsync, remote over tcp, plaintext", 2, "arvput"),
     Row("ki-hashlib", "keep-ingest", "dir, fsync", 2, "arvput", md5="hashlib"),
     Row("ki-nofsync-hashlib", "keep-ingest", "dir, no fsync", 2, "arvput", md5="hashlib"),
+    Row("ki-rerun", "keep-ingest", "dir, fsync, re-run, nothing changed", 2, rerun=0),
+    Row("ki-rerun10", "keep-ingest", "dir, fsync, re-run, 10 files touched", 2, rerun=10),
+    Row("walkfloor", "walk floor (os.scandir + 1 lstat per file)", "-"),
     # Only with --baseline SRC: keep-ingest from another source tree (another revision).
     Row("base", "keep-ingest @baseline", "dir, fsync", 2, "arvput"),
     Row("base-nofsync", "keep-ingest @baseline", "dir, no fsync", 2, "arvput"),
+    Row("base-rerun", "keep-ingest @baseline", "dir, fsync, re-run, nothing changed", 2, rerun=0),
+    Row("base-rerun10", "keep-ingest @baseline", "dir, fsync, re-run, 10 files touched", 2, rerun=10),
 )}
-BASELINE_ROWS = ("base", "base-nofsync")
+# keep-ingest's rows that have a --baseline counterpart, and that counterpart.
+BASELINE_OF = {"ki": "base", "ki-nofsync": "base-nofsync", "ki-rerun": "base-rerun", "ki-rerun10": "base-rerun10"}
+BASELINE_ROWS = tuple(BASELINE_OF.values())
 REMOTE_ROWS = ("ki-remote", "ki-remote-plain")
 
 
@@ -100,6 +124,8 @@ class RunResult:
     server_cpu_s: float | None = None   # keepstore rows: the server's, apart from the client's
     server_peak_rss: int | None = None  # bytes
     server_peak_pss: int | None = None  # bytes
+    bytes_read: int | None = None       # re-run rows: what keep-ingest read and uploaded again
+    blocks_uploaded: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -117,9 +143,22 @@ def _env(src: str = REPO_ROOT, **extra: str) -> dict[str, str]:
     return env
 
 
-def _keep_ingest(workers: int, store_args: list[str], source: str) -> list[str]:
-    return [sys.executable, "-m", "ingest", "put", "-q", "--portable-data-hash",
+def _keep_ingest(workers: int, store_args: list[str], source: str, as_json: bool = False) -> list[str]:
+    return [sys.executable, "-m", "ingest", "put", "-q", "--json" if as_json else "--portable-data-hash",
             "--workers", str(workers), *store_args, source]
+
+
+def touched_files(paths: list[str], count: int) -> list[str]:
+    """``count`` of ``paths`` spread evenly over them (the middle of each of ``count`` equal shares)."""
+    count = min(count, len(paths))
+    return [paths[(2 * k + 1) * len(paths) // (2 * count)] for k in range(count)]
+
+
+def _touch(paths: list[str]) -> None:
+    """A new mtime (now) for each of ``paths``; their content stays as it is."""
+    now = time.time_ns()
+    for path in paths:
+        os.utime(path, ns=(now, now))
 
 
 def _with_remote_workers(put: list[str], workers: int, scratch: str, env: dict[str, str],
@@ -158,13 +197,35 @@ def _md5sum(dataset: Dataset) -> list[str]:
     return ["xargs", "-0", "-a", dataset.file_list, "-P", str(cores), "-n", str(per_call), "md5sum"]
 
 
-def _pdh(row: Row, m: Measurement) -> str | None:
-    if row.tool == "md5sum":
-        return None
+def _last_json(m: Measurement) -> dict[str, Any] | None:
     line = m.stdout.strip().splitlines()[-1] if m.stdout.strip() else ""
-    if line.startswith("{"):
-        return json.loads(line)["pdh"]
-    return line or None
+    return json.loads(line) if line.startswith("{") else None
+
+
+def _pdh(row: Row, m: Measurement) -> str | None:
+    if not row.uploads:
+        return None
+    doc = _last_json(m)
+    if doc is not None:
+        return doc["pdh"]
+    return m.stdout.strip().splitlines()[-1] if m.stdout.strip() else None
+
+
+def _check_walk(dataset: Dataset, m: Measurement) -> None:
+    files, size = (int(v) for v in m.stdout.split())
+    if (files, size) != (dataset.files, dataset.bytes):
+        raise RunFailed(f"the walk floor found {files:,} files, {size:,} bytes in {dataset.name}, "
+                        f"not {dataset.files:,} and {dataset.bytes:,}")
+
+
+def _first_put(cmd: list[str], env: dict[str, str], cwd: str, row: Row, dataset: Dataset) -> None:
+    """A re-run row's first, unmeasured ``put``, then its touched files; synced after."""
+    m = run_measured(cmd, env=env, cwd=cwd)
+    if m.returncode != 0:
+        raise RunFailed(f"{row.label} on {dataset.name}: the first put exited {m.returncode}:\n{m.stderr[-3000:]}")
+    if row.rerun:
+        _touch(touched_files(dataset.paths(), row.rerun))
+    os.sync()
 
 
 def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
@@ -172,7 +233,8 @@ def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
     """Run ``row`` once on ``dataset`` from an empty store; the store is removed after.
 
     keep-ingest runs as ``python -m ingest`` from this source tree, or for the
-    baseline rows from ``baseline_src``.
+    baseline rows from ``baseline_src``. A re-run row's first ``put`` (and the files it
+    touches after it) are not measured.
     """
     scratch = tempfile.mkdtemp(prefix=f"{row.key}-", dir=work_dir)
     source = dataset.data + os.sep   # contents at the collection root, for every tool
@@ -203,20 +265,29 @@ def run_row(row: Row, dataset: Dataset, work_dir: str, repetition: int,
                     with open(profile, "w") as f:
                         f.write(NO_FSYNC_PROFILE)
                     store_args += ["--config", profile]
-            cmd = _keep_ingest(row.workers or 2, store_args, source)
+            store_args += ["--state-dir", os.path.join(scratch, "state")]
+            cmd = _keep_ingest(row.workers or 2, store_args, source, as_json=row.rerun is not None)
+            if row.rerun is not None:
+                _first_put(cmd, env, src, row, dataset)
             if row.key in REMOTE_ROWS:
                 cmd = _with_remote_workers(cmd, row.workers or 2, scratch, env, plaintext=row.key.endswith("plain"))
         elif row.tool == "arv-put engine":
             target = ["--keep", keepstore.url] if keepstore else ["--local-store", store]
             cmd = [sys.executable, "-m", "bench.arvput_job", *target, source]
             src = REPO_ROOT
+        elif row.key == "walkfloor":
+            cmd = [sys.executable, "-m", "bench.walkfloor", source]
         else:
             cmd = _md5sum(dataset)
         m = run_measured(cmd, env=env, servers=servers, cwd=src)
         if m.returncode != 0:
             raise RunFailed(f"{row.label} on {dataset.name} exited {m.returncode}:\n{m.stderr[-3000:]}")
+        if row.key == "walkfloor":
+            _check_walk(dataset, m)
+        counters = (_last_json(m) if row.rerun is not None else None) or {}
         return RunResult(row.key, dataset.name, repetition, m.wall_s, m.cpu_s, m.peak_rss, m.peak_pss,
-                         _pdh(row, m), m.server_cpu_s, m.server_peak_rss, m.server_peak_pss)
+                         _pdh(row, m), m.server_cpu_s, m.server_peak_rss, m.server_peak_pss,
+                         bytes_read=counters.get("bytes_read"), blocks_uploaded=counters.get("blocks_uploaded"))
     finally:
         if keepstore is not None:
             keepstore.stop()

@@ -54,3 +54,20 @@ def test_no_server_no_server_figures():
     assert 0 < m.wall_s <= time.perf_counter() - started
     assert m.peak_rss > 0
     assert m.server_cpu_s is None and m.server_peak_rss is None and m.server_peak_pss is None
+
+
+# Starts a child after a while that holds about 200 MiB, then waits for it.
+LATE_CHILD = """
+import subprocess, sys, time
+time.sleep(0.3)
+child = subprocess.Popen([sys.executable, "-c",
+                          "import time; held = bytes(range(256)) * (200 * 4096); time.sleep(1.0)"])
+child.wait()
+"""
+
+
+def test_a_child_started_late_is_counted_with_its_parent():
+    m = run_measured([sys.executable, "-c", LATE_CHILD])
+    assert m.returncode == 0
+    assert m.peak_rss > 200 * MiB          # the child's 200 MiB and the parent's interpreter
+    assert m.peak_pss > 190 * MiB          # PSS sampled while the child held its memory
