@@ -25,7 +25,6 @@ from typing import IO
 from ingest.manifest import (
     EMPTY_DIR_SUFFIX,
     Manifest,
-    Segment,
     parse_manifest,
     stream_line,
     stream_name,
@@ -36,15 +35,19 @@ from ingest.plan import FileParts
 COPY_CHUNK = 1 << 20
 
 
-@dataclass(eq=False)
 class _Pending:
     """A directory's files, waiting for the walk to leave it or for its blocks."""
 
-    name: str
-    files: dict[str, FileParts] = field(default_factory=dict)
-    waiting: set[int] = field(default_factory=set)     # its blocks without a locator yet
-    blocks: set[int] = field(default_factory=set)      # every block it uses
-    walked: bool = False
+    __slots__ = ("name", "names", "parts", "blocks", "waiting", "last", "walked")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.names: list[str] = []              # its files' names, as they came
+        self.parts: list[FileParts] = []        # and where each one's bytes lie
+        self.blocks: set[int] = set()           # every block it uses
+        self.waiting: set[int] = set()          # those without a locator yet
+        self.last = -1                          # the block its last file ended in
+        self.walked = False
 
 
 @dataclass(slots=True)
@@ -112,13 +115,16 @@ class ManifestAssembler:
         if directory != self._current.name:     # a file named as a source, after a directory
             self.add_dir(directory)
         pending = self._current
-        pending.files[base] = parts
+        pending.names.append(base)
+        pending.parts.append(parts)
         for index, _, _ in parts:
-            if index not in pending.blocks:
-                pending.blocks.add(index)
-                self._users.setdefault(index, []).append(pending)
-                if index not in self._locator:
-                    pending.waiting.add(index)
+            if index != pending.last:       # nearly every file is in its predecessor's block
+                pending.last = index
+                if index not in pending.blocks:
+                    pending.blocks.add(index)
+                    self._users.setdefault(index, []).append(pending)
+                    if index not in self._locator:
+                        pending.waiting.add(index)
 
     def block_located(self, index: int, locator: str, size: int) -> None:
         """A block of ``size`` bytes is stored (or reused) under ``locator``."""
@@ -182,20 +188,22 @@ class ManifestAssembler:
 
     def _write(self, pending: _Pending) -> None:
         """Spool a directory's line and forget its files and its blocks' users."""
-        if pending.files:
+        if pending.names:
             stream = stream_name(pending.name)
-            files = {name: [Segment(self._locator[b], self._block_size[b], offset, length)
-                            for b, offset, length in parts]
-                     for name, parts in pending.files.items()}
+            names, parts = pending.names, pending.parts
+            if names != sorted(names):            # files named as sources, in the order given
+                order = sorted(range(len(names)), key=names.__getitem__)
+                names, parts = [names[i] for i in order], [parts[i] for i in order]
+            blocks = {b: (self._locator[b], self._block_size[b]) for b in pending.blocks}
             locators: set[str] = set()
-            signed = stream_line(stream, files, None, locators)
             lines = self._lines[pending.name]
-            lines.signed.append(_append(self._signed, signed))
+            lines.signed.append(_append(self._signed, stream_line(stream, zip(names, parts), blocks, locators)))
             stripped = NO_STRIP
             if any(stripped_locator(loc) != loc for loc in locators):
-                stripped = _append(self._stripped, stream_line(stream, files, {}, None))
+                short = {b: (stripped_locator(loc), size) for b, (loc, size) in blocks.items()}
+                stripped = _append(self._stripped, stream_line(stream, zip(names, parts), short, None))
             lines.stripped.append(stripped)
-            pending.files = {}
+            pending.names, pending.parts = [], []
         for index in pending.blocks:
             users = self._users[index]
             users.remove(pending)

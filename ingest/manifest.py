@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -36,6 +36,7 @@ __all__ = [
 _ESCAPES = {c: f"\\{c:03o}" for c in range(0x21)}
 _ESCAPES[ord("\\")] = "\\134"
 _ESCAPES[ord(":")] = "\\072"
+_NEEDS_ESCAPE = re.compile(r"[\x00-\x20\\:]").search
 _UNESCAPE_RE = re.compile(r"\\([0-3][0-7][0-7])")
 _FILE_TOKEN_RE = re.compile(r"([0-9]+):([0-9]+):(.+)", re.DOTALL)
 _RAW_CONTROL_RE = re.compile(r"[\x00-\x1f]")
@@ -48,7 +49,7 @@ class ManifestError(ValueError):
 
 def escape_name(name: str) -> str:
     """Escape a stream or file name: ``[\\\\:\\x00-\\x20]`` become ``\\ooo``; the rest is kept."""
-    return name.translate(_ESCAPES)
+    return name.translate(_ESCAPES) if _NEEDS_ESCAPE(name) else name   # a search is 5x cheaper
 
 
 def unescape_name(token: str) -> str:
@@ -233,7 +234,7 @@ class Manifest:
         while stack:
             stream, node = stack.pop()
             if node.files:
-                out.append(stream_line(stream, node.files, strip_cache, locators))
+                out.append(_segment_line(stream, node.files, strip_cache, locators))
             elif not node.dirs and node is not self._root:
                 out.append(stream + EMPTY_DIR_SUFFIX)
             dirs = node.dirs
@@ -250,46 +251,73 @@ def _hash_text(stripped_text: str) -> str:
     return f"{hashlib.md5(data, usedforsecurity=False).hexdigest()}+{len(data)}"
 
 
-def stream_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict[str, str] | None,
-                 locators: set[str] | None) -> str:
-    """One normalized line for a directory's files."""
+BlockParts = Iterable[tuple[Hashable, int, int]]
+"""Where a file's bytes lie: ``(block key, offset in block, length)`` in file order."""
+
+
+def stream_line(stream: str, files: Iterable[tuple[str, BlockParts]],
+                blocks: Mapping[Hashable, tuple[str, int]], locators: set[str] | None) -> str:
+    """One normalized line for a directory: its files in name order, each with its
+    parts; ``blocks`` gives each block key's locator (as it is to be written) and size.
+
+    Blocks are listed in order of first use, a locator once (equal locators share a
+    position); a file's contiguous parts are written as one range. ``locators``, when
+    given, collects every locator written.
+    """
     tokens = [stream]
     file_tokens: list[str] = []
     block_pos: dict[str, int] = {}
     stream_size = 0
-    for name in sorted(files):
-        segs = files[name]
-        ename = name.translate(_ESCAPES)
-        if not segs:
-            file_tokens.append(f"0:0:{ename}")
-            continue
+    last_key: Hashable = _NO_BLOCK
+    last_pos = 0
+    for name, parts in files:
+        ename = escape_name(name)
         start = end = -1
-        for seg in segs:
-            loc = seg.locator
-            if strip_cache is not None:
-                short = strip_cache.get(loc)
-                if short is None:
-                    short = strip_cache[loc] = stripped_locator(loc)
-                loc = short
-            pos = block_pos.get(loc)
-            if pos is None:
-                pos = block_pos[loc] = stream_size
-                tokens.append(loc)
-                stream_size += seg.block_size
-            pos += seg.offset
+        for key, offset, length in parts:
+            if key != last_key:
+                loc, size = blocks[key]
+                pos = block_pos.get(loc)
+                if pos is None:
+                    pos = block_pos[loc] = stream_size
+                    tokens.append(loc)
+                    stream_size += size
+                last_key, last_pos = key, pos
+            pos = last_pos + offset
             if pos == end:
-                end += seg.length
+                end += length
             else:
                 if start >= 0:
                     file_tokens.append(f"{start}:{end - start}:{ename}")
-                start, end = pos, pos + seg.length
-        file_tokens.append(f"{start}:{end - start}:{ename}")
+                start, end = pos, pos + length
+        file_tokens.append(f"{start}:{end - start}:{ename}" if start >= 0 else f"0:0:{ename}")
     if len(tokens) == 1:
         tokens.append(EMPTY_BLOCK_LOCATOR)
     if locators is not None:
         locators.update(tokens[1:])
     tokens.extend(file_tokens)
     return " ".join(tokens) + "\n"
+
+
+_NO_BLOCK = object()
+
+
+def _segment_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict[str, str] | None,
+                  locators: set[str] | None) -> str:
+    """stream_line for a parsed directory, whose segments name their blocks by locator."""
+    blocks: dict[str, tuple[str, int]] = {}
+    for segs in files.values():
+        for seg in segs:
+            loc = seg.locator
+            if loc not in blocks:
+                if strip_cache is None:
+                    blocks[loc] = (loc, seg.block_size)
+                else:
+                    short = strip_cache.get(loc)
+                    if short is None:
+                        short = strip_cache[loc] = stripped_locator(loc)
+                    blocks[loc] = (short, seg.block_size)
+    return stream_line(stream, ((name, [(s.locator, s.offset, s.length) for s in files[name]])
+                                for name in sorted(files)), blocks, locators)
 
 
 def _parse_locator(token: str) -> Locator:

@@ -15,6 +15,7 @@ file but the pieces of the one shared block being filled.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 from ingest.keep.locator import BLOCK_SIZE_MAX
@@ -43,6 +44,9 @@ class BlockPlan:
     pieces: tuple[Piece, ...]
     ends: int
 
+
+_piece = partial(tuple.__new__, Piece)   # Piece(*fields), at half the cost of the call
+_NONE_CLOSED: list[BlockPlan] = []      # shared, never changed: most files close no block
 
 FileParts = tuple[tuple[int, int, int], ...]
 """Where one file's bytes lie: ``(block index, offset in block, length)`` in file order."""
@@ -73,13 +77,13 @@ class Packer:
             return self._add_large(file, size)
         if not size:
             return (), []
-        closed = []
-        if self._open >= 0 and self._open_size + size > self.block_size:
-            closed.append(self._close())
+        closed = _NONE_CLOSED
+        if self._open_size + size > self.block_size:
+            closed = [self._close()]
         if self._open < 0:
             self._open = self._new_index()
         parts = ((self._open, self._open_size, size),)
-        self._open_pieces.append(Piece(file, 0, size))
+        self._open_pieces.append(_piece((file, 0, size)))
         self._open_size += size
         return parts, closed
 

@@ -41,7 +41,7 @@ from ingest.state import (
     StoredRecord,
     block_key,
     block_record,
-    piece_rows,
+    packed_rows,
 )
 from ingest.walk import Excludes, Fingerprint, TreeDir, TreeWalk, check_sources
 from ingest.words import plural
@@ -149,6 +149,7 @@ class _Run:
         self.verify = verify
         self.stand_in = stand_in
         self.live_keys: set[bytes] = set()
+        self._rows: dict[int, bytes] = {}    # block index -> packed rows, until the block is stored
         self.changes = _Changes()
         self.files = self.bytes = self.empty_files = 0
         self.blocks_uploaded = self.bytes_uploaded = self.bytes_reused = self.bytes_read_by_workers = 0
@@ -198,7 +199,8 @@ class _Run:
         if self.stand_in is not None:
             self._located(block, self.stand_in(block))
             return
-        key = block_key(piece_rows(block))
+        rows = packed_rows(block)
+        key = block_key(rows)
         self.live_keys.add(key)
         record = self.index.blocks.get(key)
         why = self._unusable(block, record)
@@ -208,6 +210,7 @@ class _Run:
             self.tracker.block_done(block.size, block.ends, reused=True)
             return
         todo.append(block)
+        self._rows[block.index] = rows
         self.blocks_uploaded += 1
         self.changes.add(block, why, self.packer.is_large(block.pieces[0].file.size))
 
@@ -229,7 +232,7 @@ class _Run:
     def stored(self, journal: JournalWriter) -> Callable[[BlockPlan, StoredBlock, list[int]], None]:
         """What to do as the store confirms a block: journal it, locate it."""
         def on_stored(block: BlockPlan, stored: StoredBlock, digests: list[int]) -> None:
-            record = block_record(piece_rows(block), stored.locator, digests)
+            record = block_record(self._rows.pop(block.index), stored.locator, digests)
             self.index.add(record, journal.append(record))
             self._located(block, stored.locator)
             self.bytes_uploaded += block.size

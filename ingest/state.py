@@ -75,34 +75,26 @@ class Locked(IngestError):
     exit_code = EXIT_LOCKED
 
 
-def piece_rows(block: BlockPlan) -> list[list[Any]]:
-    """The identity of a block's content: each piece's file name, fingerprint and range."""
-    rows = []
-    for f, offset, length in block.pieces:
-        fp = f.fingerprint
-        rows.append([f.name, fp.size, fp.mtime_ns, fp.ctime_ns, fp.inode, offset, length])
-    return rows
+def packed_rows(block: BlockPlan) -> bytes:
+    """The identity of a block's content, msgpack-packed: each piece's file name,
+    fingerprint (size, mtime, ctime, inode) and range, one row per piece."""
+    return msgpack.packb([(name, fp[0], fp[1], fp[2], fp[3], offset, length)
+                          for (_, name, fp), offset, length in block.pieces])
 
 
-def block_key(rows: list[list[Any]]) -> bytes:
-    """A compact key for a block's piece rows: the xxh3-128 of their msgpack bytes."""
-    return xxhash.xxh3_128_digest(msgpack.packb(rows))
+def block_key(packed: bytes) -> bytes:
+    """A compact key for a block's packed piece rows: their xxh3-128."""
+    return xxhash.xxh3_128_digest(packed)
 
 
-def block_record(rows: list[list[Any]], locator: str, digests: list[int]) -> dict[str, Any]:
+def block_record(packed: bytes, locator: str, digests: list[int]) -> dict[str, Any]:
     """The journal record of a stored block (never holds a token: a signature at most).
 
-    The rows are kept packed (``key`` is the xxh3-128 of those bytes) and the piece
-    digests as little-endian u64s, so that loading the journal decodes neither.
+    The rows are kept packed (``key`` is their block_key) and the piece digests as
+    little-endian u64s, so that loading the journal decodes neither.
     """
-    packed = msgpack.packb(rows)
     return {"t": "block", "loc": locator, "exp": Locator.parse(locator).permission_expiry,
-            "key": xxhash.xxh3_128_digest(packed), "rows": packed, "digests": _pack_digests(digests)}
-
-
-def record_rows(record: dict[str, Any]) -> list[list[Any]]:
-    """A decoded block record's piece rows, in either format."""
-    return msgpack.unpackb(record["rows"]) if "rows" in record else record["pieces"]
+            "key": block_key(packed), "rows": packed, "digests": _pack_digests(digests)}
 
 
 def _pack_digests(digests: list[int]) -> bytes:

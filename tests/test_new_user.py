@@ -26,7 +26,7 @@ from trees import MiB, fill
 from ingest.journal import frame, read_journal, rewrite_journal
 from ingest.keep.locator import EMPTY_BLOCK_MD5
 from ingest.manifest import parse_manifest
-from ingest.state import record_rows
+from tests.journal_rows import record_rows
 
 
 def ok(proc):

@@ -8,9 +8,11 @@ import tracemalloc
 
 import msgpack
 import pytest
+from msgpack import packb
 
 from ingest.journal import JournalCorrupt, JournalWriter, frame, iter_records, read_journal, rewrite_journal
-from ingest.state import RunIdentity, RunState, block_key, block_record, record_rows
+from ingest.state import RunIdentity, RunState, block_key, block_record
+from tests.journal_rows import record_rows
 
 TOP = 2**64 - 1  # digests are full u64s
 
@@ -47,15 +49,15 @@ def write(state, records):
 def test_block_records_round_trip_packed(state):
     rows = rows_of(["a", "b/c", "dé"])
     digests = [0, 1, TOP]
-    record = block_record(rows, locator("x", 3072) + "+A" + "0" * 40 + "@65000000", digests)
-    assert record["key"] == block_key(rows) and isinstance(record["rows"], bytes)
+    record = block_record(packb(rows), locator("x", 3072) + "+A" + "0" * 40 + "@65000000", digests)
+    assert record["key"] == block_key(packb(rows)) and isinstance(record["rows"], bytes)
     assert len(record["digests"]) == 8 * len(rows) and record["exp"] == 0x65000000
     write(state, [{"t": "run"}, record, {"t": "done", "pdh": "p"}])
     (decoded,) = [r for r in iter_records(state.journal_path) if r["t"] == "block"]
     assert record_rows(decoded) == rows
     index, valid = state.load()
     assert valid == os.path.getsize(state.journal_path) and index.records == 3
-    stored = index.blocks[block_key(rows)]
+    stored = index.blocks[block_key(packb(rows))]
     assert (stored.locator, stored.expiry, stored.digests) == (record["loc"], 0x65000000, digests)
     assert index.last_done == {"t": "done", "pdh": "p"}
 
@@ -63,13 +65,13 @@ def test_block_records_round_trip_packed(state):
 def test_a_block_stored_by_this_run_is_indexed_with_its_digests_but_is_not_earlier(state):
     index, valid = state.load()
     rows = rows_of(["new"])
-    record = block_record(rows, locator("n"), [TOP])
+    record = block_record(packb(rows), locator("n"), [TOP])
     journal = state.open_writer(valid)
     try:
         index.add(record, journal.append(record))   # as put does
     finally:
         journal.close()
-    assert index.blocks[block_key(rows)].digests == [TOP]
+    assert index.blocks[block_key(packb(rows))].digests == [TOP]
     # what earlier runs recorded of a file, for saying why it is uploaded: not this run's
     assert index.previous_fingerprints({"new"}) == {}
 
@@ -77,7 +79,7 @@ def test_a_block_stored_by_this_run_is_indexed_with_its_digests_but_is_not_earli
 def test_loading_does_not_decode_the_rows(state):
     """200,000 rows in 20 records: loading holds about one frame, not the decoded rows."""
     per, count = 10_000, 20
-    records = [block_record(rows_of([f"dir{b:03d}/file{i:05d}" for i in range(per)]), locator(str(b), per * 1024),
+    records = [block_record(packb(rows_of([f"dir{b:03d}/file{i:05d}" for i in range(per)])), locator(str(b), per * 1024),
                             list(range(per))) for b in range(count)]
     write(state, records)
     size = os.path.getsize(state.journal_path)
@@ -101,14 +103,14 @@ def test_a_version_1_journal_still_loads_and_gives_fingerprints(state):
     rows = rows_of(["a", "b"])
     write(state, [{"t": "run", "v": 1}, old_record(rows, locator("o", 2048), [5, TOP])])
     index, _ = state.load()
-    assert index.blocks[block_key(rows)].digests == [5, TOP]
+    assert index.blocks[block_key(packb(rows))].digests == [5, TOP]
     assert index.previous_fingerprints({"a", "z"}) == {"a": tuple(rows[0][1:5])}
 
 
 def test_previous_fingerprints_are_the_latest_of_the_names_asked(state):
     first, second = rows_of(["a", "b", "c"], version=1), rows_of(["b"], version=2)
     write(state, [old_record(first, locator("1", 3072), [1, 2, 3]), {"t": "done"},
-                  block_record(second, locator("2"), [4]), {"t": "run"}])
+                  block_record(packb(second), locator("2"), [4]), {"t": "run"}])
     index, _ = state.load()
     assert index.previous_fingerprints({"a", "b", "missing"}) == {"a": tuple(first[0][1:5]),
                                                                   "b": tuple(second[0][1:5])}
@@ -126,29 +128,29 @@ def test_no_block_known_means_no_pass_over_the_journal(state):
 def test_compaction_keeps_only_live_blocks_and_the_last_run_records(state):
     live_old, live, dead = rows_of(["old"]), rows_of(["live"]), rows_of(["dead"])
     kept_old = frame(old_record(live_old, locator("o"), [1]))
-    stale = block_record(live, locator("stale"), [2])     # stored again since: only the last is kept
-    fresh = block_record(live, locator("fresh"), [3])
+    stale = block_record(packb(live), locator("stale"), [2])     # stored again since: only the last is kept
+    fresh = block_record(packb(live), locator("fresh"), [3])
     save = {"t": "save", "rid": 1, "target": None, "pdh": "p"}
-    records = [{"t": "run", "n": 1}, stale, *[block_record(dead, locator(f"d{i}"), [i]) for i in range(20)],
+    records = [{"t": "run", "n": 1}, stale, *[block_record(packb(dead), locator(f"d{i}"), [i]) for i in range(20)],
                {"t": "done", "n": 1}, save, {"t": "run", "n": 2}, fresh, {"t": "failed", "n": 2}, {"t": "done", "n": 2}]
     with open(state.journal_path, "wb") as f:
         f.write(kept_old)
     write(state, records)
     index, _ = state.load()
-    state.compact({block_key(live_old), block_key(live)}, index)
+    state.compact({block_key(packb(live_old)), block_key(packb(live))}, index)
     data = open(state.journal_path, "rb").read()
     assert data.startswith(kept_old) and frame(fresh) in data   # frames copied byte for byte
     kinds = [(r["t"], r.get("loc") or r.get("n")) for r in read_journal(state.journal_path)[0]]
     assert kinds == [("block", locator("o")), ("save", None), ("run", 2), ("block", locator("fresh")),
                      ("failed", 2), ("done", 2)]
     again, valid = state.load()
-    assert set(again.blocks) == {block_key(live_old), block_key(live)} and valid == len(data)
-    assert again.blocks[block_key(live)].digests == [3] and again.blocks[block_key(live_old)].digests == [1]
+    assert set(again.blocks) == {block_key(packb(live_old)), block_key(packb(live))} and valid == len(data)
+    assert again.blocks[block_key(packb(live))].digests == [3] and again.blocks[block_key(packb(live_old))].digests == [1]
     assert os.listdir(state.dir) == ["journal"] and os.stat(state.journal_path).st_mode & 0o777 == 0o600
 
 
 def test_a_small_journal_is_left_as_it_is(state):
-    write(state, [{"t": "run"}, block_record(rows_of(["dead"]), locator("d"), [1]), {"t": "done"}])
+    write(state, [{"t": "run"}, block_record(packb(rows_of(["dead"])), locator("d"), [1]), {"t": "done"}])
     before = open(state.journal_path, "rb").read()
     state.compact(set(), state.load()[0])
     assert open(state.journal_path, "rb").read() == before
@@ -156,12 +158,12 @@ def test_a_small_journal_is_left_as_it_is(state):
 
 def test_load_stops_at_a_torn_tail_and_reports_damage(state):
     rows = rows_of(["a"])
-    write(state, [{"t": "run"}, block_record(rows, locator("a"), [1])])
+    write(state, [{"t": "run"}, block_record(packb(rows), locator("a"), [1])])
     good = os.path.getsize(state.journal_path)
     with open(state.journal_path, "ab") as f:
-        f.write(frame(block_record(rows_of(["b"]), locator("b"), [2]))[:-3])
+        f.write(frame(block_record(packb(rows_of(["b"])), locator("b"), [2]))[:-3])
     index, valid = state.load()
-    assert valid == good and list(index.blocks) == [block_key(rows)]
+    assert valid == good and list(index.blocks) == [block_key(packb(rows))]
     data = bytearray(open(state.journal_path, "rb").read())
     data[20] ^= 0x40   # inside the first record, with more after it
     open(state.journal_path, "wb").write(bytes(data))
@@ -171,8 +173,8 @@ def test_load_stops_at_a_torn_tail_and_reports_damage(state):
 
 def test_digests_of_a_journal_changed_under_the_run_are_refused(state):
     rows = rows_of(["a"])
-    write(state, [{"t": "run"}, block_record(rows, locator("a"), [1])])
-    stored = state.load()[0].blocks[block_key(rows)]
+    write(state, [{"t": "run"}, block_record(packb(rows), locator("a"), [1])])
+    stored = state.load()[0].blocks[block_key(packb(rows))]
     rewrite_journal(state.journal_path, [frame({"t": "run", "pad": "x" * 100})])
     with pytest.raises(JournalCorrupt, match="changed under this run"):
         _ = stored.digests
