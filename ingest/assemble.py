@@ -19,6 +19,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -38,12 +40,13 @@ COPY_CHUNK = 1 << 20
 class _Pending:
     """A directory's files, waiting for the walk to leave it or for its blocks."""
 
-    __slots__ = ("name", "names", "parts", "blocks", "waiting", "last", "walked")
+    __slots__ = ("name", "names", "spans", "spread", "blocks", "waiting", "last", "walked")
 
     def __init__(self, name: str):
         self.name = name
         self.names: list[str] = []              # its files' names, as they came
-        self.parts: list[FileParts] = []        # and where each one's bytes lie
+        self.spans = array("q")                 # and per file (block, offset, length): see _SPREAD
+        self.spread: list[FileParts] = []       # the parts of files in more than one block
         self.blocks: set[int] = set()           # every block it uses
         self.waiting: set[int] = set()          # those without a locator yet
         self.last = -1                          # the block its last file ended in
@@ -116,7 +119,13 @@ class ManifestAssembler:
             self.add_dir(directory)
         pending = self._current
         pending.names.append(base)
-        pending.parts.append(parts)
+        if len(parts) == 1:
+            pending.spans.extend(parts[0])
+        elif parts:
+            pending.spans.extend((_SPREAD, len(pending.spread), 0))
+            pending.spread.append(parts)
+        else:
+            pending.spans.extend(_EMPTY)
         for index, _, _ in parts:
             if index != pending.last:       # nearly every file is in its predecessor's block
                 pending.last = index
@@ -190,20 +199,21 @@ class ManifestAssembler:
         """Spool a directory's line and forget its files and its blocks' users."""
         if pending.names:
             stream = stream_name(pending.name)
-            names, parts = pending.names, pending.parts
+            names, parts = pending.names, list(_parts(pending))
             if names != sorted(names):            # files named as sources, in the order given
                 order = sorted(range(len(names)), key=names.__getitem__)
                 names, parts = [names[i] for i in order], [parts[i] for i in order]
+            files = list(zip(names, parts, strict=True))
             blocks = {b: (self._locator[b], self._block_size[b]) for b in pending.blocks}
             locators: set[str] = set()
             lines = self._lines[pending.name]
-            lines.signed.append(_append(self._signed, stream_line(stream, zip(names, parts), blocks, locators)))
+            lines.signed.append(_append(self._signed, stream_line(stream, files, blocks, locators)))
             stripped = NO_STRIP
             if any(stripped_locator(loc) != loc for loc in locators):
                 short = {b: (stripped_locator(loc), size) for b, (loc, size) in blocks.items()}
-                stripped = _append(self._stripped, stream_line(stream, zip(names, parts), short, None))
+                stripped = _append(self._stripped, stream_line(stream, files, short, None))
             lines.stripped.append(stripped)
-            pending.names, pending.parts = [], []
+            pending.names, pending.spans, pending.spread = [], array("q"), []
         for index in pending.blocks:
             users = self._users[index]
             users.remove(pending)
@@ -226,6 +236,23 @@ class ManifestAssembler:
             return signed[0], stripped[0]
         merged = parse_manifest(b"".join(signed).decode("utf-8"))   # sources merged into this directory
         return merged.text().encode(), merged.text(strip=True).encode()
+
+
+_SPREAD = -1             # spans of a file in several blocks: (_SPREAD, its index in spread, 0)
+_EMPTY = (-2, 0, 0)      # the spans of an empty file
+
+
+def _parts(pending: _Pending) -> Iterator[FileParts]:
+    """Each file's parts, from the compact form a pending directory keeps them in
+    (24 bytes a file, where a tuple of tuples takes some 180)."""
+    spans = iter(pending.spans)
+    for block, offset, length in zip(spans, spans, spans, strict=True):
+        if block >= 0:
+            yield ((block, offset, length),)
+        elif block == _SPREAD:
+            yield pending.spread[offset]
+        else:
+            yield ()
 
 
 NO_STRIP = (-1, -1)   # a spooled line whose stripped form is itself

@@ -94,4 +94,4 @@ def sized_files(sizes) -> list:
     """Stand-in SourceFiles of the given sizes (for the packing policy alone)."""
     from ingest.walk import Fingerprint, SourceFile
 
-    return [SourceFile(f"f{i}", f"f{i}", Fingerprint(size, 0, 0, i, 0)) for i, size in enumerate(sizes)]
+    return [SourceFile("", f"f{i}", Fingerprint(size, 0, 0, i, 0)) for i, size in enumerate(sizes)]
