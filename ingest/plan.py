@@ -14,6 +14,7 @@ file but the pieces of the one shared block being filled.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -46,7 +47,6 @@ class BlockPlan:
 
 
 _piece = partial(tuple.__new__, Piece)   # Piece(*fields), at half the cost of the call
-_NONE_CLOSED: list[BlockPlan] = []      # shared, never changed: most files close no block
 
 FileParts = tuple[tuple[int, int, int], ...]
 """Where one file's bytes lie: ``(block index, offset in block, length)`` in file order."""
@@ -69,15 +69,15 @@ class Packer:
         """Large files (more than half a block) get blocks of their own."""
         return size > self._half
 
-    def add(self, file: SourceFile) -> tuple[FileParts, list[BlockPlan]]:
+    def add(self, file: SourceFile) -> tuple[FileParts, Sequence[BlockPlan]]:
         """Place one file: where its bytes go, and the blocks this closes (its own,
         for a large file; the shared block it did not fit in, for a small one)."""
         size = file.fingerprint.size
         if size > self._half:
             return self._add_large(file, size)
         if not size:
-            return (), []
-        closed = _NONE_CLOSED
+            return (), ()
+        closed: Sequence[BlockPlan] = ()   # most files close no block
         if self._open_size + size > self.block_size:
             closed = [self._close()]
         if self._open < 0:
