@@ -41,7 +41,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +122,28 @@ class _Peer:
         return self.link.name == "local"
 
 
+@dataclass(frozen=True, slots=True)
+class BlockToStore:
+    """A closed block given to the coordinator to store: its plan's figures, and its
+    pieces kept as the READ frame that lists them. One bytes object a block, not a
+    tuple per piece: blocks of tiny files wait here by the hundred thousand files."""
+
+    index: int
+    size: int
+    ends: int           # files whose last byte is in it
+    pieces: int         # how many
+    pieces_frame: bytes
+
+    @classmethod
+    def of(cls, block: BlockPlan) -> BlockToStore:
+        return cls(block.index, block.size, block.ends, len(block.pieces),
+                   protocol.pack_pieces(piece_sources(block)))
+
+    def sources(self) -> Sequence[tuple]:
+        """Its pieces as (path, fingerprint, offset, length), for a BlockReader."""
+        return protocol.read_pieces(self.pieces_frame)
+
+
 class _PeerLost(Exception):
     """Sending to a worker failed: it is gone."""
 
@@ -172,7 +194,7 @@ class Coordinator:
         self._strikes: Counter[str] = Counter()
         self._failures: Counter[int] = Counter()
         self._pending: deque[int] = deque()
-        self._blocks: dict[int, BlockPlan] = {}   # blocks to store, not stored yet: pending or open
+        self._blocks: dict[int, BlockToStore] = {}   # blocks to store, not stored yet: pending or open
         self._pieces = 0                            # in those blocks
         self._walking = False
         self.progress = Tracker(NoDisplay())   # run() is given the run's
@@ -280,8 +302,8 @@ class Coordinator:
                 proc.join()
         self.processes.clear()
 
-    def run(self, feed: Callable[[int], list[BlockPlan] | None], reader: BlockReader,
-            on_stored: Callable[[BlockPlan, StoredBlock, list[int]], None], progress: Tracker) -> None:
+    def run(self, feed: Callable[[int], list[BlockToStore] | None], reader: BlockReader,
+            on_stored: Callable[[BlockToStore, StoredBlock, list[int]], None], progress: Tracker) -> None:
         """Store the blocks ``feed`` gives, except those whose files cannot be read (see
         ``unreadable``); raise on a store failure, a changing file or no workers.
 
@@ -302,7 +324,7 @@ class Coordinator:
         self._walking = True
         self._dispatch(feed)
 
-    def _feed(self, feed: Callable[[int], list[BlockPlan] | None]) -> bool:
+    def _feed(self, feed: Callable[[int], list[BlockToStore] | None]) -> bool:
         """Walk on if few blocks wait for a worker and the blocks not stored yet hold
         few files (what the run holds per file lives until its block is stored);
         True if it did."""
@@ -317,19 +339,19 @@ class Coordinator:
             return True
         for block in blocks:
             self._blocks[block.index] = block
-            self._pieces += len(block.pieces)
+            self._pieces += block.pieces
             self._pending.append(block.index)
         return True
 
-    def _forget(self, index: int) -> BlockPlan:
+    def _forget(self, index: int) -> BlockToStore:
         """A block is stored, or left out: it is no longer the coordinator's."""
         block = self._blocks.pop(index)
-        self._pieces -= len(block.pieces)
+        self._pieces -= block.pieces
         return block
 
     # -- the dispatch loop ----------------------------------------------------
 
-    def _dispatch(self, feed: Callable[[int], list[BlockPlan] | None]) -> None:
+    def _dispatch(self, feed: Callable[[int], list[BlockToStore] | None]) -> None:
         timeout_s = self.settings.put.worker_timeout
         last_worker_seen = time.monotonic()
         while True:
@@ -382,7 +404,7 @@ class Coordinator:
             index = self._assign(peer)
             block = self._blocks[index]
             peer.stream_digests = []
-            peer.stream = self.reader.chunks(block.size, piece_sources(block), peer.stream_digests)
+            peer.stream = self.reader.chunks(block.size, block.sources(), peer.stream_digests)
             peer.stream_block, peer.stream_hash = index, xxhash.xxh3_64()
         index = peer.stream_block
         try:
@@ -449,7 +471,7 @@ class Coordinator:
         block = self._blocks[self._assign(peer)]
         peer.reading[block.index] = block.size
         try:
-            self._send(peer, protocol.read_frames(block.index, block.size, piece_sources(block)))
+            self._send(peer, protocol.read_frames(block.index, block.size, block.pieces_frame))
         except _PeerLost as exc:
             self._lose(peer, str(exc))
             return False
@@ -517,7 +539,7 @@ class Coordinator:
             if not peer.reads:
                 raise ProtocolError(f"{protocol.named(kind)} from a worker that is streamed its blocks")
             index = self._held(peer, msg)
-            if index not in peer.reading or msg["path"] not in {p.path for p in piece_sources(self._blocks[index])}:
+            if index not in peer.reading or msg["path"] not in {p[0] for p in self._blocks[index].sources()}:
                 raise ProtocolError(f"{protocol.named(kind)} for {msg['path']!r}, not a file of a block it is reading")
             del peer.reading[index]
             if kind == protocol.CHANGED:
@@ -538,7 +560,7 @@ class Coordinator:
             if index in peer.reading:
                 raise ProtocolError(f"a STORED for block {index} before it said it read it")
             stored, digests = check_receipt(msg, block.size, self.replication,
-                                            pieces=len(block.pieces), in_store=self._in_store)
+                                            pieces=block.pieces, in_store=self._in_store)
         elif index not in peer.sent:
             raise ProtocolError(f"a STORED for block {index} before it was sent the whole block")
         else:

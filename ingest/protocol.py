@@ -207,12 +207,17 @@ def parse(frames: Sequence[Any], allowed: frozenset[str]) -> Message:
     return Message(kind, fields, frames[1:])
 
 
-def read_frames(block: int, size: int, pieces: Sequence[PieceSource]) -> list[bytes]:
-    """A READ for a block of ``size`` bytes: the header, then its pieces as one msgpack
-    frame of ``[path, fingerprint, offset, length]`` (a path that is not valid UTF-8
-    travels with surrogate escapes, as the file system gave it)."""
-    return [encode(READ, block=block, size=size),
-            msgpack.packb(pieces, unicode_errors="surrogateescape")]
+def pack_pieces(pieces: Sequence[PieceSource]) -> bytes:
+    """A READ's pieces frame: one msgpack array of ``[path, fingerprint, offset,
+    length]`` (a path that is not valid UTF-8 travels with surrogate escapes, as the
+    file system gave it)."""
+    return msgpack.packb(pieces, unicode_errors="surrogateescape")
+
+
+def read_frames(block: int, size: int, pieces_frame: bytes) -> list[bytes]:
+    """A READ for a block of ``size`` bytes: the header, then its pieces frame (see
+    pack_pieces)."""
+    return [encode(READ, block=block, size=size), pieces_frame]
 
 
 def read_pieces(frame: Any) -> Sequence[tuple]:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from ingest import md5lanes
 from ingest.assemble import ManifestAssembler, ManifestText
 from ingest.config import Settings
-from ingest.coordinator import FEED_ITEMS, Coordinator
+from ingest.coordinator import FEED_ITEMS, BlockToStore, Coordinator
 from ingest.errors import EXIT_INTERRUPTED, BlockCorrupt, BlockNotFound, ConfigError, IngestError, StoreError
 from ingest.journal import JournalWriter
 from ingest.keep.factory import open_store
@@ -155,12 +155,12 @@ class _Run:
         self.blocks_uploaded = self.bytes_uploaded = self.bytes_reused = self.bytes_read_by_workers = 0
         self._walking = True
 
-    def feed(self, limit: int) -> list[BlockPlan] | None:
+    def feed(self, limit: int) -> list[BlockToStore] | None:
         """Walk up to ``limit`` more items; the blocks among them to upload, or None
         once the walk is over (and every block decided)."""
         if not self._walking:
             return None
-        todo: list[BlockPlan] = []
+        todo: list[BlockToStore] = []
         assembler, packer = self.assembler, self.packer
         for item in self._items:
             if isinstance(item, TreeDir):
@@ -193,7 +193,7 @@ class _Run:
             count += len(blocks)
         return count
 
-    def _decide(self, block: BlockPlan, todo: list[BlockPlan]) -> None:
+    def _decide(self, block: BlockPlan, todo: list[BlockToStore]) -> None:
         """Reuse a closed block (its locator goes to the manifest) or add it to ``todo``."""
         self.tracker.tick()
         if self.stand_in is not None:
@@ -209,7 +209,7 @@ class _Run:
             self.bytes_reused += block.size
             self.tracker.block_done(block.size, block.ends, reused=True)
             return
-        todo.append(block)
+        todo.append(BlockToStore.of(block))
         self._rows[block.index] = rows
         self.blocks_uploaded += 1
         self.changes.add(block, why, self.packer.is_large(block.pieces[0].file.size))
@@ -225,13 +225,13 @@ class _Run:
             return self.verify.problem(block, record, self.reader)
         return None
 
-    def _located(self, block: BlockPlan, locator: str) -> None:
+    def _located(self, block: BlockPlan | BlockToStore, locator: str) -> None:
         if self.assembler is not None:
             self.assembler.block_located(block.index, locator, block.size)
 
-    def stored(self, journal: JournalWriter) -> Callable[[BlockPlan, StoredBlock, list[int]], None]:
+    def stored(self, journal: JournalWriter) -> Callable[[BlockToStore, StoredBlock, list[int]], None]:
         """What to do as the store confirms a block: journal it, locate it."""
-        def on_stored(block: BlockPlan, stored: StoredBlock, digests: list[int]) -> None:
+        def on_stored(block: BlockToStore, stored: StoredBlock, digests: list[int]) -> None:
             record = block_record(self._rows.pop(block.index), stored.locator, digests)
             self.index.add(record, journal.append(record))
             self._located(block, stored.locator)

@@ -130,7 +130,7 @@ def test_a_worker_with_lanes_reads_up_to_its_lanes_and_its_share_of_the_blocks_l
 def test_a_read_lists_every_piece_even_with_a_path_that_is_not_utf8():
     pieces = [PieceSource("/data/a b:c", Fingerprint(5, 1, 2, 3, 4), 0, 5),
               PieceSource("/data/\udcff/x", Fingerprint(2**40, 2**62, 2**63 - 1, 7, 8), 64, 2**33)]
-    header, frame = protocol.read_frames(7, 5 + 2**33, pieces)
+    header, frame = protocol.read_frames(7, 5 + 2**33, protocol.pack_pieces(pieces))
     msg = protocol.parse([header, frame], protocol.FROM_COORDINATOR)
     assert (msg.kind, msg["block"], msg["size"]) == (protocol.READ, 7, 5 + 2**33)
     assert protocol.read_pieces(frame) == tuple(tuple(p) for p in pieces)
