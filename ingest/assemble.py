@@ -44,7 +44,7 @@ class _Pending:
 
     def __init__(self, name: str):
         self.name = name
-        self.names: list[str] = []              # its files' names, as they came
+        self.names: list[str] | str = []        # its files' names, as they came (joined, once walked)
         self.spans = array("q")                 # and per file (block, offset, length): see _SPREAD
         self.spread: list[FileParts] = []       # the parts of files in more than one block
         self.blocks: set[int] = set()           # every block it uses
@@ -194,12 +194,15 @@ class ManifestAssembler:
         pending.walked = True
         if not pending.waiting:
             self._write(pending)
+        elif pending.names:     # it waits for blocks: its names in one string (a name holds no NUL)
+            pending.names = "\0".join(pending.names)
 
     def _write(self, pending: _Pending) -> None:
         """Spool a directory's line and forget its files and its blocks' users."""
         if pending.names:
             stream = stream_name(pending.name)
-            names, parts = pending.names, list(_parts(pending))
+            names = pending.names.split("\0") if isinstance(pending.names, str) else pending.names
+            parts = list(_parts(pending))
             if names != sorted(names):            # files named as sources, in the order given
                 order = sorted(range(len(names)), key=names.__getitem__)
                 names, parts = [names[i] for i in order], [parts[i] for i in order]

@@ -41,7 +41,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,7 @@ from ingest.link import (
 from ingest.plan import BlockPlan
 from ingest.progress import NoDisplay, Tracker
 from ingest.protocol import Message, ProtocolError
-from ingest.reader import BlockReader, Chunk, FileChanged, Unreadable, piece_sources
+from ingest.reader import BlockReader, Chunk, FileChanged, PieceSource, Unreadable
 from ingest.receipts import check_receipt
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,10 @@ class BlockToStore:
     @classmethod
     def of(cls, block: BlockPlan) -> BlockToStore:
         return cls(block.index, block.size, block.ends, len(block.pieces),
-                   protocol.pack_pieces(piece_sources(block)))
+                   protocol.pack_pieces((f.root, f.name, f.fingerprint, offset, length)
+                                        for f, offset, length in block.pieces))
 
-    def sources(self) -> Sequence[tuple]:
+    def sources(self) -> list[PieceSource]:
         """Its pieces as (path, fingerprint, offset, length), for a BlockReader."""
         return protocol.read_pieces(self.pieces_frame)
 

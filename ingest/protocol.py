@@ -36,7 +36,8 @@ Coordinator -> worker:
                                          open the store (remote workers only: a local
                                          one inherited it)
   READ    {block, size} + pieces frame   read, hash and store this block: its pieces,
-                                         [path, fingerprint, offset, length] each
+                                         [roots, [[root index, name, fingerprint,
+                                         offset, length], ...]], each file at root + name
   CHUNK   {block, last} + data frame     the next bytes of a block, in order
   ABORT   {block}                        drop a block whose source changed while read
   STOP    {[error]}                      no more work (or: refused, and why): exit
@@ -59,7 +60,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,7 @@ import zmq
 
 from ingest.reader import PieceSource
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 HELLO = "hello"
 CREDIT = "credit"
@@ -207,11 +208,20 @@ def parse(frames: Sequence[Any], allowed: frozenset[str]) -> Message:
     return Message(kind, fields, frames[1:])
 
 
-def pack_pieces(pieces: Sequence[PieceSource]) -> bytes:
-    """A READ's pieces frame: one msgpack array of ``[path, fingerprint, offset,
-    length]`` (a path that is not valid UTF-8 travels with surrogate escapes, as the
-    file system gave it)."""
-    return msgpack.packb(pieces, unicode_errors="surrogateescape")
+def pack_pieces(pieces: Iterable[tuple[str, str, tuple[int, ...], int, int]]) -> bytes:
+    """A READ's pieces frame, from each piece's (root, name, fingerprint, offset,
+    length), its file at ``root + name``: one msgpack ``[roots, pieces]``, each piece
+    ``[root's index, name, fingerprint, offset, length]``, so that a root shared by a
+    block's files is sent (and held) once. A path that is not valid UTF-8 travels with
+    surrogate escapes, as the file system gave it."""
+    roots: dict[str, int] = {}
+    rows = []
+    for root, name, fingerprint, offset, length in pieces:
+        index = roots.get(root)
+        if index is None:
+            index = roots[root] = len(roots)
+        rows.append((index, name, fingerprint, offset, length))
+    return msgpack.packb((list(roots), rows), unicode_errors="surrogateescape")
 
 
 def read_frames(block: int, size: int, pieces_frame: bytes) -> list[bytes]:
@@ -220,10 +230,15 @@ def read_frames(block: int, size: int, pieces_frame: bytes) -> list[bytes]:
     return [encode(READ, block=block, size=size), pieces_frame]
 
 
-def read_pieces(frame: Any) -> Sequence[tuple]:
-    """The pieces of a READ's second frame, as tuples the reader takes as they are
-    (a malformed frame makes the reader raise TypeError or ValueError)."""
-    return msgpack.unpackb(_buffer(frame), use_list=False, unicode_errors="surrogateescape")
+def read_pieces(frame: Any) -> list[PieceSource]:
+    """The pieces of a READ's frame as (path, fingerprint, offset, length) tuples, which
+    the reader takes as they are; TypeError or ValueError if the frame is malformed."""
+    roots, pieces = msgpack.unpackb(_buffer(frame), use_list=False, unicode_errors="surrogateescape")
+    try:
+        return [(roots[index] + name, fingerprint, offset, length)
+                for index, name, fingerprint, offset, length in pieces]
+    except IndexError:
+        raise ValueError("a piece names a root the frame does not list") from None
 
 
 def digest_frames(digests: Sequence[int]) -> list[bytes]:

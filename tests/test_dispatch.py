@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import zmq
 from trees import MiB, make_mixed_tree
@@ -16,7 +17,6 @@ from trees import MiB, make_mixed_tree
 from ingest import protocol
 from ingest.config import Settings
 from ingest.coordinator import Coordinator, _Link, _Peer
-from ingest.reader import PieceSource
 from ingest.walk import Fingerprint
 
 pytestmark = pytest.mark.timeout(120)
@@ -128,12 +128,23 @@ def test_a_worker_with_lanes_reads_up_to_its_lanes_and_its_share_of_the_blocks_l
 
 
 def test_a_read_lists_every_piece_even_with_a_path_that_is_not_utf8():
-    pieces = [PieceSource("/data/a b:c", Fingerprint(5, 1, 2, 3, 4), 0, 5),
-              PieceSource("/data/\udcff/x", Fingerprint(2**40, 2**62, 2**63 - 1, 7, 8), 64, 2**33)]
-    header, frame = protocol.read_frames(7, 5 + 2**33, protocol.pack_pieces(pieces))
+    big = Fingerprint(2**40, 2**62, 2**63 - 1, 7, 8)
+    pieces = [("/data/", "a b:c", Fingerprint(5, 1, 2, 3, 4), 0, 5), ("/data/\udcff/", "x", big, 64, 2**33),
+              ("/other/", "y", big, 0, 1), ("/data/", "z", big, 0, 1)]
+    header, frame = protocol.read_frames(7, 7 + 2**33, protocol.pack_pieces(pieces))
     msg = protocol.parse([header, frame], protocol.FROM_COORDINATOR)
-    assert (msg.kind, msg["block"], msg["size"]) == (protocol.READ, 7, 5 + 2**33)
-    assert protocol.read_pieces(frame) == tuple(tuple(p) for p in pieces)
+    assert (msg.kind, msg["block"], msg["size"]) == (protocol.READ, 7, 7 + 2**33)
+    assert protocol.read_pieces(frame) == [(root + name, tuple(fp), offset, length)
+                                           for root, name, fp, offset, length in pieces]
+    assert msgpack.unpackb(frame, unicode_errors="surrogateescape")[0] == ["/data/", "/data/\udcff/", "/other/"]
+
+
+@pytest.mark.parametrize("frame", [[["/r/"], [[1, "x", [1, 2, 3, 4, 5], 0, 1]]],   # no such root
+                                   [["/r/"], [[0, 7, [1, 2, 3, 4, 5], 0, 1]]],     # a name that is no text
+                                   [["/r/"], [[0, "x"]]], "pieces"])
+def test_a_malformed_read_frame_is_a_value_or_type_error_the_worker_reports(frame):
+    with pytest.raises((ValueError, TypeError)):
+        protocol.read_pieces(msgpack.packb(frame))
 
 
 def test_leaving_drops_the_rest_of_a_message_an_interrupt_cut_short():

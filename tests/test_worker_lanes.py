@@ -64,7 +64,7 @@ class _Coordinator:
         self.sock.send_multipart([getattr(self, "identity", b""), *frames])
 
     def read(self, block: int, pieces: list[PieceSource]) -> None:
-        self.send(*protocol.read_frames(block, sum(p.length for p in pieces), protocol.pack_pieces(pieces)))
+        self.send(*protocol.read_frames(block, sum(p.length for p in pieces), protocol.pack_pieces(("", *p) for p in pieces)))
 
     def close(self) -> None:
         if self.proc.is_alive():
