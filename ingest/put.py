@@ -32,14 +32,16 @@ from ingest.keep.factory import open_store
 from ingest.keep.store import BlockStore, StoredBlock
 from ingest.plan import BlockPlan, Packer
 from ingest.progress import Display, NoDisplay, Tracker
-from ingest.reader import BlockReader, FileChanged, piece_sources
+from ingest.reader import BlockReader, FileChanged, Unreadable, piece_sources
 from ingest.state import (
     JOURNAL_VERSION,
+    Layout,
     ResumeIndex,
     RunIdentity,
     RunState,
     StoredRecord,
     block_key,
+    block_layout,
     block_record,
     packed_rows,
 )
@@ -65,6 +67,7 @@ class PutResult:
     bytes_reused: int
     bytes_read: int
     seconds: float
+    files_rehashed: int = 0    # fingerprint moved, bytes as stored (read, not uploaded)
     changed: dict[str, list[str]] = field(default_factory=dict)  # path -> reasons it is uploaded (the first ones)
     changed_total: int = 0                                       # files uploaded, listed or not
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -149,9 +152,11 @@ class _Run:
         self.verify = verify
         self.stand_in = stand_in
         self.live_keys: set[bytes] = set()
-        self._rows: dict[int, bytes] = {}    # block index -> packed rows, until the block is stored
+        self._rows: dict[int, tuple[bytes, Layout]] = {}   # block index -> packed rows and layout, until stored
+        self.journal: JournalWriter | None = None           # while it uploads
         self.changes = _Changes()
         self.files = self.bytes = self.empty_files = 0
+        self.files_rehashed = 0     # files whose fingerprint moved, their bytes found as stored
         self.blocks_uploaded = self.bytes_uploaded = self.bytes_reused = self.bytes_read_by_workers = 0
         self._walking = True
 
@@ -203,6 +208,8 @@ class _Run:
         key = block_key(rows)
         self.live_keys.add(key)
         record = self.index.blocks.get(key)
+        if record is None and self.journal is not None:
+            record = self._same_bytes(block, rows)
         why = self._unusable(block, record)
         if why is None:
             self._located(block, record.locator)
@@ -210,16 +217,51 @@ class _Run:
             self.tracker.block_done(block.size, block.ends, reused=True)
             return
         todo.append(BlockToStore.of(block))
-        self._rows[block.index] = rows
+        self._rows[block.index] = rows, block_layout(block)
         self.blocks_uploaded += 1
         self.changes.add(block, why, self.packer.is_large(block.pieces[0].file.size))
+
+    def _same_bytes(self, block: BlockPlan, rows: bytes) -> StoredRecord | None:
+        """A stored block of the same files in the same places, if those of its files
+        whose fingerprints moved (touched, copied over, restored) still hold the bytes
+        it stored (their xxh3 digests, read now): journaled again under the new
+        fingerprints, to be reused. None when there is none, when --verify-content
+        checks every block anyway, or when what moved is over a quarter of the block
+        (reading that costs about what storing the block does)."""
+        earlier = self.index.layouts.get(block_layout(block))
+        if earlier is None or self.verify is not None or self._expiring(earlier):
+            return None
+        moved = []
+        for i, (piece, row) in enumerate(zip(block.pieces, earlier.rows(), strict=True)):
+            (_, name, fp), offset, length = piece
+            if row[0] != name or row[1] != fp[0] or row[5] != offset or row[6] != length:
+                return None
+            if row[2] != fp[1] or row[3] != fp[2] or row[4] != fp[3]:
+                moved.append(i)
+        pieces = [block.pieces[i] for i in moved]
+        if not moved or 4 * sum(p.length for p in pieces) > block.size:
+            return None
+        stored = earlier.digests
+        try:
+            now = self.reader.digests(sum(p.length for p in pieces), piece_sources(pieces))
+        except (Unreadable, FileChanged):
+            return None          # the upload will say so, or walk again
+        if now != [stored[i] for i in moved]:
+            return None
+        record = block_record(rows, earlier.locator, stored, block_layout(block))
+        self.index.add(record, self.journal.append(record))
+        self.files_rehashed += len({p.file.name for p in pieces})
+        return self.index.blocks[record["key"]]
+
+    def _expiring(self, record: StoredRecord) -> bool:
+        margin = self.settings.put.signature_margin
+        return record.expiry is not None and record.expiry < time.time() + margin
 
     def _unusable(self, block: BlockPlan, record: StoredRecord | None) -> str | None:
         """Why a journaled block cannot be reused ("" when it is not journaled), or None."""
         if record is None:
             return ""
-        margin = self.settings.put.signature_margin
-        if record.expiry is not None and record.expiry < time.time() + margin:
+        if self._expiring(record):
             return "signature expiring"
         if self.verify is not None:
             return self.verify.problem(block, record, self.reader)
@@ -232,7 +274,8 @@ class _Run:
     def stored(self, journal: JournalWriter) -> Callable[[BlockToStore, StoredBlock, list[int]], None]:
         """What to do as the store confirms a block: journal it, locate it."""
         def on_stored(block: BlockToStore, stored: StoredBlock, digests: list[int]) -> None:
-            record = block_record(self._rows.pop(block.index), stored.locator, digests)
+            rows, layout = self._rows.pop(block.index)
+            record = block_record(rows, stored.locator, digests, layout)
             self.index.add(record, journal.append(record))
             self._located(block, stored.locator)
             self.bytes_uploaded += block.size
@@ -242,6 +285,7 @@ class _Run:
     def upload(self, coordinator: Coordinator, journal: JournalWriter) -> dict[str, str]:
         """Walk the tree and store its blocks through the coordinator's workers;
         return the files that could not be read."""
+        self.journal = journal
         coordinator.run(self.feed, self.reader, self.stored(journal), self.tracker)
         self.bytes_read_by_workers = coordinator.bytes_read_by_workers
         return coordinator.unreadable
@@ -261,7 +305,8 @@ class _Run:
             files=self.files, bytes=self.bytes, blocks=self.packer.block_count,
             blocks_uploaded=self.blocks_uploaded, bytes_uploaded=self.bytes_uploaded,
             bytes_reused=self.bytes_reused, bytes_read=self.reader.bytes_read + self.bytes_read_by_workers,
-            seconds=time.monotonic() - started, changed=self.changes.reasons(previous),
+            seconds=time.monotonic() - started, files_rehashed=self.files_rehashed,
+            changed=self.changes.reasons(previous),
             changed_total=self.changes.total, skipped=self.walk.skipped, unreadable=self.unreadable(),
             state_dir=state_dir)
 
@@ -277,7 +322,7 @@ class _ContentCheck:
         self.problems = 0
 
     def problem(self, block: BlockPlan, record: StoredRecord, reader: BlockReader) -> str | None:
-        if reader.digests(block.size, piece_sources(block)) != record.digests:
+        if reader.digests(block.size, piece_sources(block.pieces)) != record.digests:
             return "content"
         try:
             self.store.check_block(record.locator)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import xxhash
 
 from ingest.errors import SourceError
-from ingest.plan import BlockPlan
+from ingest.plan import Piece
 from ingest.walk import Fingerprint
 
 Chunk = bytearray | memoryview  # a chunk of a block's bytes, readable without a copy
@@ -73,9 +73,9 @@ class PieceSource(NamedTuple):
     length: int
 
 
-def piece_sources(block: BlockPlan) -> list[PieceSource]:
+def piece_sources(pieces: Iterable[Piece]) -> list[PieceSource]:
     """The sources of a planned block's pieces, in block order."""
-    return [PieceSource(p.file.path, p.file.fingerprint, p.file_offset, p.length) for p in block.pieces]
+    return [PieceSource(p.file.path, p.file.fingerprint, p.file_offset, p.length) for p in pieces]
 
 
 class BlockReader:

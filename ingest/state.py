@@ -87,14 +87,30 @@ def block_key(packed: bytes) -> bytes:
     return xxhash.xxh3_128_digest(packed)
 
 
-def block_record(packed: bytes, locator: str, digests: list[int]) -> dict[str, Any]:
+Layout = tuple[str, int, str, int, int]
+
+
+def block_layout(block: BlockPlan) -> Layout:
+    """A handle on where a block's bytes come from, taken without a pass over its
+    pieces: its first piece's file name and offset, its last piece's file name, how
+    many pieces, its size. A block of the same files in the same places, whatever
+    their fingerprints now, has the same handle; its rows tell the rest."""
+    (first, offset, _), last = block.pieces[0], block.pieces[-1]
+    return first.name, offset, last.file.name, len(block.pieces), block.size
+
+
+def block_record(packed: bytes, locator: str, digests: list[int], layout: Layout | None = None) -> dict[str, Any]:
     """The journal record of a stored block (never holds a token: a signature at most).
 
     The rows are kept packed (``key`` is their block_key) and the piece digests as
-    little-endian u64s, so that loading the journal decodes neither.
+    little-endian u64s, so that loading the journal decodes neither; ``lay`` is its
+    block_layout, when known (records written before it was kept have none).
     """
-    return {"t": "block", "loc": locator, "exp": Locator.parse(locator).permission_expiry,
-            "key": block_key(packed), "rows": packed, "digests": _pack_digests(digests)}
+    record = {"t": "block", "loc": locator, "exp": Locator.parse(locator).permission_expiry,
+              "key": block_key(packed), "rows": packed, "digests": _pack_digests(digests)}
+    if layout is not None:
+        record["lay"] = layout
+    return record
 
 
 def _pack_digests(digests: list[int]) -> bytes:
@@ -157,9 +173,17 @@ class StoredRecord:
     @property
     def digests(self) -> list[int]:
         """The xxh3-64 of each piece, as they were stored."""
+        return _unpack_digests(self._packed("digests"))
+
+    def rows(self) -> list[tuple]:
+        """Its pieces' rows as packed_rows made them: (name, size, mtime_ns, ctime_ns,
+        inode, offset, length) each."""
+        return msgpack.unpackb(self._packed("rows"), use_list=False)
+
+    def _packed(self, name: str) -> Any:
         payload = frame_at(self.journal, self.offset)
-        start, end = _outer(payload)[1]["digests"]
-        return _unpack_digests(msgpack.unpackb(memoryview(payload)[start:end]))
+        start, end = _outer(payload)[1][name]
+        return msgpack.unpackb(memoryview(payload)[start:end])
 
 
 @dataclass
@@ -169,6 +193,7 @@ class ResumeIndex:
     journal: str = ""  # the journal it was loaded from ("" for none)
     loaded: int = 0    # how many of its bytes were loaded: what earlier runs wrote
     blocks: dict[bytes, StoredRecord] = field(default_factory=dict)
+    layouts: dict[Layout, StoredRecord] = field(default_factory=dict)   # loaded records by block_layout
     last_done: dict[str, Any] | None = None
     saves: list[dict[str, Any]] = field(default_factory=list)  # "save" / "saved" records (ingest.save)
     records: int = 0
@@ -187,8 +212,10 @@ class ResumeIndex:
         fields, spans = _outer(payload)
         self.records += 1
         if fields["t"] == "block":
-            self.blocks[_key(fields, spans, payload)] = StoredRecord(fields["loc"], fields.get("exp"), self.journal,
-                                                                     offset)
+            record = StoredRecord(fields["loc"], fields.get("exp"), self.journal, offset)
+            self.blocks[_key(fields, spans, payload)] = record
+            if "lay" in fields:
+                self.layouts[tuple(fields["lay"])] = record
         else:
             self._add_other(fields)
 

@@ -16,7 +16,7 @@ def read_all(files, plan, chunk_size):
 
 
 def chunks(reader, block, files, **options):
-    return reader.chunks(block.size, piece_sources(block), **options)
+    return reader.chunks(block.size, piece_sources(block.pieces), **options)
 
 
 @pytest.fixture

@@ -98,6 +98,49 @@ def test_incremental_run_uploads_only_what_changed_and_says_why(cli, tmp_path, s
     assert manifest_of(cli, tmp_path, src) == manifest_of(cli, fresh_dir(tmp_path, "fresh"), src)
 
 
+def _touch(*paths: Path) -> None:
+    later = time.time_ns() + 10**9
+    for path in paths:
+        os.utime(path, ns=(later, later))
+
+
+def test_touched_files_that_hold_the_same_bytes_are_read_alone_and_their_blocks_kept(cli, tmp_path, src):
+    first = manifest_of(cli, tmp_path, src)
+    small = src / "small"
+    touched = [small / "d3" / "s10", small / "d6" / "s139"]         # in two different blocks
+    _touch(*touched)
+    again = put_json(cli, tmp_path, src, "--manifest-out", str(tmp_path / "again"))
+    assert again["blocks_uploaded"] == 0 and again["files_rehashed"] == 2 and again["changed"] == []
+    assert again["bytes_read"] == sum(p.stat().st_size for p in touched)
+    assert (tmp_path / "again").read_text() == first
+    # journaled under the new fingerprints: the next run reads nothing
+    third = put_json(cli, tmp_path, src)
+    assert third["bytes_read"] == 0 and third["files_rehashed"] == 0 and third["blocks_uploaded"] == 0
+
+
+def test_a_touched_file_whose_bytes_changed_is_uploaded_and_the_manifest_is_a_fresh_runs(cli, tmp_path, src):
+    manifest_of(cli, tmp_path, src)
+    edited = src / "small" / "d2" / "s30"
+    data = bytearray(edited.read_bytes())
+    data[7] ^= 0xFF                                  # same size: only the bytes tell
+    edited.write_bytes(bytes(data))
+    _touch(edited, src / "small" / "d3" / "s31")     # and one more in the same block, unchanged
+    result = put_json(cli, tmp_path, src)
+    assert result["blocks_uploaded"] == 1 and result["files_rehashed"] == 0
+    changed = {c["path"]: c["reasons"] for c in result["changed"]}
+    assert changed["src/small/d2/s30"] == ["mtime", "ctime"]
+    assert manifest_of(cli, tmp_path, src) == manifest_of(cli, fresh_dir(tmp_path, "fresh"), src)
+
+
+def test_touching_much_of_a_block_or_a_large_file_reads_and_stores_it_whole(cli, tmp_path, src):
+    manifest_of(cli, tmp_path, src)
+    _touch(*sorted((src / "small").rglob("s*")), src / "big" / "b1")
+    result = put_json(cli, tmp_path, src)
+    assert result["files_rehashed"] == 0
+    assert result["blocks_uploaded"] == result["blocks"] - 11   # kept: b0 (3 blocks), b2 and b3 (4 each)
+    assert result["bytes_read"] == result["bytes_uploaded"]
+
+
 def test_verify_content_catches_an_edit_the_fingerprint_misses(cli, tmp_path, src):
     manifest_of(cli, tmp_path, src)
     target = src / "small" / "d3" / "s10"

@@ -179,6 +179,8 @@ def _summary(result: PutResult, pdh: str) -> str:
              f"  reused {human_bytes(result.bytes_reused)} "
              f"({plural(result.blocks - result.blocks_uploaded, 'block')})",
              f"  portable data hash {pdh}"]
+    if result.files_rehashed:
+        lines.insert(3, f"  {plural(result.files_rehashed, 'file')} touched but not changed: read, not uploaded")
     if result.bytes_reused and result.changed:
         items = list(result.changed.items())
         lines += [f"  uploaded {path} ({', '.join(reasons)})" for path, reasons in items[:SHOWN_CHANGES]]
@@ -299,7 +301,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def _counters(result: PutResult) -> dict[str, int]:
     return {"files": result.files, "bytes": result.bytes, "blocks": result.blocks,
             "blocks_uploaded": result.blocks_uploaded, "bytes_uploaded": result.bytes_uploaded,
-            "bytes_reused": result.bytes_reused, "bytes_read": result.bytes_read}
+            "bytes_reused": result.bytes_reused, "bytes_read": result.bytes_read,
+            "files_rehashed": result.files_rehashed}
 
 
 def _changed(result: PutResult) -> list[dict[str, object]]:
