@@ -125,24 +125,26 @@ class _Peer:
 @dataclass(frozen=True, slots=True)
 class BlockToStore:
     """A closed block given to the coordinator to store: its plan's figures, and its
-    pieces kept as the READ frame that lists them. One bytes object a block, not a
-    tuple per piece: blocks of tiny files wait here by the hundred thousand files."""
+    pieces as the READ that lists them will carry them: their packed rows (also what
+    the journal keeps) and their places (roots and devices, see protocol.pack_places).
+    Two bytes objects a block, not a tuple per piece: blocks of tiny files wait here
+    by the hundred thousand files."""
 
     index: int
     size: int
     ends: int           # files whose last byte is in it
     pieces: int         # how many
-    pieces_frame: bytes
+    places: bytes
+    rows: bytes         # state.packed_rows
 
     @classmethod
-    def of(cls, block: BlockPlan) -> BlockToStore:
-        return cls(block.index, block.size, block.ends, len(block.pieces),
-                   protocol.pack_pieces((f.root, f.name, f.fingerprint, offset, length)
-                                        for f, offset, length in block.pieces))
+    def of(cls, block: BlockPlan, rows: bytes) -> BlockToStore:
+        places = protocol.pack_places((f.root, f.fingerprint[4]) for f, _, _ in block.pieces)
+        return cls(block.index, block.size, block.ends, len(block.pieces), places, rows)
 
     def sources(self) -> list[PieceSource]:
         """Its pieces as (path, fingerprint, offset, length), for a BlockReader."""
-        return protocol.read_pieces(self.pieces_frame)
+        return protocol.read_pieces(self.places, self.rows)
 
 
 class _PeerLost(Exception):
@@ -472,7 +474,7 @@ class Coordinator:
         block = self._blocks[self._assign(peer)]
         peer.reading[block.index] = block.size
         try:
-            self._send(peer, protocol.read_frames(block.index, block.size, block.pieces_frame))
+            self._send(peer, protocol.read_frames(block.index, block.size, block.places, block.rows))
         except _PeerLost as exc:
             self._lose(peer, str(exc))
             return False

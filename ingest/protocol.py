@@ -35,9 +35,9 @@ Coordinator -> worker:
                                          when to give up on us; the read size; how to
                                          open the store (remote workers only: a local
                                          one inherited it)
-  READ    {block, size} + pieces frame   read, hash and store this block: its pieces,
-                                         [roots, [[root index, name, fingerprint,
-                                         offset, length], ...]], each file at root + name
+  READ    {block, size} + places, rows   read, hash and store this block: its pieces'
+                                         roots and devices, then their rows (name,
+                                         size, times, inode, range), as journaled
   CHUNK   {block, last} + data frame     the next bytes of a block, in order
   ABORT   {block}                        drop a block whose source changed while read
   STOP    {[error]}                      no more work (or: refused, and why): exit
@@ -69,7 +69,7 @@ import zmq
 
 from ingest.reader import PieceSource
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 HELLO = "hello"
 CREDIT = "credit"
@@ -143,7 +143,7 @@ _SCHEMAS: dict[str, _Schema] = {
     CHANGED: _Schema({"block": _UINT, "path": _PATH, "why": _TEXT}, {}),
     HEARTBEAT: _Schema({}, {}),
     WELCOME: _Schema({"heartbeat_timeout": _POSITIVE, "chunk_size": _uint(1 << 30)}, {"store": _MAP}),
-    READ: _Schema({"block": _UINT, "size": _UINT}, {}, (1, 1)),
+    READ: _Schema({"block": _UINT, "size": _UINT}, {}, (2, 2)),
     CHUNK: _Schema({"block": _UINT, "last": _BOOL}, {}, (1, 1)),
     ABORT: _Schema({"block": _UINT}, {}),
     STOP: _Schema({}, {"error": _TEXT}),
@@ -208,37 +208,52 @@ def parse(frames: Sequence[Any], allowed: frozenset[str]) -> Message:
     return Message(kind, fields, frames[1:])
 
 
-def pack_pieces(pieces: Iterable[tuple[str, str, tuple[int, ...], int, int]]) -> bytes:
-    """A READ's pieces frame, from each piece's (root, name, fingerprint, offset,
-    length), its file at ``root + name``: one msgpack ``[roots, pieces]``, each piece
-    ``[root's index, name, fingerprint, offset, length]``, so that a root shared by a
-    block's files is sent (and held) once. A path that is not valid UTF-8 travels with
-    surrogate escapes, as the file system gave it."""
+def pack_places(places: Iterable[tuple[str, int]]) -> bytes:
+    """A READ's places frame, from each piece's (root, device) in block order: one
+    msgpack ``[roots, runs]``, each run ``[pieces, root's index, device]`` for that
+    many consecutive pieces (a block's files nearly always share both: one run). A
+    root that is not valid UTF-8 travels with surrogate escapes."""
     roots: dict[str, int] = {}
-    rows = []
-    for root, name, fingerprint, offset, length in pieces:
+    runs: list[list[int]] = []
+    last_root, last_device = None, -1
+    for root, device in places:
+        if root is last_root and device == last_device:
+            runs[-1][0] += 1
+            continue
         index = roots.get(root)
         if index is None:
             index = roots[root] = len(roots)
-        rows.append((index, name, fingerprint, offset, length))
-    return msgpack.packb((list(roots), rows), unicode_errors="surrogateescape")
+        runs.append([1, index, device])
+        last_root, last_device = root, device
+    return msgpack.packb((list(roots), runs), unicode_errors="surrogateescape")
 
 
-def read_frames(block: int, size: int, pieces_frame: bytes) -> list[bytes]:
-    """A READ for a block of ``size`` bytes: the header, then its pieces frame (see
-    pack_pieces)."""
-    return [encode(READ, block=block, size=size), pieces_frame]
+def read_frames(block: int, size: int, places: bytes, rows: bytes) -> list[bytes]:
+    """A READ for a block of ``size`` bytes: the header, its places frame (see
+    pack_places) and its rows frame: the block's piece rows as the journal keeps them,
+    msgpack ``[[name, size, mtime_ns, ctime_ns, inode, offset, length], ...]``, each
+    file at its run's root + name."""
+    return [encode(READ, block=block, size=size), places, rows]
 
 
-def read_pieces(frame: Any) -> list[PieceSource]:
-    """The pieces of a READ's frame as (path, fingerprint, offset, length) tuples, which
-    the reader takes as they are; TypeError or ValueError if the frame is malformed."""
-    roots, pieces = msgpack.unpackb(_buffer(frame), use_list=False, unicode_errors="surrogateescape")
+def read_pieces(places: Any, rows: Any) -> list[PieceSource]:
+    """A READ's pieces as (path, fingerprint, offset, length) tuples, which the reader
+    takes as they are; TypeError or ValueError if the frames are malformed."""
+    roots, runs = msgpack.unpackb(_buffer(places), use_list=False, unicode_errors="surrogateescape")
+    rows = msgpack.unpackb(_buffer(rows), use_list=False)
+    pieces: list[PieceSource] = []
+    start = 0
     try:
-        return [(roots[index] + name, fingerprint, offset, length)
-                for index, name, fingerprint, offset, length in pieces]
+        for count, index, device in runs:
+            root = roots[index]
+            pieces.extend((root + name, (size, mtime, ctime, inode, device), offset, length)
+                          for name, size, mtime, ctime, inode, offset, length in rows[start:start + count])
+            start += count
     except IndexError:
-        raise ValueError("a piece names a root the frame does not list") from None
+        raise ValueError("a run names a root the frame does not list") from None
+    if start != len(rows):
+        raise ValueError(f"runs for {start} pieces, and {len(rows)} rows")
+    return pieces
 
 
 def digest_frames(digests: Sequence[int]) -> list[bytes]:

@@ -152,7 +152,7 @@ class _Run:
         self.verify = verify
         self.stand_in = stand_in
         self.live_keys: set[bytes] = set()
-        self._rows: dict[int, tuple[bytes, Layout]] = {}   # block index -> packed rows and layout, until stored
+        self._layouts: dict[int, Layout] = {}     # block index -> its layout, until stored
         self.journal: JournalWriter | None = None           # while it uploads
         self.changes = _Changes()
         self.files = self.bytes = self.empty_files = 0
@@ -216,8 +216,8 @@ class _Run:
             self.bytes_reused += block.size
             self.tracker.block_done(block.size, block.ends, reused=True)
             return
-        todo.append(BlockToStore.of(block))
-        self._rows[block.index] = rows, block_layout(block)
+        todo.append(BlockToStore.of(block, rows))
+        self._layouts[block.index] = block_layout(block)
         self.blocks_uploaded += 1
         self.changes.add(block, why, self.packer.is_large(block.pieces[0].file.size))
 
@@ -274,8 +274,7 @@ class _Run:
     def stored(self, journal: JournalWriter) -> Callable[[BlockToStore, StoredBlock, list[int]], None]:
         """What to do as the store confirms a block: journal it, locate it."""
         def on_stored(block: BlockToStore, stored: StoredBlock, digests: list[int]) -> None:
-            rows, layout = self._rows.pop(block.index)
-            record = block_record(rows, stored.locator, digests, layout)
+            record = block_record(block.rows, stored.locator, digests, self._layouts.pop(block.index))
             self.index.add(record, journal.append(record))
             self._located(block, stored.locator)
             self.bytes_uploaded += block.size

@@ -130,21 +130,32 @@ def test_a_worker_with_lanes_reads_up_to_its_lanes_and_its_share_of_the_blocks_l
 def test_a_read_lists_every_piece_even_with_a_path_that_is_not_utf8():
     big = Fingerprint(2**40, 2**62, 2**63 - 1, 7, 8)
     pieces = [("/data/", "a b:c", Fingerprint(5, 1, 2, 3, 4), 0, 5), ("/data/\udcff/", "x", big, 64, 2**33),
-              ("/other/", "y", big, 0, 1), ("/data/", "z", big, 0, 1)]
-    header, frame = protocol.read_frames(7, 7 + 2**33, protocol.pack_pieces(pieces))
-    msg = protocol.parse([header, frame], protocol.FROM_COORDINATOR)
-    assert (msg.kind, msg["block"], msg["size"]) == (protocol.READ, 7, 7 + 2**33)
-    assert protocol.read_pieces(frame) == [(root + name, tuple(fp), offset, length)
-                                           for root, name, fp, offset, length in pieces]
-    assert msgpack.unpackb(frame, unicode_errors="surrogateescape")[0] == ["/data/", "/data/\udcff/", "/other/"]
+              ("/other/", "y", big, 0, 1), ("/other/", "z", big, 0, 1), ("/data/", "w", big, 0, 1)]
+    rows = msgpack.packb([(name, *fp[:4], offset, length) for _, name, fp, offset, length in pieces])
+    places = protocol.pack_places((root, fp.device) for root, _, fp, _, _ in pieces)
+    header, *frames = protocol.read_frames(7, 8 + 2**33, places, rows)
+    msg = protocol.parse([header, *frames], protocol.FROM_COORDINATOR)
+    assert (msg.kind, msg["block"], msg["size"]) == (protocol.READ, 7, 8 + 2**33)
+    assert protocol.read_pieces(*frames) == [(root + name, tuple(fp), offset, length)
+                                             for root, name, fp, offset, length in pieces]
+    roots, runs = msgpack.unpackb(places, unicode_errors="surrogateescape")
+    assert roots == ["/data/", "/data/\udcff/", "/other/"]        # a root shared by pieces is sent once
+    assert runs == [[1, 0, 4], [1, 1, 8], [2, 2, 8], [1, 0, 8]]   # as are the root and device of a run of them
 
 
-@pytest.mark.parametrize("frame", [[["/r/"], [[1, "x", [1, 2, 3, 4, 5], 0, 1]]],   # no such root
-                                   [["/r/"], [[0, 7, [1, 2, 3, 4, 5], 0, 1]]],     # a name that is no text
-                                   [["/r/"], [[0, "x"]]], "pieces"])
-def test_a_malformed_read_frame_is_a_value_or_type_error_the_worker_reports(frame):
+ROW = ["x", 1, 2, 3, 4, 0, 1]
+
+
+@pytest.mark.parametrize("places, rows", [
+    ([["/r/"], [[1, 1, 8]]], [ROW]),              # no such root
+    ([["/r/"], [[2, 0, 8]]], [ROW]),              # runs for more pieces than rows
+    ([["/r/"], [[1, 0, 8]]], [ROW, ROW]),         # rows no run covers
+    ([["/r/"], [[1, 0, 8]]], [[7, *ROW[1:]]]),    # a name that is no text
+    ([["/r/"], [[1, 0, 8]]], [ROW[:3]]),          # a short row
+    ("places", [ROW])])
+def test_a_malformed_read_is_a_value_or_type_error_the_worker_reports(places, rows):
     with pytest.raises((ValueError, TypeError)):
-        protocol.read_pieces(msgpack.packb(frame))
+        protocol.read_pieces(msgpack.packb(places), msgpack.packb(rows))
 
 
 def test_leaving_drops_the_rest_of_a_message_an_interrupt_cut_short():

@@ -64,7 +64,9 @@ class _Coordinator:
         self.sock.send_multipart([getattr(self, "identity", b""), *frames])
 
     def read(self, block: int, pieces: list[PieceSource]) -> None:
-        self.send(*protocol.read_frames(block, sum(p.length for p in pieces), protocol.pack_pieces(("", *p) for p in pieces)))
+        rows = msgpack.packb([(p.path, *p.fingerprint[:4], p.offset, p.length) for p in pieces])
+        places = protocol.pack_places(("", p.fingerprint[4]) for p in pieces)
+        self.send(*protocol.read_frames(block, sum(p.length for p in pieces), places, rows))
 
     def close(self) -> None:
         if self.proc.is_alive():
@@ -136,3 +138,14 @@ def test_more_reads_than_lanes_break_the_protocol(coordinator, tmp_path):
     coordinator.proc.join(HEARTBEAT_S / 2)
     assert coordinator.proc.exitcode == 1
     assert not [p for p in coordinator.store.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_a_read_whose_places_and_rows_disagree_breaks_the_protocol(coordinator, tmp_path):
+    piece = _file(tmp_path, "f", MiB)
+    rows = msgpack.packb([(piece.path, *piece.fingerprint[:4], piece.offset, piece.length)] * 2)
+    places = protocol.pack_places([("", piece.fingerprint[4])])      # one piece placed, two rows
+    coordinator.send(*protocol.read_frames(0, 2 * MiB, places, rows))
+    coordinator.proc.join(HEARTBEAT_S / 2)
+    assert coordinator.proc.exitcode == 1
+    assert not list(coordinator.store.iterdir()) or not [p for p in coordinator.store.iterdir()
+                                                         if p.name.startswith(TMP_PREFIX)]

@@ -136,7 +136,7 @@ class _Worker:
             raise ProtocolError(f"a READ for block {msg['block']} while it reads {self.lanes.lanes} blocks")
         try:
             with collector_paused():  # one tuple per piece: kept until the block is read, never cyclic
-                pieces = protocol.read_pieces(msg.frames[0])
+                pieces = protocol.read_pieces(*msg.frames)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"a READ whose pieces are malformed ({exc})") from None
         try:
