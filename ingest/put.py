@@ -231,8 +231,11 @@ class _Run:
         earlier = self.index.layouts.get(block_layout(block))
         if earlier is None or self.verify is not None or self._expiring(earlier):
             return None
+        old, stored = earlier.rows(), earlier.digests
+        if len(old) != len(block.pieces) or len(stored) != len(old):
+            return None
         moved = []
-        for i, (piece, row) in enumerate(zip(block.pieces, earlier.rows(), strict=True)):
+        for i, (piece, row) in enumerate(zip(block.pieces, old, strict=True)):   # lengths checked
             (_, name, fp), offset, length = piece
             if row[0] != name or row[1] != fp[0] or row[5] != offset or row[6] != length:
                 return None
@@ -241,7 +244,6 @@ class _Run:
         pieces = [block.pieces[i] for i in moved]
         if not moved or 4 * sum(p.length for p in pieces) > block.size:
             return None
-        stored = earlier.digests
         try:
             now = self.reader.digests(sum(p.length for p in pieces), piece_sources(pieces))
         except (Unreadable, FileChanged):
