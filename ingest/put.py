@@ -208,8 +208,9 @@ class _Run:
         key = block_key(rows)
         self.live_keys.add(key)
         record = self.index.blocks.get(key)
+        layout = block_layout(block)
         if record is None and self.journal is not None:
-            record = self._same_bytes(block, rows)
+            record = self._same_bytes(block, rows, layout)
         why = self._unusable(block, record)
         if why is None:
             self._located(block, record.locator)
@@ -217,21 +218,22 @@ class _Run:
             self.tracker.block_done(block.size, block.ends, reused=True)
             return
         todo.append(BlockToStore.of(block, rows))
-        self._layouts[block.index] = block_layout(block)
+        self._layouts[block.index] = layout
         self.blocks_uploaded += 1
         self.changes.add(block, why, self.packer.is_large(block.pieces[0].file.size))
 
-    def _same_bytes(self, block: BlockPlan, rows: bytes) -> StoredRecord | None:
+    def _same_bytes(self, block: BlockPlan, rows: bytes, layout: Layout) -> StoredRecord | None:
         """A stored block of the same files in the same places, if those of its files
         whose fingerprints moved (touched, copied over, restored) still hold the bytes
         it stored (their xxh3 digests, read now): journaled again under the new
         fingerprints, to be reused. None when there is none, when --verify-content
         checks every block anyway, or when what moved is over a quarter of the block
-        (reading that costs about what storing the block does)."""
-        earlier = self.index.layouts.get(block_layout(block))
+        (reading that costs about what storing the block does). A small file is one
+        piece; a large file's block is one piece too, so it never qualifies."""
+        earlier = self.index.layouts.get(layout)
         if earlier is None or self.verify is not None or self._expiring(earlier):
             return None
-        old, stored = earlier.rows(), earlier.digests
+        old, stored = earlier.rows_and_digests()
         if len(old) != len(block.pieces) or len(stored) != len(old):
             return None
         moved = []
@@ -242,17 +244,18 @@ class _Run:
             if row[2] != fp[1] or row[3] != fp[2] or row[4] != fp[3]:
                 moved.append(i)
         pieces = [block.pieces[i] for i in moved]
-        if not moved or 4 * sum(p.length for p in pieces) > block.size:
+        moved_bytes = sum(p.length for p in pieces)
+        if not moved or 4 * moved_bytes > block.size:
             return None
         try:
-            now = self.reader.digests(sum(p.length for p in pieces), piece_sources(pieces))
+            now = self.reader.digests(moved_bytes, piece_sources(pieces))
         except (Unreadable, FileChanged):
             return None          # the upload will say so, or walk again
         if now != [stored[i] for i in moved]:
             return None
-        record = block_record(rows, earlier.locator, stored, block_layout(block))
+        record = block_record(rows, earlier.locator, stored, layout)
         self.index.add(record, self.journal.append(record))
-        self.files_rehashed += len({p.file.name for p in pieces})
+        self.files_rehashed += len(pieces)
         return self.index.blocks[record["key"]]
 
     def _expiring(self, record: StoredRecord) -> bool:

@@ -173,17 +173,18 @@ class StoredRecord:
     @property
     def digests(self) -> list[int]:
         """The xxh3-64 of each piece, as they were stored."""
-        return _unpack_digests(self._packed("digests"))
+        return _unpack_digests(self._packed("digests")[0])
 
-    def rows(self) -> list[tuple]:
-        """Its pieces' rows as packed_rows made them: (name, size, mtime_ns, ctime_ns,
-        inode, offset, length) each."""
-        return msgpack.unpackb(self._packed("rows"), use_list=False)
+    def rows_and_digests(self) -> tuple[list[tuple], list[int]]:
+        """Its pieces' rows as packed_rows made them ((name, size, mtime_ns, ctime_ns,
+        inode, offset, length) each) and their digests, from one read of its frame."""
+        rows, digests = self._packed("rows", "digests")
+        return msgpack.unpackb(rows, use_list=False), _unpack_digests(digests)
 
-    def _packed(self, name: str) -> Any:
+    def _packed(self, *names: str) -> list[Any]:
         payload = frame_at(self.journal, self.offset)
-        start, end = _outer(payload)[1][name]
-        return msgpack.unpackb(memoryview(payload)[start:end])
+        spans = _outer(payload)[1]
+        return [msgpack.unpackb(memoryview(payload)[slice(*spans[name])]) for name in names]
 
 
 @dataclass
