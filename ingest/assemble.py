@@ -1,7 +1,7 @@
 """The manifest of a run, assembled as the run goes, on disk rather than in memory.
 
-The walk hands over each directory and then its files, each with its parts (block
-index, offset, length); the run hands over each block's locator as the store confirms
+The walk hands over each directory and then its files, a batch at a time, with the
+packer's parts for each (block index, offset, length); the run hands over each block's locator as the store confirms
 it (or the journal, for a reused block). A directory's normalized line is written to
 a spool file as soon as the walk has left it and every block it uses has a locator,
 and what it held is dropped: memory holds only directories that wait for a block, and
@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -32,7 +31,7 @@ from ingest.manifest import (
     stream_name,
     stripped_locator,
 )
-from ingest.plan import FileParts
+from ingest.plan import BatchParts, FileParts, file_parts
 
 COPY_CHUNK = 1 << 20
 
@@ -40,16 +39,15 @@ COPY_CHUNK = 1 << 20
 class _Pending:
     """A directory's files, waiting for the walk to leave it or for its blocks."""
 
-    __slots__ = ("name", "names", "spans", "spread", "blocks", "waiting", "last", "walked")
+    __slots__ = ("name", "names", "spans", "spread", "blocks", "waiting", "walked")
 
     def __init__(self, name: str):
         self.name = name
         self.names: list[str] | str = []        # its files' names, as they came (joined, once walked)
-        self.spans = array("q")                 # and per file (block, offset, length): see _SPREAD
-        self.spread: list[FileParts] = []       # the parts of files in more than one block
+        self.spans = array("q")                 # and per file (block, offset, length): see plan.BatchParts
+        self.spread: dict[int, FileParts] = {}  # the parts of files in more than one block, by file index
         self.blocks: set[int] = set()           # every block it uses
         self.waiting: set[int] = set()          # those without a locator yet
-        self.last = -1                          # the block its last file ended in
         self.walked = False
 
 
@@ -112,28 +110,23 @@ class ManifestAssembler:
         self._leave()
         self._current = self._enter(name)
 
-    def add_file(self, name: str, parts: FileParts) -> None:
-        """A file of the current directory: ``name`` its full path, ``parts`` its bytes."""
-        directory, _, base = name.rpartition("/")
+    def add_files(self, directory: str, names: list[str], placed: BatchParts) -> None:
+        """Files of ``directory`` (a batch of the walk): their base names, and where
+        the packer put them."""
         if directory != self._current.name:     # a file named as a source, after a directory
             self.add_dir(directory)
         pending = self._current
-        pending.names.append(base)
-        if len(parts) == 1:
-            pending.spans.extend(parts[0])
-        elif parts:
-            pending.spans.extend((_SPREAD, len(pending.spread), 0))
-            pending.spread.append(parts)
-        else:
-            pending.spans.extend(_EMPTY)
-        for index, _, _ in parts:
-            if index != pending.last:       # nearly every file is in its predecessor's block
-                pending.last = index
-                if index not in pending.blocks:
-                    pending.blocks.add(index)
-                    self._users.setdefault(index, []).append(pending)
-                    if index not in self._locator:
-                        pending.waiting.add(index)
+        if placed.spread:
+            count = len(pending.names)
+            pending.spread.update((count + i, parts) for i, parts in placed.spread.items())
+        pending.names += names
+        pending.spans += placed.spans
+        for index in placed.blocks:
+            if index not in pending.blocks:
+                pending.blocks.add(index)
+                self._users.setdefault(index, []).append(pending)
+                if index not in self._locator:
+                    pending.waiting.add(index)
 
     def block_located(self, index: int, locator: str, size: int) -> None:
         """A block of ``size`` bytes is stored (or reused) under ``locator``."""
@@ -202,7 +195,7 @@ class ManifestAssembler:
         if pending.names:
             stream = stream_name(pending.name)
             names = pending.names.split("\0") if isinstance(pending.names, str) else pending.names
-            parts = list(_parts(pending))
+            parts = list(file_parts(pending.spans, pending.spread))
             if names != sorted(names):            # files named as sources, in the order given
                 order = sorted(range(len(names)), key=names.__getitem__)
                 names, parts = [names[i] for i in order], [parts[i] for i in order]
@@ -216,7 +209,7 @@ class ManifestAssembler:
                 short = {b: (stripped_locator(loc), size) for b, (loc, size) in blocks.items()}
                 stripped = _append(self._stripped, stream_line(stream, files, short, None))
             lines.stripped.append(stripped)
-            pending.names, pending.spans, pending.spread = [], array("q"), []
+            pending.names, pending.spans, pending.spread = [], array("q"), {}
         for index in pending.blocks:
             users = self._users[index]
             users.remove(pending)
@@ -239,23 +232,6 @@ class ManifestAssembler:
             return signed[0], stripped[0]
         merged = parse_manifest(b"".join(signed).decode("utf-8"))   # sources merged into this directory
         return merged.text().encode(), merged.text(strip=True).encode()
-
-
-_SPREAD = -1             # spans of a file in several blocks: (_SPREAD, its index in spread, 0)
-_EMPTY = (-2, 0, 0)      # the spans of an empty file
-
-
-def _parts(pending: _Pending) -> Iterator[FileParts]:
-    """Each file's parts, from the compact form a pending directory keeps them in
-    (24 bytes a file, where a tuple of tuples takes some 180)."""
-    spans = iter(pending.spans)
-    for block, offset, length in zip(spans, spans, spans, strict=True):
-        if block >= 0:
-            yield ((block, offset, length),)
-        elif block == _SPREAD:
-            yield pending.spread[offset]
-        else:
-            yield ()
 
 
 NO_STRIP = (-1, -1)   # a spooled line whose stripped form is itself

@@ -43,6 +43,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import Any
 
 import xxhash
@@ -139,12 +141,17 @@ class BlockToStore:
 
     @classmethod
     def of(cls, block: BlockPlan, rows: bytes) -> BlockToStore:
-        places = protocol.pack_places((f.root, f.fingerprint[4]) for f, _, _ in block.pieces)
-        return cls(block.index, block.size, block.ends, len(block.pieces), places, rows)
+        places = protocol.pack_places(chain.from_iterable(
+            zip(repeat(batch.root), map(_device, batch.fingerprints[start:stop]))
+            for batch, start, stop, _, _ in block.runs))
+        return cls(block.index, block.size, block.ends, block.count, places, rows)
 
     def sources(self) -> list[PieceSource]:
         """Its pieces as (path, fingerprint, offset, length), for a BlockReader."""
         return protocol.read_pieces(self.places, self.rows)
+
+
+_device = itemgetter(4)
 
 
 class _PeerLost(Exception):

@@ -104,17 +104,18 @@ class _Changes:
         self._last = ""
 
     def add(self, block: BlockPlan, why: str, large: bool) -> None:
-        for piece in block.pieces:
-            f = piece.file
-            if f.name == self._last:     # a large file's next block
+        for batch, start, stop, _, _ in block.runs:
+            prefix, names = batch.prefix, batch.names
+            if prefix + names[start] == self._last:     # a large file's next block
                 continue
-            self._last = f.name
-            self.total += 1
-            if len(self.listed) < CHANGES_LISTED:
-                # Unchanged, yet its block is to be stored: a large file keeps its blocks,
-                # so that one was not stored yet (an interrupted run); a small file's
-                # block was packed anew around it.
-                self.listed.append((f.name, f.fingerprint, why or ("not stored yet" if large else "repacked")))
+            self._last = prefix + names[stop - 1]
+            self.total += stop - start
+            # Unchanged, yet its block is to be stored: a large file keeps its blocks,
+            # so that one was not stored yet (an interrupted run); a small file's
+            # block was packed anew around it.
+            why_listed = why or ("not stored yet" if large else "repacked")
+            for i in range(start, min(stop, start + CHANGES_LISTED - len(self.listed))):
+                self.listed.append((prefix + names[i], batch.fingerprints[i], why_listed))
 
     def reasons(self, previous: Callable[[set[str]], dict[str, tuple[int, int, int, int]]]) -> dict[str, list[str]]:
         """Path -> why it is uploaded, given what earlier runs recorded of some files."""
@@ -155,14 +156,14 @@ class _Run:
         self._layouts: dict[int, Layout] = {}     # block index -> its layout, until stored
         self.journal: JournalWriter | None = None           # while it uploads
         self.changes = _Changes()
-        self.files = self.bytes = self.empty_files = 0
+        self.files = self.bytes = 0
         self.files_rehashed = 0     # files whose fingerprint moved, their bytes found as stored
         self.blocks_uploaded = self.bytes_uploaded = self.bytes_reused = self.bytes_read_by_workers = 0
         self._walking = True
 
     def feed(self, limit: int) -> list[BlockToStore] | None:
-        """Walk up to ``limit`` more items; the blocks among them to upload, or None
-        once the walk is over (and every block decided)."""
+        """Walk about ``limit`` more files (a batch at a time); the blocks among them to
+        upload, or None once the walk is over (and every block decided)."""
         if not self._walking:
             return None
         todo: list[BlockToStore] = []
@@ -171,23 +172,21 @@ class _Run:
             if isinstance(item, TreeDir):
                 if assembler is not None:
                     assembler.add_dir(item.name)
+                limit -= 1
             else:
-                self.files += 1
-                self.bytes += item.size
-                parts, closed = packer.add(item)
+                placed, closed = packer.add(item)
                 if assembler is not None:
-                    assembler.add_file(item.name, parts)
-                if not parts:
-                    self.empty_files += 1
+                    assembler.add_files(item.directory, item.names, placed)
                 for block in closed:
                     self._decide(block, todo)
-            limit -= 1
-            if not limit:
+                limit -= len(item.names)
+            if limit <= 0:
                 return todo
         for block in packer.finish():
             self._decide(block, todo)
         self._walking = False
-        self.tracker.walked(self.files, self.bytes, packer.block_count, self.empty_files)
+        self.files, self.bytes = self.walk.files_found, self.walk.bytes_found
+        self.tracker.walked(self.files, self.bytes, packer.block_count, packer.empty_files)
         return todo
 
     def walk_all(self) -> int:
@@ -220,7 +219,7 @@ class _Run:
         todo.append(BlockToStore.of(block, rows))
         self._layouts[block.index] = layout
         self.blocks_uploaded += 1
-        self.changes.add(block, why, self.packer.is_large(block.pieces[0].file.size))
+        self.changes.add(block, why, self.packer.is_large(block.first_size()))
 
     def _same_bytes(self, block: BlockPlan, rows: bytes, layout: Layout) -> StoredRecord | None:
         """A stored block of the same files in the same places, if those of its files
@@ -234,16 +233,17 @@ class _Run:
         if earlier is None or self.verify is not None or self._expiring(earlier):
             return None
         old, stored = earlier.rows_and_digests()
-        if len(old) != len(block.pieces) or len(stored) != len(old):
+        block_pieces = block.pieces
+        if len(old) != len(block_pieces) or len(stored) != len(old):
             return None
         moved = []
-        for i, (piece, row) in enumerate(zip(block.pieces, old, strict=True)):   # lengths checked
+        for i, (piece, row) in enumerate(zip(block_pieces, old, strict=True)):   # lengths checked
             (_, name, fp), offset, length = piece
             if row[0] != name or row[1] != fp[0] or row[5] != offset or row[6] != length:
                 return None
             if row[2] != fp[1] or row[3] != fp[2] or row[4] != fp[3]:
                 moved.append(i)
-        pieces = [block.pieces[i] for i in moved]
+        pieces = [block_pieces[i] for i in moved]
         moved_bytes = sum(p.length for p in pieces)
         if not moved or 4 * moved_bytes > block.size:
             return None

@@ -18,6 +18,8 @@ import time
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import add
 from typing import Any
 
 import msgpack
@@ -77,9 +79,19 @@ class Locked(IngestError):
 
 def packed_rows(block: BlockPlan) -> bytes:
     """The identity of a block's content, msgpack-packed: each piece's file name,
-    fingerprint (size, mtime, ctime, inode) and range, one row per piece."""
-    return msgpack.packb([(name, fp[0], fp[1], fp[2], fp[3], offset, length)
-                          for (_, name, fp), offset, length in block.pieces])
+    fingerprint (size, mtime, ctime, inode) and range, one row per piece (made from
+    the block's runs a column at a time)."""
+    rows: list[tuple] = []
+    for batch, start, stop, offset, length in block.runs:
+        prefix, names = batch.prefix, batch.names[start:stop]
+        if stop - start == 1:
+            fp = batch.fingerprints[start]
+            rows.append((prefix + names[0], fp[0], fp[1], fp[2], fp[3], offset, length))
+            continue
+        sizes, mtimes, ctimes, inodes, _ = zip(*batch.fingerprints[start:stop])
+        rows += zip(map(add, repeat(prefix), names) if prefix else names, sizes, mtimes, ctimes, inodes,
+                    repeat(0), sizes)
+    return msgpack.packb(rows)
 
 
 def block_key(packed: bytes) -> bytes:
@@ -95,8 +107,9 @@ def block_layout(block: BlockPlan) -> Layout:
     pieces: its first piece's file name and offset, its last piece's file name, how
     many pieces, its size. A block of the same files in the same places, whatever
     their fingerprints now, has the same handle; its rows tell the rest."""
-    (first, offset, _), last = block.pieces[0], block.pieces[-1]
-    return first.name, offset, last.file.name, len(block.pieces), block.size
+    first, last = block.runs[0], block.runs[-1]
+    return (first.batch.prefix + first.batch.names[first.start], first.offset,
+            last.batch.prefix + last.batch.names[last.stop - 1], block.count, block.size)
 
 
 def block_record(packed: bytes, locator: str, digests: list[int], layout: Layout | None = None) -> dict[str, Any]:

@@ -9,9 +9,12 @@ skipped with a warning and never opened. A source named on the command line that
 would yield nothing (missing, a dangling symlink or loop, a FIFO...) is an error,
 and so are names that are not valid UTF-8 (reported once the walk is over).
 
-``iter_tree`` yields the tree as it walks it (a directory, then its files), holding
-nothing per file: ``put`` plans and uploads while it walks. ``walk_sources`` collects
-the same items into lists, for callers that want the whole tree at once.
+A :class:`TreeWalk` yields the tree as it walks it: a directory, then its files in
+batches (:class:`FileBatch`: the names and fingerprints of up to ``BATCH_FILES``
+files of one directory, as columns), holding nothing per file once a batch is taken:
+``put`` plans and uploads while it walks, and its per-file work is done a batch at a
+time. ``walk_sources`` collects the same files into lists of :class:`SourceFile`, for
+callers that want the whole tree at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import operator
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
@@ -81,7 +84,30 @@ class TreeDir(NamedTuple):
     name: str
 
 
-TreeItem = SourceFile | TreeDir
+class FileBatch(NamedTuple):
+    """Files of one directory in name order, as columns: a walk yields a directory's
+    files in one or more of these (of at most ``BATCH_FILES``), and a file named as a
+    source in one of its own."""
+
+    root: str                        # as SourceFile's
+    directory: str                   # their directory's manifest path ("" at the root)
+    names: list[str]                 # their base names
+    fingerprints: list[Fingerprint]
+
+    @property
+    def prefix(self) -> str:
+        """What a base name is joined to for its manifest path."""
+        return f"{self.directory}/" if self.directory else ""
+
+    def file(self, i: int) -> SourceFile:
+        return SourceFile(self.root, self.prefix + self.names[i], self.fingerprints[i])
+
+    def files(self) -> list[SourceFile]:
+        return [self.file(i) for i in range(len(self.names))]
+
+
+TreeItem = FileBatch | TreeDir
+BATCH_FILES = 4096     # files of a directory per FileBatch
 
 
 @dataclass(slots=True)
@@ -108,7 +134,7 @@ class WalkCount(NamedTuple):
 
 
 WalkProgress = Callable[[WalkCount], None]
-PROGRESS_EVERY = 256    # entries between two calls of a walk's progress callback
+PROGRESS_EVERY = 256    # files between two calls of a walk's progress callback (at most: it hears after a batch)
 
 
 class Excludes:
@@ -150,8 +176,8 @@ class Excludes:
 
 
 _entry_name = operator.attrgetter("name")
-_source_file = partial(tuple.__new__, SourceFile)     # SourceFile(*fields), at half the cost of the call
-_fingerprint = partial(tuple.__new__, Fingerprint)
+_fingerprint = partial(tuple.__new__, Fingerprint)    # Fingerprint(*fields), at half the cost of the call
+_stat_fingerprint = operator.attrgetter("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -287,13 +313,20 @@ class TreeWalk:
             raise SourceError(f"two sources give the same manifest path {quoted(name)}: {other[0]} and {path}")
         self.seen[name] = (path, is_dir)
 
-    def new_file(self, root: str, name: str, st: os.stat_result) -> SourceFile:
+    def batch(self, root: str, directory: str, names: list[str], stats: list[os.stat_result]) -> FileBatch:
+        """The files ``names`` of a directory, found with ``stats``: counted, claimed
+        (with several sources) and given their fingerprints, a batch at a time."""
+        batch = FileBatch(root, directory, names, list(map(_fingerprint, map(_stat_fingerprint, stats))))
         if self.seen is not None:
-            self.claim(name, root + name, False)
-        self.files_found += 1
-        self.bytes_found += st.st_size
-        return _source_file((root, name, _fingerprint((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                                                        st.st_dev))))
+            prefix = batch.prefix
+            for name in names:
+                self.claim(prefix + name, root + prefix + name, False)
+        self.files_found += len(names)
+        self.bytes_found += sum(map(operator.itemgetter(0), batch.fingerprints))
+        self.entries_left -= len(names)
+        if self.entries_left <= 0:
+            self.report()
+        return batch
 
     def stat_entry(self, path: str, is_link: bool) -> os.stat_result | None:
         """Stat an entry of a directory, following a symlink only when asked; None
@@ -325,53 +358,58 @@ class TreeWalk:
         elif stat.S_ISREG(st.st_mode):
             name = os.path.basename(path)
             if _storable(name, self.bad_names):
-                yield self.new_file(path[:-len(name)], name, st)
+                yield self.batch(path[:-len(name)], "", [name], [st])
 
-    def _entries(self, root: str, dirpath: str, dir_fd: int, entries: list[os.DirEntry], manifest_dir: str, relbase: str,
-                 ancestors: frozenset[tuple[int, int]]) -> Iterator[TreeItem]:
-        """The files of one directory (each stat-ed relative to its descriptor: no path
-        lookup per file); returns its subdirectories to walk, as stack items."""
+    def _entries(self, root: str, dirpath: str, dir_fd: int, entries: list[os.DirEntry], manifest_dir: str,
+                 relbase: str, ancestors: frozenset[tuple[int, int]]) -> Generator[FileBatch, None, list]:
+        """The files of one directory, in batches (each stat-ed relative to its
+        descriptor: no path lookup per file); returns its subdirectories to walk, as
+        stack items."""
         excludes = self.excludes if self.excludes else None
-        S_ISREG = stat.S_ISREG
+        S_ISREG, S_ISDIR, stat_at = stat.S_ISREG, stat.S_ISDIR, os.stat
         subdirs = []
         base = f"{manifest_dir}/" if manifest_dir else ""
         prefix = dirpath if dirpath.endswith("/") else dirpath + "/"
+        ascii_dir = prefix.isascii()    # then only non-ASCII entry names need a closer look
         leave_out = self.leave_out
+        names: list[str] = []
+        stats: list[os.stat_result] = []
         for entry in entries:
-            self.entries_left -= 1
-            if not self.entries_left:
-                self.report()
             entry_name = entry.name
             if excludes is not None and excludes.excluded(f"{relbase}/{entry_name}" if relbase else entry_name,
                                                           entry_name):
                 continue
-            path = prefix + entry_name
-            if leave_out and path in leave_out:
+            if leave_out and prefix + entry_name in leave_out:
                 continue
-            if not path.isascii() and not _storable(path, self.bad_names):
+            if not (ascii_dir and entry_name.isascii()) and not _storable(prefix + entry_name, self.bad_names):
                 continue
             st: os.stat_result | None
             if entry.is_symlink():
-                st = self.stat_entry(path, True)
+                st = self.stat_entry(prefix + entry_name, True)
             else:
                 try:
-                    st = os.stat(entry_name, dir_fd=dir_fd, follow_symlinks=False)
+                    st = stat_at(entry_name, dir_fd=dir_fd, follow_symlinks=False)
                 except OSError:   # stat_entry raises the right SourceError
-                    st = self.stat_entry(path, False)
+                    st = self.stat_entry(prefix + entry_name, False)
             if st is None:
                 continue
-            name = base + entry_name
             if S_ISREG(st.st_mode):
-                yield self.new_file(root, name, st)
-            elif stat.S_ISDIR(st.st_mode):
+                names.append(entry_name)
+                stats.append(st)
+                if len(names) == BATCH_FILES:
+                    yield self.batch(root, manifest_dir, names, stats)
+                    names, stats = [], []
+            elif S_ISDIR(st.st_mode):
                 relpath = f"{relbase}/{entry_name}" if relbase else entry_name
                 ident = (st.st_dev, st.st_ino)
                 if ident in ancestors:
-                    self.skip(path, "symlink loop")
+                    self.skip(prefix + entry_name, "symlink loop")
                     continue
-                subdirs.append((path, name, relpath, ancestors | {ident}))
+                subdirs.append((prefix + entry_name, base + entry_name, relpath, ancestors | {ident}))
             else:
-                self.skip(path, _kind(st.st_mode))
+                self.skip(prefix + entry_name, _kind(st.st_mode))
+        if names:
+            yield self.batch(root, manifest_dir, names, stats)
         return subdirs
 
     def walk_dir(self, top: str, prefix: str) -> Iterator[TreeItem]:
@@ -407,7 +445,7 @@ def walk_sources(sources: Iterable[str], follow_links: bool = True,
 
     Directories that cannot be read are listed in ``unreadable`` (the caller decides);
     paths in ``leave_out`` (e.g. unreadable files the user agreed to skip) are omitted.
-    ``on_progress`` hears what has been found so far every ``PROGRESS_EVERY`` entries,
+    ``on_progress`` hears what has been found so far every ``PROGRESS_EVERY`` files or so,
     and once at the end.
     """
     walk = TreeWalk(sources, follow_links, excludes, leave_out, on_progress)
@@ -416,5 +454,5 @@ def walk_sources(sources: Iterable[str], follow_links: bool = True,
         if isinstance(item, TreeDir):
             result.directories.append(item.name)
         else:
-            result.files.append(item)
+            result.files += item.files()
     return result

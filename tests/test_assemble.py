@@ -5,10 +5,11 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trees import batches
 
 from ingest.assemble import ManifestAssembler
 from ingest.manifest import Manifest, Segment
-from ingest.plan import Packer
+from ingest.plan import Packer, file_parts
 from ingest.walk import Fingerprint, SourceFile
 
 BLOCK = 64   # tiny blocks: many of them, shared by directories, and files over several
@@ -70,11 +71,12 @@ def test_the_assembled_text_and_pdh_are_manifests_own(tmp_path_factory, visits, 
         if directory:
             assembler.add_dir(directory)
             reference.add_dir(directory)
-        for path, size in files:
-            f = SourceFile("/src/", path, Fingerprint(size, n, 0, 0, 0))
-            parts, done = packer.add(f)
-            assembler.add_file(path, parts)
-            parts_of[path] = parts
+        sources = [SourceFile("/src/", path, Fingerprint(size, n, 0, 0, 0)) for path, size in files]
+        for batch in batches(sources, most=rnd.randint(1, 4)):
+            placed, done = packer.add(batch)
+            assembler.add_files(batch.directory, batch.names, placed)
+            parts_of.update(zip((f.name for f in batch.files()), file_parts(placed.spans, placed.spread),
+                                strict=True))
             closed += done
             locate_some(every=False)
     closed += packer.finish()
@@ -98,9 +100,9 @@ def test_a_directory_waits_for_its_blocks_and_nothing_is_kept_once_written(tmp_p
     assembler = ManifestAssembler(str(tmp_path))
     packer = Packer(BLOCK)
     assembler.add_dir("a")
-    f = SourceFile("/src/", "a/x", Fingerprint(10, 0, 0, 0, 0))
-    parts, closed = packer.add(f)
-    assembler.add_file("a/x", parts)
+    (batch,) = batches([SourceFile("/src/", "a/x", Fingerprint(10, 0, 0, 0, 0))])
+    placed, closed = packer.add(batch)
+    assembler.add_files("a", batch.names, placed)
     assembler.add_dir("b")                      # the walk leaves a: its block is not stored yet
     (block,) = packer.finish()
     assert assembler._users                     # a waits for that block
@@ -129,8 +131,9 @@ def test_many_directories_in_random_order_are_sorted(tmp_path):
     for d in dirs:
         assembler.add_dir(d)
         name = f"{d}/f"
-        parts, closed = packer.add(SourceFile("/", name, Fingerprint(1, 0, 0, 0, 0)))
-        assembler.add_file(name, parts)
+        (batch,) = batches([SourceFile("/", name, Fingerprint(1, 0, 0, 0, 0))])
+        placed, closed = packer.add(batch)
+        assembler.add_files(d, batch.names, placed)
         for block in closed:
             assembler.block_located(block.index, f"{block.index:032x}+{block.size}", block.size)
     for block in packer.finish():

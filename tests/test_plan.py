@@ -1,6 +1,8 @@
 """The packing policy at its edges (DESIGN.md, 'Packing policy')."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trees import pack, sized_files
 
 from ingest.plan import Packer
@@ -9,11 +11,11 @@ M = 1 << 26  # 64 MiB
 HALF = M // 2
 
 
-def layout(sizes, block_size=M):
+def layout(sizes, block_size=M, most=None):
     files = sized_files(sizes)
-    plan = pack(files, block_size)
-    number = {id(f): i for i, f in enumerate(files)}
-    return [[(number[id(p.file)], p.file_offset, p.length) for p in b.pieces] for b in plan.blocks], plan
+    plan = pack(files, block_size, most)
+    number = {f.name: i for i, f in enumerate(files)}
+    return [[(number[p.file.name], p.file_offset, p.length) for p in b.pieces] for b in plan.blocks], plan
 
 
 def test_empty_files_take_no_block():
@@ -91,3 +93,41 @@ def test_plan_depends_only_on_sizes_and_block_size():
 def test_block_size_bounds(bad):
     with pytest.raises(ValueError):
         Packer(bad)
+
+
+def _reference(sizes, block_size):
+    """The packing policy file by file, written plainly: blocks as (file, offset,
+    length) lists in index order, and each file's parts."""
+    blocks, parts, open_block = [], [], None
+    for i, size in enumerate(sizes):
+        if size > block_size // 2:
+            mine = []
+            for start in range(0, size, block_size):
+                length = min(block_size, size - start)
+                blocks.append([(i, start, length)])
+                mine.append((len(blocks) - 1, 0, length))
+            parts.append(tuple(mine))
+        elif size:
+            if open_block is not None and sum(p[2] for p in blocks[open_block]) + size > block_size:
+                open_block = None
+            if open_block is None:
+                blocks.append([])
+                open_block = len(blocks) - 1
+            offset = sum(p[2] for p in blocks[open_block])
+            blocks[open_block].append((i, 0, size))
+            parts.append(((open_block, offset, size),))
+        else:
+            parts.append(())
+    return blocks, parts
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.just(0), st.integers(1, 50), st.integers(51, 350)), max_size=60),
+       st.integers(1, 8))
+def test_batches_pack_as_the_policy_does_file_by_file(sizes, most):
+    """Whatever the batches (a run of small files is placed with one search), the
+    blocks, their pieces and every file's parts are the plain policy's."""
+    blocks, plan = layout(sizes, 100, most)
+    assert (blocks, plan.parts) == _reference(sizes, 100)
+    assert all(b.count == len(b.pieces) and b.size == sum(p.length for p in b.pieces) for b in plan.blocks)
+    assert sum(b.ends for b in plan.blocks) == sum(1 for s in sizes if s)

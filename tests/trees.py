@@ -76,15 +76,33 @@ class Packed(NamedTuple):
     parts: list
 
 
-def pack(files, block_size: int = BLOCK) -> Packed:
-    """Feed ``files`` (SourceFile) to a Packer, as a run does, and collect what it gives."""
-    from ingest.plan import Packer
+def batches(files, most: int | None = None) -> list:
+    """``files`` (SourceFile) as a walk yields them: FileBatches of consecutive files of
+    one directory, of at most ``most`` files each."""
+    from ingest.walk import FileBatch
+
+    out = []
+    for f in files:
+        directory, _, base = f.name.rpartition("/")
+        last = out[-1] if out else None
+        if last is None or (last.root, last.directory) != (f.root, directory) or len(last.names) == most:
+            last = FileBatch(f.root, directory, [], [])
+            out.append(last)
+        last.names.append(base)
+        last.fingerprints.append(f.fingerprint)
+    return out
+
+
+def pack(files, block_size: int = BLOCK, most: int | None = None) -> Packed:
+    """Feed ``files`` (SourceFile) to a Packer in batches (of at most ``most``), as a
+    run does, and collect what it gives: the blocks, and each file's parts."""
+    from ingest.plan import Packer, file_parts
 
     packer = Packer(block_size)
     blocks, parts = [], []
-    for f in files:
-        placed, closed = packer.add(f)
-        parts.append(placed)
+    for batch in batches(files, most):
+        placed, closed = packer.add(batch)
+        parts += file_parts(placed.spans, placed.spread)
         blocks += closed
     blocks += packer.finish()
     return Packed(sorted(blocks, key=lambda b: b.index), parts)
