@@ -20,13 +20,17 @@ import os
 import shutil
 import tempfile
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
+from operator import le
 from typing import IO
 
 from ingest.manifest import (
     EMPTY_DIR_SUFFIX,
     Manifest,
     parse_manifest,
+    span_line,
     stream_line,
     stream_name,
     stripped_locator,
@@ -195,19 +199,15 @@ class ManifestAssembler:
         if pending.names:
             stream = stream_name(pending.name)
             names = pending.names.split("\0") if isinstance(pending.names, str) else pending.names
-            parts = list(file_parts(pending.spans, pending.spread))
-            if names != sorted(names):            # files named as sources, in the order given
-                order = sorted(range(len(names)), key=names.__getitem__)
-                names, parts = [names[i] for i in order], [parts[i] for i in order]
-            files = list(zip(names, parts, strict=True))
             blocks = {b: (self._locator[b], self._block_size[b]) for b in pending.blocks}
             locators: set[str] = set()
+            line = _line_writer(stream, pending, names)
             lines = self._lines[pending.name]
-            lines.signed.append(_append(self._signed, stream_line(stream, files, blocks, locators)))
+            lines.signed.append(_append(self._signed, line(blocks, locators)))
             stripped = NO_STRIP
             if any(stripped_locator(loc) != loc for loc in locators):
                 short = {b: (stripped_locator(loc), size) for b, (loc, size) in blocks.items()}
-                stripped = _append(self._stripped, stream_line(stream, files, short, None))
+                stripped = _append(self._stripped, line(short, None))
             lines.stripped.append(stripped)
             pending.names, pending.spans, pending.spread = [], array("q"), {}
         for index in pending.blocks:
@@ -232,6 +232,24 @@ class ManifestAssembler:
             return signed[0], stripped[0]
         merged = parse_manifest(b"".join(signed).decode("utf-8"))   # sources merged into this directory
         return merged.text().encode(), merged.text(strip=True).encode()
+
+
+LineWriter = Callable[[dict[int, tuple[str, int]], set[str] | None], str]
+
+
+def _line_writer(stream: str, pending: _Pending, names: list[str]) -> LineWriter:
+    """How to write a directory's line given its blocks (see stream_line): from its
+    columns when its files are in name order and none is in several blocks (nearly
+    always), else file by file."""
+    if not pending.spread and all(map(le, names, islice(names, 1, None))):
+        spans = pending.spans
+        return lambda blocks, locators: span_line(stream, names, spans, blocks, locators)
+    parts = list(file_parts(pending.spans, pending.spread))
+    if names != sorted(names):            # files named as sources, in the order given
+        order = sorted(range(len(names)), key=names.__getitem__)
+        names, parts = [names[i] for i in order], [parts[i] for i in order]
+    files = list(zip(names, parts, strict=True))
+    return lambda blocks, locators: stream_line(stream, files, blocks, locators)
 
 
 NO_STRIP = (-1, -1)   # a spooled line whose stripped form is itself

@@ -14,6 +14,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
+from operator import add
 from typing import NamedTuple
 
 from ingest.keep.locator import EMPTY_BLOCK_LOCATOR, Locator, LocatorError, is_md5_hex
@@ -28,6 +29,7 @@ __all__ = [
     "portable_data_hash",
     "stream_name",
     "stream_line",
+    "span_line",
     "stripped_locator",
     "EMPTY_DIR_SUFFIX",
 ]
@@ -299,6 +301,37 @@ def stream_line(stream: str, files: Iterable[tuple[str, BlockParts]],
 
 
 _NO_BLOCK = object()
+
+
+def span_line(stream: str, names: list[str], spans: Sequence[int], blocks: Mapping[int, tuple[str, int]],
+              locators: set[str] | None) -> str:
+    """stream_line for files of one part at most, sorted by name, given as columns: their
+    names and their spans, three numbers a file (block index, offset, length; a
+    negative index for an empty file). The same text, made a column at a time."""
+    block_of = spans[0::3]
+    start: dict[int, int] = {}
+    at_locator: dict[str, int] = {}
+    tokens = [stream]
+    stream_size = 0
+    for key in dict.fromkeys(block_of):     # in order of first use
+        if key < 0:
+            start[key] = 0                  # an empty file: 0:0:name
+            continue
+        loc, size = blocks[key]
+        pos = at_locator.get(loc)
+        if pos is None:
+            pos = at_locator[loc] = stream_size
+            tokens.append(loc)
+            stream_size += size
+        start[key] = pos
+    if len(tokens) == 1:
+        tokens.append(EMPTY_BLOCK_LOCATOR)
+    if locators is not None:
+        locators.update(tokens[1:])
+    escaped = [escape_name(name) for name in names] if _NEEDS_ESCAPE("".join(names)) else names
+    positions = map(add, map(start.__getitem__, block_of), spans[1::3])
+    tokens += map("{}:{}:{}".format, positions, spans[2::3], escaped)
+    return " ".join(tokens) + "\n"
 
 
 def _segment_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict[str, str] | None,

@@ -115,7 +115,7 @@ class _Changes:
             # block was packed anew around it.
             why_listed = why or ("not stored yet" if large else "repacked")
             for i in range(start, min(stop, start + CHANGES_LISTED - len(self.listed))):
-                self.listed.append((prefix + names[i], batch.fingerprints[i], why_listed))
+                self.listed.append((prefix + names[i], batch.fingerprint(i), why_listed))
 
     def reasons(self, previous: Callable[[set[str]], dict[str, tuple[int, int, int, int]]]) -> dict[str, list[str]]:
         """Path -> why it is uploaded, given what earlier runs recorded of some files."""

@@ -88,7 +88,7 @@ def packed_rows(block: BlockPlan) -> bytes:
             fp = batch.fingerprints[start]
             rows.append((prefix + names[0], fp[0], fp[1], fp[2], fp[3], offset, length))
             continue
-        sizes, mtimes, ctimes, inodes, _ = zip(*batch.fingerprints[start:stop])
+        sizes, mtimes, ctimes, inodes, _ = zip(*batch.fingerprints[start:stop], strict=True)
         rows += zip(map(add, repeat(prefix), names) if prefix else names, sizes, mtimes, ctimes, inodes,
                     repeat(0), sizes)
     return msgpack.packb(rows)

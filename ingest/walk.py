@@ -28,7 +28,6 @@ import re
 import stat
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from typing import NamedTuple
 
 from ingest.errors import SourceError, UsageError
@@ -92,15 +91,18 @@ class FileBatch(NamedTuple):
     root: str                        # as SourceFile's
     directory: str                   # their directory's manifest path ("" at the root)
     names: list[str]                 # their base names
-    fingerprints: list[Fingerprint]
+    fingerprints: list[tuple[int, int, int, int, int]]   # a Fingerprint's fields each, in a plain tuple
 
     @property
     def prefix(self) -> str:
         """What a base name is joined to for its manifest path."""
         return f"{self.directory}/" if self.directory else ""
 
+    def fingerprint(self, i: int) -> Fingerprint:
+        return Fingerprint._make(self.fingerprints[i])
+
     def file(self, i: int) -> SourceFile:
-        return SourceFile(self.root, self.prefix + self.names[i], self.fingerprints[i])
+        return SourceFile(self.root, self.prefix + self.names[i], self.fingerprint(i))
 
     def files(self) -> list[SourceFile]:
         return [self.file(i) for i in range(len(self.names))]
@@ -175,21 +177,20 @@ class Excludes:
         return False
 
 
-_entry_name = operator.attrgetter("name")
-_fingerprint = partial(tuple.__new__, Fingerprint)    # Fingerprint(*fields), at half the cost of the call
 _stat_fingerprint = operator.attrgetter("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def _listing(dirpath: str) -> tuple[int, list[os.DirEntry]]:
-    """A descriptor of the directory (the caller closes it) and its entries by name."""
+def _listing(dirpath: str) -> tuple[int, list[str]]:
+    """A descriptor of the directory (the caller closes it) and its entries' names, sorted."""
     dir_fd = os.open(dirpath, _DIR_FLAGS)
     try:
-        with os.scandir(dir_fd) as it:
-            return dir_fd, sorted(it, key=_entry_name)
+        names = os.listdir(dir_fd)
     except BaseException:
         os.close(dir_fd)
         raise
+    names.sort()
+    return dir_fd, names
 
 
 def _kind(mode: int) -> str:
@@ -316,7 +317,7 @@ class TreeWalk:
     def batch(self, root: str, directory: str, names: list[str], stats: list[os.stat_result]) -> FileBatch:
         """The files ``names`` of a directory, found with ``stats``: counted, claimed
         (with several sources) and given their fingerprints, a batch at a time."""
-        batch = FileBatch(root, directory, names, list(map(_fingerprint, map(_stat_fingerprint, stats))))
+        batch = FileBatch(root, directory, names, list(map(_stat_fingerprint, stats)))
         if self.seen is not None:
             prefix = batch.prefix
             for name in names:
@@ -360,13 +361,13 @@ class TreeWalk:
             if _storable(name, self.bad_names):
                 yield self.batch(path[:-len(name)], "", [name], [st])
 
-    def _entries(self, root: str, dirpath: str, dir_fd: int, entries: list[os.DirEntry], manifest_dir: str,
+    def _entries(self, root: str, dirpath: str, dir_fd: int, entries: list[str], manifest_dir: str,
                  relbase: str, ancestors: frozenset[tuple[int, int]]) -> Generator[FileBatch, None, list]:
-        """The files of one directory, in batches (each stat-ed relative to its
-        descriptor: no path lookup per file); returns its subdirectories to walk, as
-        stack items."""
+        """The files of one directory, in batches (each entry lstat-ed relative to its
+        descriptor: no path lookup per file, and a symlink known by that lstat);
+        returns its subdirectories to walk, as stack items."""
         excludes = self.excludes if self.excludes else None
-        S_ISREG, S_ISDIR, stat_at = stat.S_ISREG, stat.S_ISDIR, os.stat
+        S_ISREG, S_ISDIR, S_ISLNK, stat_at = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, os.stat
         subdirs = []
         base = f"{manifest_dir}/" if manifest_dir else ""
         prefix = dirpath if dirpath.endswith("/") else dirpath + "/"
@@ -374,8 +375,7 @@ class TreeWalk:
         leave_out = self.leave_out
         names: list[str] = []
         stats: list[os.stat_result] = []
-        for entry in entries:
-            entry_name = entry.name
+        for entry_name in entries:
             if excludes is not None and excludes.excluded(f"{relbase}/{entry_name}" if relbase else entry_name,
                                                           entry_name):
                 continue
@@ -384,13 +384,12 @@ class TreeWalk:
             if not (ascii_dir and entry_name.isascii()) and not _storable(prefix + entry_name, self.bad_names):
                 continue
             st: os.stat_result | None
-            if entry.is_symlink():
+            try:
+                st = stat_at(entry_name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:   # stat_entry says why
+                st = self.stat_entry(prefix + entry_name, False)
+            if st is not None and S_ISLNK(st.st_mode):
                 st = self.stat_entry(prefix + entry_name, True)
-            else:
-                try:
-                    st = stat_at(entry_name, dir_fd=dir_fd, follow_symlinks=False)
-                except OSError:   # stat_entry raises the right SourceError
-                    st = self.stat_entry(prefix + entry_name, False)
             if st is None:
                 continue
             if S_ISREG(st.st_mode):

@@ -6,6 +6,8 @@ import hashlib
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest.manifest import (
     Manifest,
@@ -14,6 +16,8 @@ from ingest.manifest import (
     escape_name,
     parse_manifest,
     portable_data_hash,
+    span_line,
+    stream_line,
     unescape_name,
 )
 
@@ -393,3 +397,22 @@ def test_text_of_100k_files_is_fast() -> None:
     elapsed = time.perf_counter() - start
     assert text.count("\n") == 1000
     assert elapsed < 2.0, f"text() took {elapsed:.2f}s for 100,000 files"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(st.sampled_from("ab :\\\t"), min_size=1, max_size=3),
+                          st.integers(-2, 3), st.integers(0, 9), st.integers(1, 9)), max_size=12),
+       st.lists(st.sampled_from([A, B]), min_size=4, max_size=4))
+def test_span_line_writes_what_stream_line_does(files, locators):
+    """The assembler's line from columns equals the file-by-file line, for empty files
+    (a negative block), names to escape, and two blocks under one locator."""
+    files = sorted(dict((name, rest) for name, *rest in files).items())
+    names = [name for name, _ in files]
+    spans = [n for _, (block, offset, length) in files for n in
+             ((block, offset, length) if block >= 0 else (-2, 0, 0))]
+    blocks = {b: (locators[b], 10 + b) for b in range(4)}
+    parts = [((b, o, n),) if b >= 0 else () for b, o, n in zip(spans[0::3], spans[1::3], spans[2::3], strict=True)]
+    seen, seen_by_span = set(), set()
+    assert span_line("./s", names, spans, blocks, seen_by_span) == \
+        stream_line("./s", list(zip(names, parts, strict=True)), blocks, seen)
+    assert seen_by_span == seen
