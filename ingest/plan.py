@@ -65,13 +65,21 @@ class BlockPlan:
     def pieces(self) -> list[Piece]:
         """Its pieces in block order, one per file (made on each call: for the blocks
         read or listed, not for every block of a run)."""
+        return self.pieces_at(range(self.count))
+
+    def pieces_at(self, positions: Iterable[int]) -> list[Piece]:
+        """Its pieces at ``positions`` (ascending), made without the others."""
         pieces = []
+        wanted = iter(positions)
+        want = next(wanted, None)
+        first = 0           # the position of the run's first piece
         for batch, start, stop, offset, length in self.runs:
-            if stop - start == 1:
-                pieces.append(Piece(batch.file(start), offset, length))
-            else:
-                fingerprints = batch.fingerprints
-                pieces += [Piece(batch.file(i), 0, fingerprints[i][0]) for i in range(start, stop)]
+            first += stop - start
+            while want is not None and want < first:
+                i = stop - (first - want)
+                pieces.append(Piece(batch.file(i), offset, length) if stop - start == 1
+                              else Piece(batch.file(i), 0, batch.fingerprints[i][0]))
+                want = next(wanted, None)
         return pieces
 
     def first_size(self) -> int:

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgpack
+
 from ingest import md5lanes
 from ingest.assemble import ManifestAssembler, ManifestText
 from ingest.config import Settings
@@ -233,20 +235,18 @@ class _Run:
         if earlier is None or self.verify is not None or self._expiring(earlier):
             return None
         old, stored = earlier.rows_and_digests()
-        block_pieces = block.pieces
-        if len(old) != len(block_pieces) or len(stored) != len(old):
+        now_rows = msgpack.unpackb(rows, use_list=False)
+        if len(old) != len(now_rows) or len(stored) != len(old):
             return None
-        moved = []
-        for i, (piece, row) in enumerate(zip(block_pieces, old, strict=True)):   # lengths checked
-            (_, name, fp), offset, length = piece
-            if row[0] != name or row[1] != fp[0] or row[5] != offset or row[6] != length:
+        moved = [i for i, (row, was) in enumerate(zip(now_rows, old, strict=True)) if row != was]
+        for i in moved:       # only the fingerprint (mtime, ctime, inode) may differ
+            row, was = now_rows[i], old[i]
+            if row[:2] != was[:2] or row[5:] != was[5:]:
                 return None
-            if row[2] != fp[1] or row[3] != fp[2] or row[4] != fp[3]:
-                moved.append(i)
-        pieces = [block_pieces[i] for i in moved]
-        moved_bytes = sum(p.length for p in pieces)
+        moved_bytes = sum(now_rows[i][6] for i in moved)
         if not moved or 4 * moved_bytes > block.size:
             return None
+        pieces = block.pieces_at(moved)
         try:
             now = self.reader.digests(moved_bytes, piece_sources(pieces))
         except (Unreadable, FileChanged):

@@ -131,3 +131,4 @@ def test_batches_pack_as_the_policy_does_file_by_file(sizes, most):
     assert (blocks, plan.parts) == _reference(sizes, 100)
     assert all(b.count == len(b.pieces) and b.size == sum(p.length for p in b.pieces) for b in plan.blocks)
     assert sum(b.ends for b in plan.blocks) == sum(1 for s in sizes if s)
+    assert all(b.pieces_at(range(1, b.count, 2)) == b.pieces[1::2] for b in plan.blocks)
