@@ -14,6 +14,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
+from itertools import chain
 from operator import add
 from typing import NamedTuple
 
@@ -266,10 +267,8 @@ def stream_line(stream: str, files: Iterable[tuple[str, BlockParts]],
     position); a file's contiguous parts are written as one range. ``locators``, when
     given, collects every locator written.
     """
-    tokens = [stream]
+    placed = _LineBlocks(blocks)
     file_tokens: list[str] = []
-    block_pos: dict[str, int] = {}
-    stream_size = 0
     last_key: Hashable = _NO_BLOCK
     last_pos = 0
     for name, parts in files:
@@ -277,13 +276,7 @@ def stream_line(stream: str, files: Iterable[tuple[str, BlockParts]],
         start = end = -1
         for key, offset, length in parts:
             if key != last_key:
-                loc, size = blocks[key]
-                pos = block_pos.get(loc)
-                if pos is None:
-                    pos = block_pos[loc] = stream_size
-                    tokens.append(loc)
-                    stream_size += size
-                last_key, last_pos = key, pos
+                last_key, last_pos = key, placed.position(key)
             pos = last_pos + offset
             if pos == end:
                 end += length
@@ -292,12 +285,36 @@ def stream_line(stream: str, files: Iterable[tuple[str, BlockParts]],
                     file_tokens.append(f"{start}:{end - start}:{ename}")
                 start, end = pos, pos + length
         file_tokens.append(f"{start}:{end - start}:{ename}" if start >= 0 else f"0:0:{ename}")
-    if len(tokens) == 1:
-        tokens.append(EMPTY_BLOCK_LOCATOR)
-    if locators is not None:
-        locators.update(tokens[1:])
-    tokens.extend(file_tokens)
-    return " ".join(tokens) + "\n"
+    return placed.line(stream, file_tokens, locators)
+
+
+class _LineBlocks:
+    """The block tokens of one line, in order of first use: a locator written once
+    (equal locators share a position), each at the sum of the sizes before it."""
+
+    def __init__(self, blocks: Mapping[Hashable, tuple[str, int]]):
+        self.blocks = blocks
+        self.tokens: list[str] = []
+        self.at_locator: dict[str, int] = {}
+        self.stream_size = 0
+
+    def position(self, key: Hashable) -> int:
+        """Where block ``key`` starts in the stream (placing it there if it is new)."""
+        loc, size = self.blocks[key]
+        pos = self.at_locator.get(loc)
+        if pos is None:
+            pos = self.at_locator[loc] = self.stream_size
+            self.tokens.append(loc)
+            self.stream_size += size
+        return pos
+
+    def line(self, stream: str, file_tokens: Iterable[str], locators: set[str] | None) -> str:
+        """The whole line: the stream, its blocks (the empty block if none), its files."""
+        if not self.tokens:
+            self.tokens.append(EMPTY_BLOCK_LOCATOR)
+        if locators is not None:
+            locators.update(self.tokens)
+        return " ".join(chain((stream,), self.tokens, file_tokens)) + "\n"
 
 
 _NO_BLOCK = object()
@@ -309,30 +326,12 @@ def span_line(stream: str, names: list[str], spans: Sequence[int], blocks: Mappi
     names and their spans, three numbers a file (block index, offset, length; a
     negative index for an empty file). The same text, made a column at a time."""
     block_of = spans[0::3]
-    start: dict[int, int] = {}
-    at_locator: dict[str, int] = {}
-    tokens = [stream]
-    stream_size = 0
-    for key in dict.fromkeys(block_of):     # in order of first use
-        if key < 0:
-            start[key] = 0                  # an empty file: 0:0:name
-            continue
-        loc, size = blocks[key]
-        pos = at_locator.get(loc)
-        if pos is None:
-            pos = at_locator[loc] = stream_size
-            tokens.append(loc)
-            stream_size += size
-        start[key] = pos
-    if len(tokens) == 1:
-        tokens.append(EMPTY_BLOCK_LOCATOR)
-    if locators is not None:
-        locators.update(tokens[1:])
+    placed = _LineBlocks(blocks)
+    start = {key: placed.position(key) if key >= 0 else 0     # an empty file: 0:0:name
+             for key in dict.fromkeys(block_of)}                # in order of first use
     escaped = [escape_name(name) for name in names] if _NEEDS_ESCAPE("".join(names)) else names
     positions = map(add, map(start.__getitem__, block_of), spans[1::3])
-    tokens += map("{}:{}:{}".format, positions, spans[2::3], escaped)
-    return " ".join(tokens) + "\n"
-
+    return placed.line(stream, map("{}:{}:{}".format, positions, spans[2::3], escaped), locators)
 
 def _segment_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict[str, str] | None,
                   locators: set[str] | None) -> str:
