@@ -1,8 +1,8 @@
 """One ``put`` run: walk, plan, reuse what is checkpointed, upload the rest, assemble.
 
 The walk, the plan and the upload go on together: the coordinator asks for more of
-the tree while few blocks wait for a worker, each file is placed by the packer as the
-walk finds it, and each block, once closed, is either reused (its pieces, by name,
+the tree while few blocks wait for a worker, the packer places each batch of a
+directory's files as the walk finds it, and each block, once closed, is either reused (its pieces, by name,
 fingerprint and range, are in the journal) or handed to a worker. The manifest is
 assembled on disk as blocks get their locators (ingest.assemble). Nothing is held per
 file beyond the few blocks in flight, so memory does not grow with the tree.

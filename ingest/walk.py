@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 class Fingerprint(NamedTuple):
     """What identifies one version of a file without reading it.
 
-    A named tuple: one is built per file by the walk and again after each read, and
-    compared in C.
+    A named tuple, compared in C (the walk keeps its fields in plain tuples, in a
+    batch's column; one is built for a file listed, read or checked).
     """
 
     size: int
@@ -56,11 +56,10 @@ class Fingerprint(NamedTuple):
 
 
 class SourceFile(NamedTuple):
-    """A regular file to upload: where it is, and its path in the manifest (a named
-    tuple: the walk makes one per file, and a tuple is made fastest).
+    """A regular file to upload: where it is, and its path in the manifest (made from
+    a FileBatch for the callers that want one object a file).
 
-    The filesystem path is ``root + name``: one string per file, not two (files wait
-    in blocks by the hundred thousand), with ``root`` shared by a source's files.
+    The filesystem path is ``root + name``, with ``root`` shared by a source's files.
     """
 
     root: str           # the filesystem path the manifest path is relative to, "/"-terminated (or "")
@@ -136,7 +135,7 @@ class WalkCount(NamedTuple):
 
 
 WalkProgress = Callable[[WalkCount], None]
-PROGRESS_EVERY = 256    # files between two calls of a walk's progress callback (at most: it hears after a batch)
+PROGRESS_EVERY = 256    # files found, at least, between two calls of a walk's progress callback (after a batch)
 
 
 class Excludes:
