@@ -331,7 +331,8 @@ def span_line(stream: str, names: list[str], spans: Sequence[int], blocks: Mappi
              for key in dict.fromkeys(block_of)}                # in order of first use
     escaped = [escape_name(name) for name in names] if _NEEDS_ESCAPE("".join(names)) else names
     positions = map(add, map(start.__getitem__, block_of), spans[1::3])
-    return placed.line(stream, map("{}:{}:{}".format, positions, spans[2::3], escaped), locators)
+    file_tokens = [f"{pos}:{length}:{name}" for pos, length, name in zip(positions, spans[2::3], escaped, strict=True)]
+    return placed.line(stream, file_tokens, locators)
 
 def _segment_line(stream: str, files: dict[str, list[Segment]], strip_cache: dict[str, str] | None,
                   locators: set[str] | None) -> str:
