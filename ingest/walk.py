@@ -244,16 +244,18 @@ def check_sources(sources: Iterable[str], follow_links: bool) -> None:
 _NON_ASCII = re.compile(r"[^\x00-\x7f]", re.ASCII)
 
 
-def _storable(path: str, bad: list[str]) -> bool:
-    """True if a name can be stored in a manifest; otherwise record it in ``bad``."""
-    if path.isascii():   # nearly every path: encodable, and no non-ASCII whitespace
+def _storable(name: str, path: str, bad: list[str]) -> bool:
+    """True if ``name``, the last part of a manifest path, can be stored in a manifest;
+    otherwise record ``path`` (its filesystem path: the directories above the source
+    are not stored, and may hold any bytes) in ``bad``."""
+    if name.isascii():   # nearly every name: encodable, and no non-ASCII whitespace
         return True
     try:
-        path.encode("utf-8")
+        name.encode("utf-8")
     except UnicodeEncodeError:
         bad.append(os.fsencode(path).decode("utf-8", "backslashreplace") + "  (not valid UTF-8)")
         return False
-    if any(c.isspace() for c in _NON_ASCII.findall(os.path.basename(path))):
+    if any(c.isspace() for c in _NON_ASCII.findall(name)):
         bad.append(path.encode("unicode_escape").decode("ascii") + "  (non-ASCII whitespace)")
         return False
     return True
@@ -352,12 +354,12 @@ class TreeWalk:
         st = source_stat(source, self.follow_links)
         if stat.S_ISDIR(st.st_mode):
             prefix = "" if source.endswith(os.sep) else os.path.basename(path)
-            if prefix and not _storable(prefix, self.bad_names):
+            if prefix and not _storable(prefix, path, self.bad_names):
                 return
             yield from self.walk_dir(path, prefix)
         elif stat.S_ISREG(st.st_mode):
             name = os.path.basename(path)
-            if _storable(name, self.bad_names):
+            if _storable(name, path, self.bad_names):
                 yield self.batch(path[:-len(name)], "", [name], [st])
 
     def _entries(self, root: str, dirpath: str, dir_fd: int, entries: list[str], manifest_dir: str,
@@ -370,7 +372,6 @@ class TreeWalk:
         subdirs = []
         base = f"{manifest_dir}/" if manifest_dir else ""
         prefix = dirpath if dirpath.endswith("/") else dirpath + "/"
-        ascii_dir = prefix.isascii()    # then only non-ASCII entry names need a closer look
         leave_out = self.leave_out
         names: list[str] = []
         stats: list[os.stat_result] = []
@@ -380,7 +381,7 @@ class TreeWalk:
                 continue
             if leave_out and prefix + entry_name in leave_out:
                 continue
-            if not (ascii_dir and entry_name.isascii()) and not _storable(prefix + entry_name, self.bad_names):
+            if not entry_name.isascii() and not _storable(entry_name, prefix + entry_name, self.bad_names):
                 continue
             st: os.stat_result | None
             try:

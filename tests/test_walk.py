@@ -156,6 +156,17 @@ def test_non_utf8_names_are_refused_each_named(tree):
         walk_sources([str(tree) + "/"])
 
 
+def test_directories_above_a_source_may_have_any_name(tmp_path):
+    # Only the names under the source are stored: the path to it is the user's business.
+    above = os.path.join(os.fsencode(tmp_path), b"latin1-\xe9")
+    os.makedirs(os.path.join(above, b"src", b"d"))
+    with open(os.path.join(above, b"src", b"d", b"f"), "wb") as f:
+        f.write(b"x")
+    result = walk_sources([os.fsdecode(above) + "/src"])
+    assert names(result) == ["src/d/f"]
+    assert result.files[0].path == os.fsdecode(os.path.join(above, b"src", b"d", b"f"))
+
+
 def test_unreadable_directory_is_listed_and_left_out(tree):
     if os.geteuid() == 0:
         pytest.skip("root reads any directory (the CLI tests drop privileges for this)")
