@@ -47,7 +47,8 @@ from ingest.state import (
     block_record,
     packed_rows,
 )
-from ingest.walk import Excludes, Fingerprint, TreeDir, TreeWalk, check_sources
+from ingest.walk import Fingerprint, TreeDir, check_sources
+from ingest.walker import WalkProcess
 from ingest.words import plural
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,8 @@ class _Run:
         self.tracker = tracker
         tracker.walk_started(left_out=len(leave_out))
         self.leave_out = leave_out
-        self.walk = TreeWalk(sources, settings.put.follow_links, Excludes(settings.put.exclude),
-                             leave_out, on_progress=tracker.walk_progress)
+        self.walk = WalkProcess(sources, settings.put.follow_links, settings.put.exclude,
+                                leave_out, on_progress=tracker.walk_progress)
         self._items = iter(self.walk)
         self.packer = Packer(settings.put.block_size)
         self.assembler = ManifestAssembler(spool_dir) if spool_dir else None
@@ -298,6 +299,7 @@ class _Run:
         return {**self.leave_out, **self.walk.unreadable}
 
     def discard(self) -> None:
+        self._items.close()       # stops the walk process, if it still runs
         if self.assembler is not None:
             self.assembler.discard()
 

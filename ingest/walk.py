@@ -261,25 +261,57 @@ def _storable(name: str, path: str, bad: list[str]) -> bool:
     return True
 
 
-class TreeWalk:
+class WalkTally:
+    """What a walk has found, skipped and could not read so far; a progress callback
+    hears the counts every ``PROGRESS_EVERY`` files or so."""
+
+    def __init__(self, on_progress: WalkProgress | None = None):
+        self.skipped: list[tuple[str, str]] = []       # (path, reason)
+        self.unreadable: dict[str, str] = {}           # path -> reason
+        self.on_progress = on_progress
+        self.files_found = self.bytes_found = 0
+        self.entries_left = PROGRESS_EVERY   # before the next progress call
+
+    def report(self) -> None:
+        """Tell the progress callback what has been found so far."""
+        self.entries_left = PROGRESS_EVERY
+        if self.on_progress is not None:
+            self.on_progress(WalkCount(self.files_found, self.bytes_found, len(self.skipped), len(self.unreadable)))
+
+    def found(self, batch: FileBatch) -> None:
+        """Count a batch of files."""
+        self.files_found += len(batch.names)
+        self.bytes_found += sum(map(operator.itemgetter(0), batch.fingerprints))
+        self.entries_left -= len(batch.names)
+        if self.entries_left <= 0:
+            self.report()
+
+    def skip(self, path: str, reason: str) -> None:
+        """A path left out with a warning (a FIFO, a loop, a dangling symlink...)."""
+        log.warning("skipping %s: %s", reason, path)
+        self.skipped.append((path, reason))
+
+    def cannot_read(self, path: str, action: str, why: str) -> None:
+        """A path that could not be stat-ed or listed (``action``: "stat", "read directory")."""
+        log.error("cannot %s %s: %s", action, path, why)
+        self.unreadable[path] = why
+
+
+class TreeWalk(WalkTally):
     """One walk of the sources: iterate it for the tree's items, in walk order; what
     it skipped or could not read is in ``skipped`` and ``unreadable`` as it goes."""
 
     def __init__(self, sources: Iterable[str], follow_links: bool = True, excludes: Excludes | None = None,
                  leave_out: Iterable[str] = (), on_progress: WalkProgress | None = None):
+        super().__init__(on_progress)
         self.sources = list(sources)
         self.follow_links = follow_links
         self.excludes = excludes or Excludes(())
         self.leave_out = frozenset(leave_out)
-        self.skipped: list[tuple[str, str]] = []       # (path, reason)
-        self.unreadable: dict[str, str] = {}           # directory path -> reason
         self.bad_names: list[str] = []
         # Only sources that share a directory can give one path twice: with a single
         # source, no path is remembered (memory stays flat in the file count).
         self.seen: dict[str, tuple[str, bool]] | None = {} if len(self.sources) > 1 else None
-        self.on_progress = on_progress
-        self.files_found = self.bytes_found = 0
-        self.entries_left = PROGRESS_EVERY   # before the next progress call
 
     def __iter__(self) -> Iterator[TreeItem]:
         """The tree's directories and files in walk order; SourceError on bad input,
@@ -295,16 +327,6 @@ class TreeWalk:
                 f"{len(self.bad_names)} name(s) cannot be stored in a manifest (not valid UTF-8, "
                 f"or non-ASCII whitespace the Arvados SDK cannot parse); rename them or --exclude "
                 f"them:\n  {shown}{more}")
-
-    def report(self) -> None:
-        """Tell the progress callback what has been found so far."""
-        self.entries_left = PROGRESS_EVERY
-        if self.on_progress is not None:
-            self.on_progress(WalkCount(self.files_found, self.bytes_found, len(self.skipped), len(self.unreadable)))
-
-    def skip(self, path: str, reason: str) -> None:
-        log.warning("skipping %s: %s", reason, path)
-        self.skipped.append((path, reason))
 
     def claim(self, name: str, path: str, is_dir: bool) -> None:
         """Record a manifest path; two sources may share a directory, nothing else."""
@@ -323,11 +345,7 @@ class TreeWalk:
             prefix = batch.prefix
             for name in names:
                 self.claim(prefix + name, root + prefix + name, False)
-        self.files_found += len(names)
-        self.bytes_found += sum(map(operator.itemgetter(0), batch.fingerprints))
-        self.entries_left -= len(names)
-        if self.entries_left <= 0:
-            self.report()
+        self.found(batch)
         return batch
 
     def stat_entry(self, path: str, is_link: bool) -> os.stat_result | None:
@@ -343,8 +361,7 @@ class TreeWalk:
             if why:
                 self.skip(path, why)
             else:
-                log.error("cannot stat %s: %s", path, exc.strerror)
-                self.unreadable[path] = exc.strerror or str(exc)
+                self.cannot_read(path, "stat", exc.strerror or str(exc))
             return None
 
     def walk_source(self, source: str) -> Iterator[TreeItem]:
@@ -423,8 +440,7 @@ class TreeWalk:
             try:
                 dir_fd, entries = _listing(dirpath)
             except OSError as exc:
-                log.error("cannot read directory %s: %s", dirpath, exc.strerror)
-                self.unreadable[dirpath] = exc.strerror or str(exc)
+                self.cannot_read(dirpath, "read directory", exc.strerror or str(exc))
                 continue
             try:
                 if manifest_dir:
