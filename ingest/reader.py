@@ -4,7 +4,8 @@ Each piece is read with one ``preadv`` into the chunk buffer (one copy, from the
 cache), and when a piece is complete the file is ``fstat``-ed and compared with the
 walk's fingerprint: a file that changed, grew, shrank or was replaced since the walk
 is reported, and its block must not be stored. A large file stays open across its
-pieces; small files cost one open, read, fstat and close each.
+pieces; small files cost one open, read, fstat and close each, and are opened by
+name relative to their directory, which a stream keeps open while its files last.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ingest.walk import Fingerprint
 Chunk = bytearray | memoryview  # a chunk of a block's bytes, readable without a copy
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class Unreadable(SourceError):
@@ -78,6 +80,38 @@ def piece_sources(pieces: Iterable[Piece]) -> list[PieceSource]:
     return [PieceSource(p.file.path, p.file.fingerprint, p.file_offset, p.length) for p in pieces]
 
 
+class _Directory:
+    """The directory of the file a read stream opened last, held open so that the next
+    file there is opened by its name alone: one path component for the kernel to
+    resolve, not the whole path (a block's small files share a few directories)."""
+
+    __slots__ = ("path", "fd")
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.fd = -1
+
+    def opener(self, path: str) -> tuple[str, int | None]:
+        """What to open ``path`` by: a name and the directory fd it is relative to
+        (``None``: the path as it is)."""
+        parent, slash, name = path.rpartition("/")
+        if not slash:
+            return path, None
+        if parent != self.path:
+            self.close()
+            try:
+                self.fd = os.open(parent or "/", _DIRECTORY_FLAGS)
+            except OSError:
+                return path, None          # the file's own open tells what is wrong
+            self.path = parent
+        return name, self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.path, self.fd = None, -1
+
+
 class BlockReader:
     """Turns a block's piece sources into chunks of at most ``chunk_size`` bytes.
 
@@ -90,16 +124,17 @@ class BlockReader:
         self.bytes_read = 0
         self._open_flags = _OPEN_FLAGS
 
-    def _open(self, path: str) -> int:
+    def _open(self, path: str, directory: _Directory) -> int:
+        name, dir_fd = directory.opener(path)
         try:
             try:
-                return os.open(path, self._open_flags)
+                return os.open(name, self._open_flags, dir_fd=dir_fd)
             except PermissionError:
                 if not self._open_flags & getattr(os, "O_NOATIME", 0):
                     raise
                 # O_NOATIME needs file ownership; fall back for others' files.
                 self._open_flags &= ~os.O_NOATIME
-                return os.open(path, self._open_flags)
+                return os.open(name, self._open_flags, dir_fd=dir_fd)
         except FileNotFoundError:
             raise Unreadable(path, "vanished before it was read") from None
         except OSError as exc:
@@ -107,18 +142,19 @@ class BlockReader:
 
     @staticmethod
     def _check_unchanged(path: str, fingerprint: tuple[int, ...], fd: int) -> None:
-        now = Fingerprint.of(os.fstat(fd))
-        if now != fingerprint:
-            raise FileChanged(path, describe_change(Fingerprint(*fingerprint), now))
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev) != fingerprint:
+            raise FileChanged(path, describe_change(Fingerprint(*fingerprint), Fingerprint.of(st)))
 
-    def _read_into(self, path: str, fingerprint: tuple[int, ...], fd: int, view: memoryview,
+    @staticmethod
+    def _read_into(path: str, fingerprint: tuple[int, ...], fd: int, view: memoryview,
                    offset: int) -> int:
         try:
             got = os.preadv(fd, [view], offset)
         except OSError as exc:
             raise Unreadable(path, exc.strerror or str(exc)) from None
         if got == 0:
-            self._check_unchanged(path, fingerprint, fd)
+            BlockReader._check_unchanged(path, fingerprint, fd)
             raise FileChanged(path, "shorter than when walked")
         return got
 
@@ -131,7 +167,8 @@ class BlockReader:
         only until the next chunk is asked for (no allocation per chunk).
         A piece's file is checked against its fingerprint as soon as the piece is
         read, before the chunk holding the piece's end is yielded. If ``digests`` is
-        given, the xxh3-64 of each piece is appended to it as the piece completes.
+        given, the xxh3-64 of each piece is appended to it as the piece completes
+        (in one call for a piece within one chunk, the common case of a small file).
         """
         remaining = size
 
@@ -142,29 +179,42 @@ class BlockReader:
             return bytearray(want), want
 
         buf, limit = next_buffer()
+        view = memoryview(buf)
         filled = 0
-        for path, fingerprint, offset, left in pieces:
-            fd = self._open(path)
-            hasher = xxhash.xxh3_64() if digests is not None else None
-            try:
-                while left:
-                    if filled == limit:
-                        remaining -= filled
-                        yield _filled(buf, filled), False
-                        (buf, limit), filled = next_buffer(), 0
-                    want = min(left, limit - filled)
-                    with memoryview(buf) as view:
+        directory = _Directory()
+        try:
+            for path, fingerprint, offset, left in pieces:
+                fd = self._open(path, directory)
+                hasher = None            # for a piece that spans chunks
+                start = filled           # where the piece's bytes in this chunk begin
+                try:
+                    while left:
+                        if filled == limit:
+                            if digests is not None:
+                                hasher = hasher or xxhash.xxh3_64()
+                                hasher.update(view[start:filled])
+                            view.release()
+                            remaining -= filled
+                            yield _filled(buf, filled), False
+                            (buf, limit), filled, start = next_buffer(), 0, 0
+                            view = memoryview(buf)
+                        want = min(left, limit - filled)
                         got = self._read_into(path, fingerprint, fd, view[filled:filled + want], offset)
-                        if hasher is not None:
-                            hasher.update(view[filled:filled + got])
-                    filled, offset, left = filled + got, offset + got, left - got
-                    self.bytes_read += got
-                self._check_unchanged(path, fingerprint, fd)
-                if hasher is not None:
-                    digests.append(hasher.intdigest())
-            finally:
-                os.close(fd)
-        yield _filled(buf, filled), True
+                        filled, offset, left = filled + got, offset + got, left - got
+                        self.bytes_read += got
+                    self._check_unchanged(path, fingerprint, fd)
+                finally:
+                    os.close(fd)
+                if digests is not None:
+                    if hasher is None:
+                        digests.append(xxhash.xxh3_64_intdigest(view[start:filled]))
+                    else:
+                        hasher.update(view[start:filled])
+                        digests.append(hasher.intdigest())
+            view.release()
+            yield _filled(buf, filled), True
+        finally:
+            directory.close()
 
     def digests(self, size: int, pieces: Iterable[PieceSource]) -> list[int]:
         """The xxh3-64 of each piece of a block, read from the sources now."""

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import xxhash
 from trees import pack
 
 from ingest.errors import SourceError
@@ -102,3 +103,64 @@ def test_interleaved_streams_each_read_their_own_file(tmp_path):
                 data, done[i] = next(stream)
                 got[i] += data
     assert got == [b"A" * 50_000, b"B" * 50_000]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096, 1 << 20])
+def test_each_pieces_digest_is_the_xxh3_of_its_bytes_whatever_the_chunking(src, chunk_size):
+    files = walk_sources([str(src) + "/"]).files
+    plan = pack(files, 8192)
+    reader = BlockReader(chunk_size)
+    for block in plan.blocks:
+        want = [xxhash.xxh3_64_intdigest((src / p.file.name).read_bytes()[p.file_offset:p.file_offset + p.length])
+                for p in block.pieces]
+        assert reader.digests(block.size, piece_sources(block.pieces)) == want
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """Small files in three directories, nested, so that one block spans them all."""
+    for where in ("a", "a/b", "c"):
+        (tmp_path / where).mkdir()
+        for i in range(3):
+            (tmp_path / where / f"f{i}").write_bytes(f"{where}/{i}".encode() * 10)
+    return tmp_path
+
+
+def test_a_block_over_several_directories_reads_each_file_from_its_own(tree):
+    files = walk_sources([str(tree) + "/"]).files
+    plan = pack(files)
+    assert len(plan.blocks) == 1 and len({os.path.dirname(f.path) for f in files}) == 3
+    data = read_all(files, plan, 7)[0]
+    assert data == b"".join((tree / f.name).read_bytes() for f in files)
+
+
+@pytest.mark.parametrize("change", ["directory renamed", "directory replaced by a file"])
+def test_a_directory_gone_after_the_walk_is_reported_with_the_files_path(tree, change):
+    files = walk_sources([str(tree) + "/"]).files
+    plan = pack(files)
+    os.rename(tree / "c", tree / "gone")
+    if change == "directory replaced by a file":
+        (tree / "c").write_bytes(b"not a directory")
+    with pytest.raises(SourceError, match=str(tree / "c" / "f0")):
+        read_all(files, plan, 4096)
+
+
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_stream_closed_part_way_or_read_to_the_end_leaves_no_descriptor_open(tree):
+    files = walk_sources([str(tree) + "/"]).files
+    plan = pack(files)
+    reader = BlockReader(16)
+    before = open_descriptors()
+    stream = chunks(reader, plan.blocks[0], files)
+    for _ in range(5):
+        next(stream)
+    assert open_descriptors() > before      # a file and its directory are open
+    stream.close()
+    assert open_descriptors() == before
+    for _ in chunks(reader, plan.blocks[0], files):
+        pass
+    assert open_descriptors() == before
