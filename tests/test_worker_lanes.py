@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
 import time
 
 import msgpack
@@ -93,8 +94,12 @@ def test_a_worker_reads_its_lanes_worth_of_blocks_at_once_and_names_them(coordin
     lanes = md5lanes.engine().lanes
     assert coordinator.hello.get("lanes", 1) == lanes and coordinator.hello["version"] == protocol.PROTOCOL_VERSION
     sources = {b: _file(tmp_path, f"f{b}", 3 * MiB + b) for b in range(lanes)}
-    for b, piece in sources.items():
-        coordinator.read(b, [piece])
+    os.kill(coordinator.proc.pid, signal.SIGSTOP)   # all the READs wait for it at once, however loaded the machine
+    try:
+        for b, piece in sources.items():
+            coordinator.read(b, [piece])
+    finally:
+        os.kill(coordinator.proc.pid, signal.SIGCONT)
     progress: dict[int, list[tuple[int, bool]]] = {b: [] for b in sources}
     said_before_any_ended, stored = set(), {}
     while len(stored) < len(sources):
