@@ -146,7 +146,7 @@ class BlockToStore:
             for batch, start, stop, _, _ in block.runs))
         return cls(block.index, block.size, block.ends, block.count, places, rows)
 
-    def sources(self) -> list[PieceSource]:
+    def sources(self) -> Iterator[PieceSource]:
         """Its pieces as (path, fingerprint, offset, length), for a BlockReader."""
         return protocol.read_pieces(self.places, self.rows)
 

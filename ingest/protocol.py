@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,24 +236,46 @@ def read_frames(block: int, size: int, places: bytes, rows: bytes) -> list[bytes
     return [encode(READ, block=block, size=size), places, rows]
 
 
-def read_pieces(places: Any, rows: Any) -> list[PieceSource]:
+def read_pieces(places: Any, rows: Any) -> Iterator[PieceSource]:
     """A READ's pieces as (path, fingerprint, offset, length) tuples, which the reader
-    takes as they are; TypeError or ValueError if the frames are malformed."""
+    takes as they are, decoded one at a time as the reader asks for them: a block
+    being read holds its packed rows (tens of bytes a piece), not a tuple per piece.
+    TypeError or ValueError if the frames are malformed: at once for the places frame
+    and for runs that do not cover the rows, when it is reached for a row."""
     roots, runs = msgpack.unpackb(_buffer(places), use_list=False, unicode_errors="surrogateescape")
-    rows = msgpack.unpackb(_buffer(rows), use_list=False)
-    pieces: list[PieceSource] = []
-    start = 0
+    data = _buffer(rows)
+    unpacker = msgpack.Unpacker(use_list=False, max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
     try:
-        for count, index, device in runs:
-            root = roots[index]
-            pieces.extend((root + name, (size, mtime, ctime, inode, device), offset, length)
-                          for name, size, mtime, ctime, inode, offset, length in rows[start:start + count])
-            start += count
-    except IndexError:
-        raise ValueError("a run names a root the frame does not list") from None
-    if start != len(rows):
-        raise ValueError(f"runs for {start} pieces, and {len(rows)} rows")
-    return pieces
+        count = unpacker.read_array_header()
+    except msgpack.OutOfData:
+        raise ValueError("a rows frame that is not an array") from None
+    spans = []
+    for pieces, index, device in runs:
+        if not 0 <= index < len(roots):
+            raise ValueError("a run names a root the frame does not list")
+        if pieces < 0:
+            raise ValueError(f"a run of {pieces} pieces")
+        spans.append((pieces, roots[index], device))
+    covered = sum(pieces for pieces, _, _ in spans)
+    if covered != count:
+        raise ValueError(f"runs for {covered} pieces, and {count} rows")
+    return _decoded_pieces(spans, unpacker, len(data))
+
+
+def _decoded_pieces(spans: list[tuple[int, str, int]], unpacker: msgpack.Unpacker,
+                    frame_size: int) -> Iterator[PieceSource]:
+    """The pieces of ``spans`` (count, root, device), their rows read from ``unpacker``."""
+    unpack = unpacker.unpack
+    try:
+        for pieces, root, device in spans:
+            for _ in range(pieces):
+                name, size, mtime, ctime, inode, offset, length = unpack()
+                yield root + name, (size, mtime, ctime, inode, device), offset, length
+    except msgpack.OutOfData:
+        raise ValueError("a rows frame cut short") from None
+    if unpacker.tell() != frame_size:
+        raise ValueError("a rows frame with bytes after its rows")
 
 
 def digest_frames(digests: Sequence[int]) -> list[bytes]:

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import re
 import time
+import tracemalloc
 from pathlib import Path
 
 import msgpack
@@ -136,7 +137,7 @@ def test_a_read_lists_every_piece_even_with_a_path_that_is_not_utf8():
     header, *frames = protocol.read_frames(7, 8 + 2**33, places, rows)
     msg = protocol.parse([header, *frames], protocol.FROM_COORDINATOR)
     assert (msg.kind, msg["block"], msg["size"]) == (protocol.READ, 7, 8 + 2**33)
-    assert protocol.read_pieces(*frames) == [(root + name, tuple(fp), offset, length)
+    assert list(protocol.read_pieces(*frames)) == [(root + name, tuple(fp), offset, length)
                                              for root, name, fp, offset, length in pieces]
     roots, runs = msgpack.unpackb(places, unicode_errors="surrogateescape")
     assert roots == ["/data/", "/data/\udcff/", "/other/"]        # a root shared by pieces is sent once
@@ -152,10 +153,37 @@ ROW = ["x", 1, 2, 3, 4, 0, 1]
     ([["/r/"], [[1, 0, 8]]], [ROW, ROW]),         # rows no run covers
     ([["/r/"], [[1, 0, 8]]], [[7, *ROW[1:]]]),    # a name that is no text
     ([["/r/"], [[1, 0, 8]]], [ROW[:3]]),          # a short row
+    ([["/r/"], [[-1, 0, 8], [2, 0, 8]]], [ROW]),  # a run of fewer than no pieces
+    ([["/r/"], [[1, 0, 8]]], 7),                  # rows that are no array
     ("places", [ROW])])
 def test_a_malformed_read_is_a_value_or_type_error_the_worker_reports(places, rows):
     with pytest.raises((ValueError, TypeError)):
-        protocol.read_pieces(msgpack.packb(places), msgpack.packb(rows))
+        list(protocol.read_pieces(msgpack.packb(places), msgpack.packb(rows)))
+
+
+@pytest.mark.parametrize("cut", ["short", "long"])
+def test_a_rows_frame_cut_short_or_with_bytes_after_its_rows_is_a_value_error(cut):
+    places, rows = msgpack.packb([["/r/"], [[2, 0, 8]]]), msgpack.packb([ROW, ROW])
+    rows = rows[:-1] if cut == "short" else rows + msgpack.packb(ROW)
+    with pytest.raises(ValueError, match="cut short" if cut == "short" else "after its rows"):
+        list(protocol.read_pieces(places, rows))
+
+
+def test_a_read_holds_its_packed_rows_not_an_object_per_piece():
+    count = 65_536
+    rows = msgpack.packb([(f"d/f{i:06}.txt", 1024, 2**60 + i, 2**60 + i, 10**6 + i, 0, 1024) for i in range(count)])
+    places = protocol.pack_places([("/data/", 8)] * count)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        pieces = protocol.read_pieces(places, rows)
+        held = tracemalloc.get_traced_memory()[0] - before
+        first = next(pieces)
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(rows) + 65_536, (held, len(rows))   # one copy of the frame, and little else
+    assert first == ("/data/d/f000000.txt", (1024, 2**60, 2**60, 10**6, 8), 0, 1024)
+    assert sum(1 for _ in pieces) == count - 1
 
 
 def test_leaving_drops_the_rest_of_a_message_an_interrupt_cut_short():

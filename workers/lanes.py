@@ -17,7 +17,7 @@ block) gets one lane, hashed by hashlib: its blocks in memory stay
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ingest import md5lanes
@@ -104,7 +104,7 @@ class Lanes:
     def __len__(self) -> int:
         return len(self._active)
 
-    def add(self, block: int, size: int, pieces: Sequence[PieceSource]) -> None:
+    def add(self, block: int, size: int, pieces: Iterable[PieceSource]) -> None:
         """Start reading a block (at most ``lanes`` at once); IngestError if the store
         cannot open a writer for it."""
         if len(self._active) >= self.lanes:

@@ -135,8 +135,7 @@ class _Worker:
         if len(self.lanes) >= self.lanes.lanes:
             raise ProtocolError(f"a READ for block {msg['block']} while it reads {self.lanes.lanes} blocks")
         try:
-            with collector_paused():  # one tuple per piece: kept until the block is read, never cyclic
-                pieces = protocol.read_pieces(*msg.frames)
+            pieces = protocol.read_pieces(*msg.frames)   # decoded as they are read
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"a READ whose pieces are malformed ({exc})") from None
         try:
@@ -148,7 +147,7 @@ class _Worker:
         """Read, hash and write the next chunk of every block being read; say how far
         they got, queue the commits of those read whole, report those dropped."""
         try:
-            with collector_paused():  # a Fingerprint per piece read, none kept
+            with collector_paused():  # a tuple per piece read, none kept
                 done = self.lanes.step()
         except (TypeError, ValueError) as exc:  # pieces that are not [path, fingerprint, offset, length]
             self.lanes.drop_all()
