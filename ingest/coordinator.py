@@ -44,7 +44,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, repeat
-from operator import itemgetter
 from typing import Any
 
 import xxhash
@@ -142,7 +141,7 @@ class BlockToStore:
     @classmethod
     def of(cls, block: BlockPlan, rows: bytes) -> BlockToStore:
         places = protocol.pack_places(chain.from_iterable(
-            zip(repeat(batch.root), map(_device, batch.fingerprints[start:stop]))
+            zip(repeat(batch.root), batch.fingerprints.devices[start:stop])
             for batch, start, stop, _, _ in block.runs))
         return cls(block.index, block.size, block.ends, block.count, places, rows)
 
@@ -150,8 +149,6 @@ class BlockToStore:
         """Its pieces as (path, fingerprint, offset, length), for a BlockReader."""
         return protocol.read_pieces(self.places, self.rows)
 
-
-_device = itemgetter(4)
 
 
 class _PeerLost(Exception):

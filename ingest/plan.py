@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import accumulate, chain, repeat
-from operator import add, itemgetter
+from operator import add
 from typing import NamedTuple
 
 from ingest.keep.locator import BLOCK_SIZE_MAX
@@ -78,14 +78,14 @@ class BlockPlan:
             while want is not None and want < first:
                 i = stop - (first - want)
                 pieces.append(Piece(batch.file(i), offset, length) if stop - start == 1
-                              else Piece(batch.file(i), 0, batch.fingerprints[i][0]))
+                              else Piece(batch.file(i), 0, batch.fingerprints.sizes[i]))
                 want = next(wanted, None)
         return pieces
 
     def first_size(self) -> int:
         """The size of its first file (a large file's, for a block of one)."""
         run = self.runs[0]
-        return run.batch.fingerprints[run.start][0]
+        return run.batch.fingerprints.sizes[run.start]
 
 
 FileParts = tuple[tuple[int, int, int], ...]
@@ -146,7 +146,7 @@ class Packer:
     def add(self, batch: FileBatch) -> tuple[BatchParts, list[BlockPlan]]:
         """Place a batch's files: where their bytes go, and the blocks this closes
         (a large file's own, and each shared block the next small file did not fit in)."""
-        sizes = list(map(_first, batch.fingerprints))
+        sizes = batch.fingerprints.sizes
         placed, closed = BatchParts(), []
         half, n = self._half, len(sizes)
         if n and min(sizes) and max(sizes) <= half:    # nearly every batch: small files alone
@@ -224,5 +224,4 @@ class Packer:
         return block
 
 
-_first = itemgetter(0)
 _file_run = partial(tuple.__new__, FileRun)   # FileRun(*fields), at half the cost of the call

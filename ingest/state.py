@@ -88,9 +88,10 @@ def packed_rows(block: BlockPlan) -> bytes:
             fp = batch.fingerprints[start]
             rows.append((prefix + names[0], fp[0], fp[1], fp[2], fp[3], offset, length))
             continue
-        sizes, mtimes, ctimes, inodes, _ = zip(*batch.fingerprints[start:stop], strict=True)
-        rows += zip(map(add, repeat(prefix), names) if prefix else names, sizes, mtimes, ctimes, inodes,
-                    repeat(0), sizes)
+        f = batch.fingerprints
+        sizes = f.sizes[start:stop]
+        rows += zip(map(add, repeat(prefix), names) if prefix else names, sizes, f.mtimes[start:stop],
+                    f.ctimes[start:stop], f.inodes[start:stop], repeat(0), sizes)
     return msgpack.packb(rows)
 
 

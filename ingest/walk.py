@@ -26,7 +26,8 @@ import operator
 import os
 import re
 import stat
-from collections.abc import Callable, Generator, Iterable, Iterator
+from array import array
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -82,6 +83,65 @@ class TreeDir(NamedTuple):
     name: str
 
 
+def _column(typecode: str, values: list[int]) -> array | list[int]:
+    """Integers in a machine array, or left in a list when one does not fit (a time
+    after the year 2262 does not fit 64 signed bits of nanoseconds)."""
+    try:
+        return array(typecode, values)
+    except OverflowError:
+        return values
+
+
+class Fingerprints:
+    """The fingerprints of a batch's files as five columns of machine integers, 40
+    bytes a file rather than a tuple of five Python ints (about 230): a walk's files
+    wait in these until their blocks are stored. A row (``[i]``, or iterating) is a
+    plain tuple of a Fingerprint's fields."""
+
+    __slots__ = ("sizes", "mtimes", "ctimes", "inodes", "devices")
+
+    def __init__(self, sizes: list[int], mtimes: list[int], ctimes: list[int], inodes: list[int],
+                 devices: list[int]):
+        if not len(sizes) == len(mtimes) == len(ctimes) == len(inodes) == len(devices):
+            raise ValueError("fingerprint columns of different lengths")
+        self.sizes = _column("q", sizes)
+        self.mtimes = _column("q", mtimes)
+        self.ctimes = _column("q", ctimes)
+        self.inodes = _column("Q", inodes)
+        self.devices = _column("Q", devices)
+
+    @classmethod
+    def of(cls, stats: list[os.stat_result]) -> Fingerprints:
+        return cls(*(list(map(operator.attrgetter(name), stats)) for name in _STAT_FIELDS))
+
+    @classmethod
+    def of_rows(cls, rows: Iterable[tuple[int, int, int, int, int]]) -> Fingerprints:
+        columns = list(zip(*rows, strict=True)) or [()] * 5
+        return cls(*map(list, columns))
+
+    def columns(self) -> tuple[Sequence[int], ...]:
+        """sizes, mtimes, ctimes, inodes, devices."""
+        return self.sizes, self.mtimes, self.ctimes, self.inodes, self.devices
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> tuple[int, int, int, int, int]:
+        return self.sizes[i], self.mtimes[i], self.ctimes[i], self.inodes[i], self.devices[i]
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, int, int]]:
+        return zip(*self.columns(), strict=True)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fingerprints) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Fingerprints({list(self)!r})"
+
+
+_STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+
+
 class FileBatch(NamedTuple):
     """Files of one directory in name order, as columns: a walk yields a directory's
     files in one or more of these (of at most ``BATCH_FILES``), and a file named as a
@@ -90,7 +150,7 @@ class FileBatch(NamedTuple):
     root: str                        # as SourceFile's
     directory: str                   # their directory's manifest path ("" at the root)
     names: list[str]                 # their base names
-    fingerprints: list[tuple[int, int, int, int, int]]   # a Fingerprint's fields each, in a plain tuple
+    fingerprints: Fingerprints
 
     @property
     def prefix(self) -> str:
@@ -176,7 +236,6 @@ class Excludes:
         return False
 
 
-_stat_fingerprint = operator.attrgetter("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -281,7 +340,7 @@ class WalkTally:
     def found(self, batch: FileBatch) -> None:
         """Count a batch of files."""
         self.files_found += len(batch.names)
-        self.bytes_found += sum(map(operator.itemgetter(0), batch.fingerprints))
+        self.bytes_found += sum(batch.fingerprints.sizes)
         self.entries_left -= len(batch.names)
         if self.entries_left <= 0:
             self.report()
@@ -340,7 +399,7 @@ class TreeWalk(WalkTally):
     def batch(self, root: str, directory: str, names: list[str], stats: list[os.stat_result]) -> FileBatch:
         """The files ``names`` of a directory, found with ``stats``: counted, claimed
         (with several sources) and given their fingerprints, a batch at a time."""
-        batch = FileBatch(root, directory, names, list(map(_stat_fingerprint, stats)))
+        batch = FileBatch(root, directory, names, Fingerprints.of(stats))
         if self.seen is not None:
             prefix = batch.prefix
             for name in names:

@@ -33,7 +33,7 @@ import msgpack
 import ingest
 from ingest.errors import IngestError, SourceError, UsageError
 from ingest.gcpause import collector_paused
-from ingest.walk import Excludes, FileBatch, TreeDir, TreeItem, TreeWalk, WalkProgress, WalkTally
+from ingest.walk import Excludes, FileBatch, Fingerprints, TreeDir, TreeItem, TreeWalk, WalkProgress, WalkTally
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class WalkProcess(WalkTally):
         for frame in frames:
             kind = frame[0]
             if kind == BATCH:
-                batch = FileBatch(root, frame[1], list(frame[2]), list(frame[3]))
+                batch = FileBatch(root, frame[1], list(frame[2]), Fingerprints(*map(list, frame[3:8])))
                 self.found(batch)
                 yield batch
             elif kind == DIR:
@@ -188,7 +188,7 @@ class _ForwardingWalk(TreeWalk):
             if item.root != root:
                 root = item.root
                 self.sender.send([ROOT, root], escaped=True)
-            self.sender.send([BATCH, item.directory, item.names, item.fingerprints])
+            self.sender.send([BATCH, item.directory, item.names, *map(list, item.fingerprints.columns())])
 
 
 def _child_main(fd: int) -> None:

@@ -3,11 +3,12 @@
 import os
 import re
 import socket
+from array import array
 
 import pytest
 
 from ingest.errors import SourceError, UsageError
-from ingest.walk import Excludes, walk_sources
+from ingest.walk import Excludes, Fingerprints, walk_sources
 
 
 def touch(path, data=b"x"):
@@ -197,3 +198,16 @@ def test_names_with_non_ascii_whitespace_are_refused(tree, name):
     (tree / name).write_bytes(b"x")
     with pytest.raises(SourceError, match=r"(?s)cannot be stored in a manifest.*non-ASCII whitespace"):
         walk_sources([str(tree) + "/"])
+
+
+@pytest.mark.parametrize("mtime", [0, -10**18, 2**63 - 1, 2**63, 10**19])
+def test_fingerprint_columns_keep_every_value_a_stat_can_give(mtime):
+    rows = [(5, mtime, 7, 2**64 - 1, 2**63), (0, 1, 2, 3, 4)]
+    columns = Fingerprints.of_rows(rows)
+    assert list(columns) == rows and [columns[i] for i in range(2)] == rows and len(columns) == 2
+    assert list(columns.sizes) == [5, 0] and list(columns.devices) == [2**63, 4]
+
+
+def test_fingerprint_columns_are_machine_integers_when_they_fit():
+    columns = Fingerprints.of_rows([(5, 6, 7, 8, 9)] * 1000)
+    assert all(isinstance(c, array) and c.itemsize == 8 for c in columns.columns())

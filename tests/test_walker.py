@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from ingest.errors import SourceError
-from ingest.walk import BATCH_FILES, TreeWalk
+from ingest.walk import BATCH_FILES, FileBatch, Fingerprint, TreeWalk
 from ingest.walker import WalkProcess
 
 
@@ -48,6 +48,9 @@ def odd_tree(tmp_path):
     (src / "dangling").symlink_to("nowhere")
     (src / "sub" / "loop").symlink_to("..")
     os.mkfifo(src / "fifo")
+    for name, ns in (("future.txt", 10**19), ("past.txt", -10**18)):   # years 2286 and 1938
+        _touch(src / name)
+        os.utime(src / name, ns=(ns, ns))
     odd = os.path.join(os.fsencode(tmp_path), b"not-utf8-\xff")
     os.makedirs(os.path.join(odd, b"d"))
     with open(os.path.join(odd, b"d", b"c.txt"), "wb") as f:
@@ -76,6 +79,9 @@ def test_the_walk_process_yields_what_the_walk_does(odd_tree, caplog):
     assert len([item for item in here[0] if len(item) == 4 and item[1] == "src/many"]) == 2   # two batches
     assert {reason for _, reason in here[1]} == {"dangling symlink", "FIFO", "symlink loop"}
     assert here[0][-1][0] == odd + "/d/"       # a root that is not UTF-8, carried as it is
+    top = next(FileBatch(*item) for item in here[0] if len(item) == 4 and item[1] == "src")
+    for name in ("future.txt", "past.txt"):
+        assert top.fingerprint(top.names.index(name)) == Fingerprint.of(os.stat(src / name))
     assert logged_there == logged_here and len(logged_here) == 3   # the coordinator logs what the child saw
     assert _walkers() == []
 
@@ -87,7 +93,7 @@ def test_excludes_no_follow_and_leave_out_reach_the_child(odd_tree):
     here = _outcome(TreeWalk(*args, leave_out=[left_out]))
     there = _outcome(WalkProcess(*args, exclude=["many"], leave_out=[left_out]))
     assert there[0] == [item for item in here[0] if (item[0] if len(item) == 1 else item[1]) != "many"]
-    assert there[0][0][2] == ["a.txt"] and there[0][1:] == [("sub",)] and there[3] == 1
+    assert there[0][0][2] == ["a.txt", "future.txt", "past.txt"] and there[0][1:] == [("sub",)] and there[3] == 3
     assert {reason for _, reason in there[1]} == {"symlink (--no-follow-links)", "FIFO"}
 
 

@@ -79,18 +79,18 @@ class Packed(NamedTuple):
 def batches(files, most: int | None = None) -> list:
     """``files`` (SourceFile) as a walk yields them: FileBatches of consecutive files of
     one directory, of at most ``most`` files each."""
-    from ingest.walk import FileBatch
+    from ingest.walk import FileBatch, Fingerprints
 
-    out = []
+    groups: list[tuple[str, str, list[str], list]] = []
     for f in files:
         directory, _, base = f.name.rpartition("/")
-        last = out[-1] if out else None
-        if last is None or (last.root, last.directory) != (f.root, directory) or len(last.names) == most:
-            last = FileBatch(f.root, directory, [], [])
-            out.append(last)
-        last.names.append(base)
-        last.fingerprints.append(f.fingerprint)
-    return out
+        last = groups[-1] if groups else None
+        if last is None or last[:2] != (f.root, directory) or len(last[2]) == most:
+            last = (f.root, directory, [], [])
+            groups.append(last)
+        last[2].append(base)
+        last[3].append(f.fingerprint)
+    return [FileBatch(root, directory, names, Fingerprints.of_rows(fps)) for root, directory, names, fps in groups]
 
 
 def pack(files, block_size: int = BLOCK, most: int | None = None) -> Packed:
