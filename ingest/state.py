@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from array import array
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -80,19 +81,22 @@ class Locked(IngestError):
 def packed_rows(block: BlockPlan) -> bytes:
     """The identity of a block's content, msgpack-packed: each piece's file name,
     fingerprint (size, mtime, ctime, inode) and range, one row per piece (made from
-    the block's runs a column at a time)."""
-    rows: list[tuple] = []
+    the block's runs a column at a time, and packed a row at a time: no list of a
+    block's rows is built, which for 65,536 small files would take 27 MB)."""
+    packer = msgpack.Packer(autoreset=False)
+    packer.pack_array_header(block.count)
+    pack = packer.pack
     for batch, start, stop, offset, length in block.runs:
         prefix, names = batch.prefix, batch.names[start:stop]
         if stop - start == 1:
             fp = batch.fingerprints[start]
-            rows.append((prefix + names[0], fp[0], fp[1], fp[2], fp[3], offset, length))
+            pack((prefix + names[0], fp[0], fp[1], fp[2], fp[3], offset, length))
             continue
         f = batch.fingerprints
         sizes = f.sizes[start:stop]
-        rows += zip(map(add, repeat(prefix), names) if prefix else names, sizes, f.mtimes[start:stop],
-                    f.ctimes[start:stop], f.inodes[start:stop], repeat(0), sizes)
-    return msgpack.packb(rows)
+        deque(map(pack, zip(map(add, repeat(prefix), names) if prefix else names, sizes, f.mtimes[start:stop],
+                            f.ctimes[start:stop], f.inodes[start:stop], repeat(0), sizes)), maxlen=0)
+    return packer.bytes()
 
 
 def block_key(packed: bytes) -> bytes:

@@ -178,3 +178,23 @@ def test_digests_of_a_journal_changed_under_the_run_are_refused(state):
     rewrite_journal(state.journal_path, [frame({"t": "run", "pad": "x" * 100})])
     with pytest.raises(JournalCorrupt, match="changed under this run"):
         _ = stored.digests
+
+
+def test_a_blocks_rows_are_packed_as_the_journal_has_always_keyed_them(tmp_path):
+    """packed_rows streams its rows into the packer; the bytes (and so every journaled
+    block's key) are those of the whole list of rows packed at once."""
+    from trees import pack
+
+    from ingest.state import packed_rows
+    from ingest.walk import walk_sources
+
+    for i in range(40):
+        (tmp_path / "d" / f"s{i // 20}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / f"s{i // 20}" / f"f{i}").write_bytes(b"x" * (i * 37 % 500))
+    (tmp_path / "d" / "big").write_bytes(b"y" * 3000)        # a file over several blocks
+    files = walk_sources([str(tmp_path / "d")]).files
+    plan = pack(files, 1024)
+    assert len(plan.blocks) > 3
+    for block in plan.blocks:
+        rows = [(p.file.name, *p.file.fingerprint[:4], p.file_offset, p.length) for p in block.pieces]
+        assert packed_rows(block) == packb(rows)
