@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import msgpack
-
 from ingest import md5lanes
 from ingest.assemble import ManifestAssembler, ManifestText
 from ingest.config import Settings
@@ -45,6 +43,7 @@ from ingest.state import (
     block_key,
     block_layout,
     block_record,
+    moved_pieces,
     packed_rows,
 )
 from ingest.walk import Excludes, Fingerprint, TreeDir, TreeWalk, check_sources
@@ -246,17 +245,13 @@ class _Run:
         earlier = self.index.layouts.get(layout)
         if earlier is None or self.verify is not None or self._expiring(earlier):
             return None
-        old, stored = earlier.rows_and_digests()
-        now_rows = msgpack.unpackb(rows, use_list=False)
-        if len(old) != len(now_rows) or len(stored) != len(old):
+        then_rows, stored = earlier.rows_and_digests()
+        moved_lengths = moved_pieces(rows, then_rows)
+        if not moved_lengths or len(stored) != block.count:
             return None
-        moved = [i for i, (row, was) in enumerate(zip(now_rows, old, strict=True)) if row != was]
-        for i in moved:       # only the fingerprint (mtime, ctime, inode) may differ
-            row, was = now_rows[i], old[i]
-            if row[:2] != was[:2] or row[5:] != was[5:]:
-                return None
-        moved_bytes = sum(now_rows[i][6] for i in moved)
-        if not moved or 4 * moved_bytes > block.size:
+        moved = [i for i, _ in moved_lengths]
+        moved_bytes = sum(length for _, length in moved_lengths)
+        if 4 * moved_bytes > block.size:
             return None
         pieces = block.pieces_at(moved)
         try:

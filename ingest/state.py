@@ -99,6 +99,34 @@ def packed_rows(block: BlockPlan) -> bytes:
     return packer.bytes()
 
 
+def moved_pieces(now: bytes, then: bytes) -> list[tuple[int, int]] | None:
+    """The position and length of each piece whose row differs between two packings
+    of a block's rows (see packed_rows) in its fingerprint's mtime, ctime or inode
+    alone; None when the rows differ in anything else, or in number. The rows are
+    compared as they are decoded, one pair at a time: none is kept but those moved."""
+    count, now_rows = _row_stream(now)
+    then_count, then_rows = _row_stream(then)
+    if count != then_count:
+        return None
+    moved = []
+    try:
+        for i, row, was in zip(range(count), now_rows, then_rows, strict=True):
+            if row != was:
+                if row[:2] != was[:2] or row[5:] != was[5:]:
+                    return None
+                moved.append((i, row[6]))
+    except ValueError:       # a packing with fewer or more rows than it says
+        return None
+    return moved
+
+
+def _row_stream(packed: bytes) -> tuple[int, msgpack.Unpacker]:
+    """How many rows a packing holds, and an unpacker that yields them in order."""
+    unpacker = msgpack.Unpacker(use_list=False, max_buffer_size=max(len(packed), 1))
+    unpacker.feed(packed)
+    return unpacker.read_array_header(), unpacker
+
+
 def block_key(packed: bytes) -> bytes:
     """A compact key for a block's packed piece rows: their xxh3-128."""
     return xxhash.xxh3_128_digest(packed)
@@ -193,11 +221,11 @@ class StoredRecord:
         """The xxh3-64 of each piece, as they were stored."""
         return _unpack_digests(self._packed("digests")[0])
 
-    def rows_and_digests(self) -> tuple[list[tuple], list[int]]:
-        """Its pieces' rows as packed_rows made them ((name, size, mtime_ns, ctime_ns,
-        inode, offset, length) each) and their digests, from one read of its frame."""
+    def rows_and_digests(self) -> tuple[bytes, list[int]]:
+        """Its pieces' rows, packed as packed_rows packed them, and their digests, from
+        one read of its frame."""
         rows, digests = self._packed("rows", "digests")
-        return msgpack.unpackb(rows, use_list=False), _unpack_digests(digests)
+        return rows, _unpack_digests(digests)
 
     def _packed(self, *names: str) -> list[Any]:
         payload = frame_at(self.journal, self.offset)

@@ -198,3 +198,28 @@ def test_a_blocks_rows_are_packed_as_the_journal_has_always_keyed_them(tmp_path)
     for block in plan.blocks:
         rows = [(p.file.name, *p.file.fingerprint[:4], p.file_offset, p.length) for p in block.pieces]
         assert packed_rows(block) == packb(rows)
+
+
+@pytest.mark.parametrize("change, moved", [
+    ("nothing", []),
+    ("touched", [(1, 6), (3, 8)]),                 # mtime, ctime or inode moved: reusable if the bytes match
+    ("resized", None), ("renamed", None), ("reranged", None), ("one more", None), ("cut short", None)])
+def test_moved_pieces_are_those_whose_fingerprint_alone_moved(change, moved):
+    from ingest.state import moved_pieces
+
+    then = [(f"f{i}", 5 + i, 10, 20, 30 + i, 0, 5 + i) for i in range(5)]
+    now = list(then)
+    if change == "touched":
+        now[1] = (*now[1][:2], 11, 21, now[1][4], *now[1][5:])
+        now[3] = (*now[3][:4], 99, *now[3][5:])
+    elif change == "resized":
+        now[2] = (now[2][0], 6, *now[2][2:])
+    elif change == "renamed":
+        now[2] = ("g", *now[2][1:])
+    elif change == "reranged":
+        now[2] = (*now[2][:5], 1, 4)
+    elif change == "one more":
+        now.append(now[-1])
+    packed_then = packb(then)
+    packed_now = packb(now) if change != "cut short" else packb(now)[:-3]
+    assert moved_pieces(packed_now, packed_then) == moved
