@@ -135,6 +135,20 @@ def test_a_worker_that_must_quit_mid_read_leaves_no_temporary_files(coordinator,
     assert not [p for p in coordinator.store.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
+def test_a_read_whose_later_row_is_malformed_is_given_up_when_reached(coordinator, tmp_path):
+    # a READ's rows are decoded as they are read: the bad one is found mid-block,
+    # after the first file's bytes went into the block, which is then thrown away
+    good = _file(tmp_path, "good", 3 * MiB)
+    rows = msgpack.packb([(good.path, *good.fingerprint[:4], 0, good.length), (7, 1, 2, 3, 4, 0, 1)])
+    places = protocol.pack_places([("", good.fingerprint.device)] * 2)
+    coordinator.send(*protocol.read_frames(0, good.length + 1, places, rows))
+    _, msg = coordinator.receive()
+    assert (msg.kind, msg["block"], msg["last"]) == (protocol.PROGRESS, 0, False)   # reading had begun
+    coordinator.proc.join(HEARTBEAT_S / 2)
+    assert coordinator.proc.exitcode == 1
+    assert not [p for p in coordinator.store.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
 def test_more_reads_than_lanes_break_the_protocol(coordinator, tmp_path):
     lanes = coordinator.hello.get("lanes", 1)
     sources = [_file(tmp_path, f"f{b}", 8 * MiB) for b in range(lanes + 1)]
