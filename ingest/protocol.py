@@ -68,6 +68,7 @@ import msgpack
 import zmq
 
 from ingest.reader import PieceSource
+from ingest.state import row_stream
 
 PROTOCOL_VERSION = 6
 
@@ -244,12 +245,7 @@ def read_pieces(places: Any, rows: Any) -> Iterator[PieceSource]:
     and for runs that do not cover the rows, when it is reached for a row."""
     roots, runs = msgpack.unpackb(_buffer(places), use_list=False, unicode_errors="surrogateescape")
     data = _buffer(rows)
-    unpacker = msgpack.Unpacker(use_list=False, max_buffer_size=max(len(data), 1))
-    unpacker.feed(data)
-    try:
-        count = unpacker.read_array_header()
-    except msgpack.OutOfData:
-        raise ValueError("a rows frame that is not an array") from None
+    count, unpacker = row_stream(data)
     spans = []
     for pieces, index, device in runs:
         if not 0 <= index < len(roots):

@@ -104,27 +104,32 @@ def moved_pieces(now: bytes, then: bytes) -> list[tuple[int, int]] | None:
     of a block's rows (see packed_rows) in its fingerprint's mtime, ctime or inode
     alone; None when the rows differ in anything else, or in number. The rows are
     compared as they are decoded, one pair at a time: none is kept but those moved."""
-    count, now_rows = _row_stream(now)
-    then_count, then_rows = _row_stream(then)
-    if count != then_count:
-        return None
-    moved = []
     try:
+        count, now_rows = row_stream(now)
+        then_count, then_rows = row_stream(then)
+        if count != then_count:
+            return None
+        moved = []
         for i, row, was in zip(range(count), now_rows, then_rows, strict=True):
             if row != was:
                 if row[:2] != was[:2] or row[5:] != was[5:]:
                     return None
                 moved.append((i, row[6]))
-    except ValueError:       # a packing with fewer or more rows than it says
+    except ValueError:       # not an array, or fewer or more rows than it says
         return None
     return moved
 
 
-def _row_stream(packed: bytes) -> tuple[int, msgpack.Unpacker]:
-    """How many rows a packing holds, and an unpacker that yields them in order."""
+def row_stream(packed: Any) -> tuple[int, msgpack.Unpacker]:
+    """How many rows a packing of them (see packed_rows) says it holds, and an
+    unpacker that yields them in order, decoding each as it is asked for (iterating
+    it stops early if the packing is cut short). ValueError if it is not an array."""
     unpacker = msgpack.Unpacker(use_list=False, max_buffer_size=max(len(packed), 1))
     unpacker.feed(packed)
-    return unpacker.read_array_header(), unpacker
+    try:
+        return unpacker.read_array_header(), unpacker
+    except msgpack.OutOfData:
+        raise ValueError("packed rows that are not an array") from None
 
 
 def block_key(packed: bytes) -> bytes:
