@@ -83,13 +83,13 @@ class TreeDir(NamedTuple):
     name: str
 
 
-def _column(typecode: str, values: list[int]) -> array | list[int]:
-    """Integers in a machine array, or left in a list when one does not fit (a time
-    after the year 2262 does not fit 64 signed bits of nanoseconds)."""
+def _column(typecode: str, values: Sequence[int]) -> Sequence[int]:
+    """Integers in a machine array, or in a list when one does not fit (a time after
+    the year 2262 does not fit 64 signed bits of nanoseconds)."""
     try:
         return array(typecode, values)
     except OverflowError:
-        return values
+        return list(values)
 
 
 class Fingerprints:
@@ -100,8 +100,8 @@ class Fingerprints:
 
     __slots__ = ("sizes", "mtimes", "ctimes", "inodes", "devices")
 
-    def __init__(self, sizes: list[int], mtimes: list[int], ctimes: list[int], inodes: list[int],
-                 devices: list[int]):
+    def __init__(self, sizes: Sequence[int], mtimes: Sequence[int], ctimes: Sequence[int],
+                 inodes: Sequence[int], devices: Sequence[int]):
         if not len(sizes) == len(mtimes) == len(ctimes) == len(inodes) == len(devices):
             raise ValueError("fingerprint columns of different lengths")
         self.sizes = _column("q", sizes)
@@ -116,8 +116,7 @@ class Fingerprints:
 
     @classmethod
     def of_rows(cls, rows: Iterable[tuple[int, int, int, int, int]]) -> Fingerprints:
-        columns = list(zip(*rows, strict=True)) or [()] * 5
-        return cls(*map(list, columns))
+        return cls(*(list(zip(*rows, strict=True)) or [()] * 5))
 
     def columns(self) -> tuple[Sequence[int], ...]:
         """sizes, mtimes, ctimes, inodes, devices."""

@@ -96,7 +96,7 @@ class WalkProcess(WalkTally):
         for frame in frames:
             kind = frame[0]
             if kind == BATCH:
-                batch = FileBatch(root, frame[1], list(frame[2]), Fingerprints(*map(list, frame[3:8])))
+                batch = FileBatch(root, frame[1], list(frame[2]), Fingerprints(*frame[3:8]))
                 self.found(batch)
                 yield batch
             elif kind == DIR:
