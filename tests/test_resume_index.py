@@ -223,3 +223,10 @@ def test_moved_pieces_are_those_whose_fingerprint_alone_moved(change, moved):
     packed_then = packb(then)
     packed_now = packb(now) if change != "cut short" else packb(now)[:-3]
     assert moved_pieces(packed_now, packed_then) == moved
+
+
+@pytest.mark.parametrize("then", [packb(7), b"", b"\xc1", packb([("f", 1)])])
+def test_moved_pieces_of_journaled_rows_that_are_no_rows_is_none(then):
+    from ingest.state import moved_pieces
+
+    assert moved_pieces(packb([("f", 1, 2, 3, 4, 0, 1)]), then) is None
