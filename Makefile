@@ -33,7 +33,7 @@ $(BIN)/python:
 
 # Runtime install (for make ingest) and test install, each re-run when pyproject, setup.py
 # or the C extension's source change (pip builds the extension in place).
-BUILD_INPUTS := pyproject.toml setup.py ingest/_md5lanes.c
+BUILD_INPUTS := pyproject.toml setup.py ingest/_md5lanes.c ingest/_smallfiles.c
 
 $(VENV)/.runtime: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .

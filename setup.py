@@ -1,10 +1,12 @@
-"""The one thing pyproject.toml cannot state stably yet: the optional C extension.
+"""The one thing pyproject.toml cannot state stably yet: the optional C extensions.
 
-ingest._md5lanes hashes several blocks at once in SIMD lanes (see ingest/md5lanes.py).
-It is optional: without a C compiler the install goes on, and hashlib hashes one block
-at a time.
+ingest._md5lanes hashes several blocks at once in SIMD lanes (see ingest/md5lanes.py);
+ingest._smallfiles runs the reader's loop over small files (see ingest/reader.py).
+Both are optional: without a C compiler the install goes on, hashlib hashes one block
+at a time, and the reader's own Python loop reads every file.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("ingest._md5lanes", sources=["ingest/_md5lanes.c"], optional=True)])
+setup(ext_modules=[Extension("ingest._md5lanes", sources=["ingest/_md5lanes.c"], optional=True),
+                   Extension("ingest._smallfiles", sources=["ingest/_smallfiles.c"], optional=True)])

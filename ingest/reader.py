@@ -6,6 +6,13 @@ walk's fingerprint: a file that changed, grew, shrank or was replaced since the 
 is reported, and its block must not be stored. A large file stays open across its
 pieces; small files cost one open, read, fstat and close each, and are opened by
 name relative to their directory, which a stream keeps open while its files last.
+
+The C extension ``ingest._smallfiles`` (built from ``ingest/_smallfiles.c`` by
+``pip install``, optional) runs that loop for every piece that fits whole in the
+chunk being filled, the small files of a block: it does the same calls, in the same
+order, with no Python between them, and hands back any piece it does not finish
+(one that spans chunks, or anything out of the ordinary), which the Python loop
+below then reads, or reports as unreadable or changed.
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ import xxhash
 from ingest.errors import SourceError
 from ingest.plan import Piece
 from ingest.walk import Fingerprint
+
+try:
+    from ingest import _smallfiles
+except ImportError:  # not built: no C compiler when installed, or another platform
+    _smallfiles = None
 
 Chunk = bytearray | memoryview  # a chunk of a block's bytes, readable without a copy
 
@@ -182,8 +194,19 @@ class BlockReader:
         view = memoryview(buf)
         filled = 0
         directory = _Directory()
+        pieces = iter(pieces)
         try:
-            for path, fingerprint, offset, left in pieces:
+            while True:
+                if _smallfiles is not None:    # the pieces that fit in this chunk
+                    was = filled
+                    filled, piece = _smallfiles.read_run(pieces, buf, filled, limit, directory,
+                                                         self._open_flags, digests, xxhash.xxh3_64_intdigest)
+                    self.bytes_read += filled - was
+                else:
+                    piece = next(pieces, None)
+                if piece is None:
+                    break
+                path, fingerprint, offset, left = piece
                 fd = self._open(path, directory)
                 hasher = None            # for a piece that spans chunks
                 start = filled           # where the piece's bytes in this chunk begin

@@ -1,0 +1,275 @@
+/* ingest._smallfiles: the reader's loop over small files, in C (see ingest/reader.py).
+ *
+ * read_run(pieces, buffer, filled, limit, directory, flags, digests, digest)
+ *     -> (filled, pending)
+ *
+ * Takes pieces from the iterator `pieces` and, for each one that fits whole in
+ * buffer[filled:limit], does what BlockReader does for it: opens the file by name
+ * relative to its directory (`directory`, the reader's _Directory, whose `path` and
+ * `fd` it reads and updates), reads the piece with pread, checks with fstat that the
+ * file still matches the piece's fingerprint, closes it, and appends
+ * digest(piece bytes) to `digests` (unless it is None). It stops at the first piece
+ * it does not finish and returns it as `pending`, untouched by anything but a read
+ * into the free part of the buffer: a piece that does not fit, or anything out of
+ * the ordinary (a piece that is not a 4-tuple with a 5-tuple fingerprint of ints, a
+ * path it cannot pass to the kernel as it is, any failing system call, a short read,
+ * a changed file). The caller's own loop then handles that piece, and raises the
+ * error there is to raise, so the errors and their messages stay in one place.
+ * `pending` is None when the iterator is exhausted.
+ *
+ * Syscalls run with the GIL held: a run lasts one chunk (at most a few milliseconds),
+ * and dropping the GIL four times a file would cost more than it gives.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#ifndef O_PATH
+#define O_PATH O_RDONLY
+#endif
+
+#define DIRECTORY_FLAGS (O_PATH | O_DIRECTORY | O_CLOEXEC)
+
+typedef struct {
+    const char *path;        /* UTF-8 (what os.open would pass: the path has no surrogates) */
+    Py_ssize_t path_len;
+    long long size, mtime_ns, ctime_ns, offset, length;
+    unsigned long long inode, device;
+} piece;
+
+/* The directory held open, as the Python object had it on entry. */
+typedef struct {
+    char path[PATH_MAX];
+    Py_ssize_t len;          /* -1: none */
+    int fd;
+    int changed;             /* path or fd differ from the Python object's */
+} held_dir;
+
+static int as_long_long(PyObject *o, long long *out)
+{
+    if (!PyLong_Check(o))
+        return 0;
+    *out = PyLong_AsLongLong(o);
+    return !(*out == -1 && PyErr_Occurred());
+}
+
+static int as_unsigned(PyObject *o, unsigned long long *out)
+{
+    if (!PyLong_Check(o))
+        return 0;
+    *out = PyLong_AsUnsignedLongLong(o);
+    return !(*out == (unsigned long long)-1 && PyErr_Occurred());
+}
+
+/* 1 if `item` is (path, (size, mtime, ctime, inode, device), offset, length) with
+ * values the fast path takes; 0 otherwise (any error cleared). */
+static int parse_piece(PyObject *item, piece *p)
+{
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4)
+        return 0;
+    PyObject *path = PyTuple_GET_ITEM(item, 0), *fp = PyTuple_GET_ITEM(item, 1);
+    if (!PyUnicode_Check(path) || !PyTuple_Check(fp) || PyTuple_GET_SIZE(fp) != 5)
+        return 0;
+    int ok = (p->path = PyUnicode_AsUTF8AndSize(path, &p->path_len)) != NULL
+        && as_long_long(PyTuple_GET_ITEM(fp, 0), &p->size)
+        && as_long_long(PyTuple_GET_ITEM(fp, 1), &p->mtime_ns)
+        && as_long_long(PyTuple_GET_ITEM(fp, 2), &p->ctime_ns)
+        && as_unsigned(PyTuple_GET_ITEM(fp, 3), &p->inode)
+        && as_unsigned(PyTuple_GET_ITEM(fp, 4), &p->device)
+        && as_long_long(PyTuple_GET_ITEM(item, 2), &p->offset)
+        && as_long_long(PyTuple_GET_ITEM(item, 3), &p->length);
+    if (!ok) {
+        PyErr_Clear();
+        return 0;
+    }
+    return p->offset >= 0 && p->length >= 0 && p->path_len > 0
+        && memchr(p->path, '\0', (size_t)p->path_len) == NULL;
+}
+
+/* The descriptor to open `p`'s file at and the name to open there, with the file's
+ * directory held open in `d`; -2 when the fast path should not go on. */
+static int opener(held_dir *d, const piece *p, const char **name)
+{
+    const char *slash = memrchr(p->path, '/', (size_t)p->path_len);
+    if (slash == NULL) {
+        *name = p->path;
+        return AT_FDCWD;
+    }
+    Py_ssize_t len = slash - p->path;
+    *name = slash + 1;
+    if (d->len == len && memcmp(d->path, p->path, (size_t)len) == 0)
+        return d->fd;
+    if (len >= PATH_MAX)
+        return -2;
+    if (d->fd >= 0)
+        close(d->fd);
+    d->changed = 1;
+    memcpy(d->path, p->path, (size_t)len);
+    d->path[len] = '\0';
+    d->fd = open(len ? d->path : "/", DIRECTORY_FLAGS);
+    d->len = d->fd >= 0 ? len : -1;
+    return d->fd >= 0 ? d->fd : -2;
+}
+
+/* A stat time in nanoseconds, as os.stat gives it; 0 if it does not fit 64 bits. */
+static int time_ns(const struct timespec *t, long long *out)
+{
+    long long ns;
+    return !__builtin_mul_overflow((long long)t->tv_sec, 1000000000LL, &ns)
+        && !__builtin_add_overflow(ns, (long long)t->tv_nsec, out);
+}
+
+/* Read `p` into `dst` and check its file against its fingerprint: 1 if all went
+ * as it should. */
+static int read_piece(held_dir *d, const piece *p, int flags, char *dst)
+{
+    const char *name;
+    int at = opener(d, p, &name);
+    if (at == -2)
+        return 0;
+    int fd = openat(at, name, flags);
+    if (fd < 0)
+        return 0;
+    long long offset = p->offset, left = p->length;
+    while (left > 0) {
+        ssize_t got = pread(fd, dst, (size_t)left, (off_t)offset);
+        if (got <= 0) {
+            close(fd);
+            return 0;
+        }
+        dst += got, offset += got, left -= got;
+    }
+    struct stat st;
+    long long mtime_ns, ctime_ns;
+    int same = fstat(fd, &st) == 0
+        && time_ns(&st.st_mtim, &mtime_ns) && time_ns(&st.st_ctim, &ctime_ns)
+        && (long long)st.st_size == p->size && mtime_ns == p->mtime_ns && ctime_ns == p->ctime_ns
+        && (unsigned long long)st.st_ino == p->inode
+        && (unsigned long long)st.st_dev == p->device;
+    close(fd);
+    return same;
+}
+
+static int load_dir(PyObject *directory, held_dir *d)
+{
+    PyObject *path = PyObject_GetAttrString(directory, "path");
+    PyObject *fd = path ? PyObject_GetAttrString(directory, "fd") : NULL;
+    int ok = fd != NULL && PyLong_Check(fd);
+    if (ok) {
+        d->fd = (int)PyLong_AsLong(fd);
+        d->len = -1;
+        d->changed = 0;
+        Py_ssize_t len;
+        const char *utf8 = path != Py_None && PyUnicode_Check(path) ? PyUnicode_AsUTF8AndSize(path, &len) : NULL;
+        if (utf8 != NULL && len < PATH_MAX) {
+            memcpy(d->path, utf8, (size_t)len);
+            d->len = len;
+        }
+        PyErr_Clear();           /* a path not held as it is: the next file's directory is opened anew */
+        ok = !PyErr_Occurred() && d->fd >= -1;
+    }
+    if (!ok && !PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "directory: path (str or None) and fd (int) expected");
+    Py_XDECREF(path);
+    Py_XDECREF(fd);
+    return ok;
+}
+
+/* Tell the Python object what directory is held now, keeping any pending exception. */
+static int store_dir(PyObject *directory, const held_dir *d)
+{
+    if (!d->changed)
+        return 1;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *path = d->len >= 0 ? PyUnicode_DecodeUTF8(d->path, d->len, "strict") : Py_NewRef(Py_None);
+    PyObject *fd = PyLong_FromLong(d->len >= 0 ? d->fd : -1);
+    int ok = path && fd && PyObject_SetAttrString(directory, "path", path) == 0
+        && PyObject_SetAttrString(directory, "fd", fd) == 0;
+    Py_XDECREF(path);
+    Py_XDECREF(fd);
+    if (type != NULL)
+        PyErr_Restore(type, value, traceback);
+    return ok;
+}
+
+static PyObject *read_run(PyObject *module, PyObject *args)
+{
+    (void)module;
+    PyObject *pieces, *buffer, *directory, *digests, *digest;
+    Py_ssize_t filled, limit;
+    int flags;
+    if (!PyArg_ParseTuple(args, "OOnnOiOO:read_run", &pieces, &buffer, &filled, &limit, &directory,
+                          &flags, &digests, &digest))
+        return NULL;
+    if (digests != Py_None && !PyList_Check(digests))
+        return PyErr_Format(PyExc_TypeError, "digests: a list or None expected");
+    Py_buffer view;
+    if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    held_dir d;
+    if (filled < 0 || filled > limit || limit > view.len) {
+        PyBuffer_Release(&view);
+        return PyErr_Format(PyExc_ValueError, "filled %zd, limit %zd: outside a buffer of %zd bytes",
+                            filled, limit, view.len);
+    }
+    if (!load_dir(directory, &d)) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *pending = NULL, *item;
+    int failed = 0;
+    while ((item = PyIter_Next(pieces)) != NULL) {
+        piece p;
+        char *dst = (char *)view.buf + filled;
+        if (!parse_piece(item, &p) || p.length > limit - filled || !read_piece(&d, &p, flags, dst)) {
+            pending = item;
+            break;
+        }
+        if (digests != Py_None) {
+            PyObject *bytes = PyMemoryView_FromMemory(dst, (Py_ssize_t)p.length, PyBUF_READ);
+            PyObject *value = bytes ? PyObject_CallOneArg(digest, bytes) : NULL;
+            Py_XDECREF(bytes);
+            failed = value == NULL || PyList_Append(digests, value) < 0;
+            Py_XDECREF(value);
+        }
+        Py_DECREF(item);
+        if (failed)
+            break;
+        filled += (Py_ssize_t)p.length;
+    }
+    PyBuffer_Release(&view);
+    if (!store_dir(directory, &d) || failed || PyErr_Occurred()) {
+        Py_XDECREF(pending);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(nO)", filled, pending ? pending : Py_None);
+    Py_XDECREF(pending);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"read_run", read_run, METH_VARARGS,
+     "read_run(pieces, buffer, filled, limit, directory, flags, digests, digest) -> (filled, pending)\n\n"
+     "Read the small pieces that fit in buffer[filled:limit]; see ingest/_smallfiles.c."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "ingest._smallfiles",
+    .m_doc = "The reader's loop over small files, in C (see ingest.reader).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__smallfiles(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,143 @@
+"""The C extension's loops over small files: what they take, and what they hand back.
+
+Both loops are accelerators of a Python loop that stays the authority: anything out of
+the ordinary is handed back to it untouched. The readers' and walks' own tests run with
+and without the extension; these check the hand-over itself.
+"""
+
+import os
+
+import pytest
+import xxhash
+
+from ingest.reader import _Directory
+
+_smallfiles = pytest.importorskip("ingest._smallfiles")
+
+FLAGS = os.O_RDONLY | os.O_CLOEXEC
+
+
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def fingerprint(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+def piece(path, offset=0, length=None):
+    fp = fingerprint(path)
+    return str(path), fp, offset, fp[0] - offset if length is None else length
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Three small files in a directory, and one in a subdirectory."""
+    (tmp_path / "sub").mkdir()
+    paths = [tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "sub" / "d"]
+    for i, path in enumerate(paths):
+        path.write_bytes(bytes([65 + i]) * (10 + i))
+    return paths
+
+
+def read_run(pieces, buffer, filled=0, limit=None, directory=None, digests=None):
+    directory = directory or _Directory()
+    limit = len(buffer) if limit is None else limit
+    return _smallfiles.read_run(pieces, buffer, filled, limit, directory, FLAGS, digests,
+                                xxhash.xxh3_64_intdigest)
+
+
+def test_pieces_that_fit_are_read_hashed_and_their_directory_kept_open(files):
+    buffer, digests, directory = bytearray(100), [], _Directory()
+    pieces = iter([piece(p) for p in files])
+    filled, pending = read_run(pieces, buffer, 3, directory=directory, digests=digests)
+    want = b"".join(p.read_bytes() for p in files)
+    assert (filled, pending) == (3 + len(want), None)
+    assert bytes(buffer[3:filled]) == want
+    assert digests == [xxhash.xxh3_64_intdigest(p.read_bytes()) for p in files]
+    assert directory.path == str(files[3].parent)
+    assert os.path.samestat(os.fstat(directory.fd), os.stat(files[3].parent))
+    directory.close()
+
+
+def test_a_piece_past_the_limit_is_handed_back_and_the_rest_left_in_the_iterator(files):
+    buffer = bytearray(100)
+    pieces = iter([piece(files[0]), piece(files[1], 2), piece(files[2])])
+    filled, pending = read_run(pieces, buffer, limit=15)
+    assert filled == 10 and buffer[:10] == files[0].read_bytes()
+    assert pending == piece(files[1], 2)              # 9 bytes: one too many
+    assert next(pieces) == piece(files[2])
+
+
+@pytest.mark.parametrize("change", ["size", "mtime", "inode", "device", "vanished", "shorter"])
+def test_a_file_that_is_not_as_walked_is_handed_back_with_nothing_counted(files, change):
+    path, (size, mtime, ctime, inode, device), offset, length = piece(files[1])
+    fp = {"size": (size + 1, mtime, ctime, inode, device), "mtime": (size, mtime + 1, ctime, inode, device),
+          "inode": (size, mtime, ctime, inode + 1, device), "device": (size, mtime, ctime, inode, device + 1)}
+    bad = (path, fp.get(change, (size, mtime, ctime, inode, device)), offset, length + (change == "shorter"))
+    if change == "vanished":
+        files[1].unlink()
+    digests = []
+    filled, pending = read_run(iter([piece(files[0]), bad, piece(files[2])]), bytearray(100), digests=digests)
+    assert (filled, pending) == (10, bad) and len(digests) == 1
+
+
+@pytest.mark.parametrize("bad", [
+    ["x", (1, 2, 3, 4, 5), 0, 1],                # a list, not a tuple
+    ("x", (1, 2, 3, 4), 0, 1),                   # four fingerprint fields
+    ("x", (1, 2, 3, 4, 5), 0),                   # three fields
+    (b"x", (1, 2, 3, 4, 5), 0, 1),               # a bytes path
+    ("x", (1, 2, 3, 4, 5), "0", 1),              # a str offset
+    ("x", (1, 2, 3, 4, 5), -1, 1),               # a negative offset
+    ("x", (1, 2, 3, 4, 5), 0, -1),               # a negative length
+    ("x", (1, 2, 3, -4, 5), 0, 1),               # a negative inode
+    ("x", (1, 1 << 70, 3, 4, 5), 0, 1),          # a time that does not fit 64 bits
+    ("x\0y", (1, 2, 3, 4, 5), 0, 1),             # a NUL in the path
+    ("x\udcff", (1, 2, 3, 4, 5), 0, 1),          # a surrogate (a byte that is not UTF-8)
+    ("", (1, 2, 3, 4, 5), 0, 1),                 # no path
+    None,
+])
+def test_a_malformed_piece_is_handed_back_for_the_python_loop_to_judge(files, bad):
+    filled, pending = read_run(iter([piece(files[0]), bad]), bytearray(100))
+    assert filled == 10 and pending is bad
+
+
+def test_a_directory_that_cannot_be_opened_is_let_go_and_its_file_handed_back(files, tmp_path):
+    directory = _Directory()
+    gone = piece(files[3])
+    os.rename(tmp_path / "sub", tmp_path / "moved")
+    before = open_descriptors()
+    filled, pending = read_run(iter([piece(files[0]), gone]), bytearray(100), directory=directory)
+    assert (filled, pending) == (10, gone)
+    assert (directory.path, directory.fd) == (None, -1)
+    assert open_descriptors() == before           # the first directory's descriptor was closed too
+    assert read_run(iter([piece(files[0])]), bytearray(100), directory=directory)[0] == 10
+    assert open_descriptors() == before + 1
+    directory.close()
+
+
+def test_an_error_of_the_iterator_propagates_with_the_directory_accounted_for(files):
+    directory = _Directory()
+    before = open_descriptors()
+
+    def pieces():
+        yield piece(files[3])
+        raise ValueError("a rows frame cut short")
+
+    with pytest.raises(ValueError, match="cut short"):
+        read_run(pieces(), bytearray(100), directory=directory)
+    assert directory.path == str(files[3].parent) and open_descriptors() == before + 1
+    directory.close()
+    assert open_descriptors() == before
+
+
+@pytest.mark.parametrize("filled, limit", [(-1, 10), (11, 10), (0, 101)])
+def test_positions_outside_the_buffer_are_refused(files, filled, limit):
+    with pytest.raises(ValueError, match="outside a buffer of 100 bytes"):
+        read_run(iter([piece(files[0])]), bytearray(100), filled, limit)
+
+
+def test_a_read_only_buffer_is_refused(files):
+    with pytest.raises(BufferError, match="not writable"):
+        read_run(iter([piece(files[0])]), bytes(100))
