@@ -1,4 +1,17 @@
-/* ingest._smallfiles: the reader's loop over small files, in C (see ingest/reader.py).
+/* ingest._smallfiles: the per-file system calls of the walk and of the reader, in C.
+ *
+ * Two loops that ingest/walk.py and ingest/reader.py run in Python without this
+ * extension, and that each hand back to that Python loop anything out of the ordinary,
+ * so that the errors, warnings and their messages stay in one place.
+ *
+ * stat_run(dir_fd, names, start, columns, count) -> (stop, count)
+ *
+ * lstats names[start:], relative to the directory `dir_fd`, while each is an ASCII
+ * name of a regular file, and writes its fingerprint (size, mtime_ns, ctime_ns, inode,
+ * device) at row `count` of `columns`, five writable buffers of 8-byte integers
+ * (signed, signed, signed, unsigned, unsigned), one row more each time. It stops at
+ * the first entry it does not take (any other name, kind, or failing lstat; a time
+ * that does not fit 64 bits), or when the columns are full, and says where.
  *
  * read_run(pieces, buffer, filled, limit, directory, flags, digests, digest)
  *     -> (filled, pending)
@@ -17,8 +30,9 @@
  * error there is to raise, so the errors and their messages stay in one place.
  * `pending` is None when the iterator is exhausted.
  *
- * Syscalls run with the GIL held: a run lasts one chunk (at most a few milliseconds),
- * and dropping the GIL four times a file would cost more than it gives.
+ * Both run their system calls with the GIL held: a run lasts one chunk or one batch of
+ * a directory's files (a few milliseconds), and dropping the GIL for each call would
+ * cost more than it gives.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -254,7 +268,65 @@ static PyObject *read_run(PyObject *module, PyObject *args)
     return result;
 }
 
+#define COLUMNS 5
+
+static PyObject *stat_run(PyObject *module, PyObject *args)
+{
+    (void)module;
+    int dir_fd;
+    PyObject *names, *columns;
+    Py_ssize_t start, count;
+    if (!PyArg_ParseTuple(args, "iO!nO!n:stat_run", &dir_fd, &PyList_Type, &names, &start,
+                          &PyTuple_Type, &columns, &count))
+        return NULL;
+    if (PyTuple_GET_SIZE(columns) != COLUMNS)
+        return PyErr_Format(PyExc_ValueError, "columns: %d buffers expected", COLUMNS);
+    Py_buffer views[COLUMNS];
+    int held = 0;
+    Py_ssize_t rows = -1;
+    for (; held < COLUMNS; held++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(columns, held), &views[held], PyBUF_WRITABLE) < 0)
+            break;
+        if (views[held].len % 8 || (rows >= 0 && views[held].len / 8 != rows)) {
+            PyErr_SetString(PyExc_ValueError, "columns: buffers of as many 8-byte rows expected");
+            held++;
+            break;
+        }
+        rows = views[held].len / 8;
+    }
+    Py_ssize_t i = start, n = PyList_GET_SIZE(names);
+    if (held == COLUMNS && (start < 0 || start > n || count < 0 || count > rows))
+        PyErr_Format(PyExc_ValueError, "start %zd, count %zd: outside %zd names, %zd rows", start, count, n, rows);
+    if (held == COLUMNS && !PyErr_Occurred()) {
+        long long *size = views[0].buf, *mtime = views[1].buf, *ctime = views[2].buf;
+        unsigned long long *inode = views[3].buf, *device = views[4].buf;
+        for (; i < n && count < rows; i++, count++) {
+            PyObject *name = PyList_GET_ITEM(names, i);
+            if (!PyUnicode_CheckExact(name) || !PyUnicode_IS_ASCII(name))
+                break;
+            const char *s = (const char *)PyUnicode_DATA(name);
+            size_t len = (size_t)PyUnicode_GET_LENGTH(name);
+            struct stat st;
+            if (len == 0 || strlen(s) != len || memchr(s, '/', len)
+                || fstatat(dir_fd, s, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)
+                || !time_ns(&st.st_mtim, &mtime[count]) || !time_ns(&st.st_ctim, &ctime[count]))
+                break;
+            size[count] = (long long)st.st_size;
+            inode[count] = (unsigned long long)st.st_ino;
+            device[count] = (unsigned long long)st.st_dev;
+        }
+    }
+    for (int k = 0; k < held; k++)
+        PyBuffer_Release(&views[k]);
+    if (PyErr_Occurred())
+        return NULL;
+    return Py_BuildValue("(nn)", i, count);
+}
+
 static PyMethodDef methods[] = {
+    {"stat_run", stat_run, METH_VARARGS,
+     "stat_run(dir_fd, names, start, columns, count) -> (stop, count)\n\n"
+     "lstat the regular files of names[start:] into the columns' rows; see ingest/_smallfiles.c."},
     {"read_run", read_run, METH_VARARGS,
      "read_run(pieces, buffer, filled, limit, directory, flags, digests, digest) -> (filled, pending)\n\n"
      "Read the small pieces that fit in buffer[filled:limit]; see ingest/_smallfiles.c."},
@@ -264,7 +336,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "ingest._smallfiles",
-    .m_doc = "The reader's loop over small files, in C (see ingest.reader).",
+    .m_doc = "The per-file system calls of the walk and of the reader, in C (see ingest.walk, ingest.reader).",
     .m_size = -1,
     .m_methods = methods,
 };

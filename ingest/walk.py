@@ -29,11 +29,16 @@ import stat
 from array import array
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ingest.errors import SourceError, UsageError
 from ingest.gcpause import collector_paused
 from ingest.words import quoted
+
+try:
+    from ingest import _smallfiles
+except ImportError:  # not built: no C compiler when installed, or another platform
+    _smallfiles = None
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,8 @@ class TreeDir(NamedTuple):
 def _column(typecode: str, values: Sequence[int]) -> Sequence[int]:
     """Integers in a machine array, or in a list when one does not fit (a time after
     the year 2262 does not fit 64 signed bits of nanoseconds)."""
+    if isinstance(values, array) and values.typecode == typecode:
+        return values
     try:
         return array(typecode, values)
     except OverflowError:
@@ -139,6 +146,7 @@ class Fingerprints:
 
 
 _STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+_TYPECODES = ("q", "q", "q", "Q", "Q")       # Fingerprints' columns, in _STAT_FIELDS order
 
 
 class FileBatch(NamedTuple):
@@ -168,6 +176,48 @@ class FileBatch(NamedTuple):
 
 TreeItem = FileBatch | TreeDir
 BATCH_FILES = 4096     # files of a directory per FileBatch
+
+
+def _empty_columns() -> tuple[array, ...]:
+    return tuple(array(typecode, bytes(8 * BATCH_FILES)) for typecode in _TYPECODES)
+
+
+class _Rows:
+    """The fingerprints of the batch being collected, as rows of five columns of
+    BATCH_FILES machine integers that ``_smallfiles.stat_run`` fills in place too
+    (kept from batch to batch). A value that does not fit turns them into lists,
+    which hold any int, until the batch is taken."""
+
+    __slots__ = ("columns", "count")
+
+    def __init__(self) -> None:
+        self.columns: tuple[Any, ...] = _empty_columns()
+        self.count = 0
+
+    @property
+    def in_place(self) -> bool:
+        """True while the columns are machine arrays, which stat_run can fill."""
+        return isinstance(self.columns[0], array)
+
+    def add(self, st: os.stat_result) -> None:
+        """Append the fingerprint of ``st``."""
+        values = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        try:
+            for column, value in zip(self.columns, values, strict=True):
+                column[self.count] = value
+        except OverflowError:
+            self.columns = tuple(map(list, self.columns))
+            for column, value in zip(self.columns, values, strict=True):
+                column[self.count] = value
+        self.count += 1
+
+    def take(self) -> Fingerprints:
+        """The rows collected, which are then forgotten."""
+        taken = Fingerprints(*(column[:self.count] for column in self.columns))
+        self.count = 0
+        if not self.in_place:
+            self.columns = _empty_columns()
+        return taken
 
 
 @dataclass(slots=True)
@@ -370,6 +420,7 @@ class TreeWalk(WalkTally):
         # Only sources that share a directory can give one path twice: with a single
         # source, no path is remembered (memory stays flat in the file count).
         self.seen: dict[str, tuple[str, bool]] | None = {} if len(self.sources) > 1 else None
+        self._rows = _Rows()
 
     def __iter__(self) -> Iterator[TreeItem]:
         """The tree's directories and files in walk order; SourceError on bad input,
@@ -395,10 +446,10 @@ class TreeWalk(WalkTally):
             raise SourceError(f"two sources give the same manifest path {quoted(name)}: {other[0]} and {path}")
         self.seen[name] = (path, is_dir)
 
-    def batch(self, root: str, directory: str, names: list[str], stats: list[os.stat_result]) -> FileBatch:
-        """The files ``names`` of a directory, found with ``stats``: counted, claimed
-        (with several sources) and given their fingerprints, a batch at a time."""
-        batch = FileBatch(root, directory, names, Fingerprints.of(stats))
+    def batch(self, root: str, directory: str, names: list[str], fingerprints: Fingerprints) -> FileBatch:
+        """The files ``names`` of a directory, with their ``fingerprints``: counted and
+        claimed (with several sources), a batch at a time."""
+        batch = FileBatch(root, directory, names, fingerprints)
         if self.seen is not None:
             prefix = batch.prefix
             for name in names:
@@ -435,22 +486,40 @@ class TreeWalk(WalkTally):
         elif stat.S_ISREG(st.st_mode):
             name = os.path.basename(path)
             if _storable(name, path, self.bad_names):
-                yield self.batch(path[:-len(name)], "", [name], [st])
+                yield self.batch(path[:-len(name)], "", [name], Fingerprints.of([st]))
 
     def _entries(self, root: str, dirpath: str, dir_fd: int, entries: list[str], manifest_dir: str,
                  relbase: str, ancestors: frozenset[tuple[int, int]]) -> Generator[FileBatch, None, list]:
         """The files of one directory, in batches (each entry lstat-ed relative to its
         descriptor: no path lookup per file, and a symlink known by that lstat);
-        returns its subdirectories to walk, as stack items."""
+        returns its subdirectories to walk, as stack items.
+
+        With the C extension and nothing to exclude, runs of plain regular files are
+        lstat-ed by ``_smallfiles.stat_run`` straight into the batch's columns; the
+        loop below takes every other entry."""
         excludes = self.excludes if self.excludes else None
         S_ISREG, S_ISDIR, S_ISLNK, stat_at = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, os.stat
         subdirs = []
         base = f"{manifest_dir}/" if manifest_dir else ""
         prefix = dirpath if dirpath.endswith("/") else dirpath + "/"
         leave_out = self.leave_out
+        stat_run = _smallfiles.stat_run if _smallfiles is not None and excludes is None and not leave_out else None
+        rows = self._rows
         names: list[str] = []
-        stats: list[os.stat_result] = []
-        for entry_name in entries:
+        i, end = 0, len(entries)
+        while i < end:
+            if stat_run is not None and rows.in_place:
+                stop, rows.count = stat_run(dir_fd, entries, i, rows.columns, rows.count)
+                names += entries[i:stop]
+                i = stop
+                if rows.count == BATCH_FILES:
+                    yield self.batch(root, manifest_dir, names, rows.take())
+                    names = []
+                    continue
+                if i == end:
+                    break
+            entry_name = entries[i]
+            i += 1
             if excludes is not None and excludes.excluded(f"{relbase}/{entry_name}" if relbase else entry_name,
                                                           entry_name):
                 continue
@@ -469,10 +538,10 @@ class TreeWalk(WalkTally):
                 continue
             if S_ISREG(st.st_mode):
                 names.append(entry_name)
-                stats.append(st)
-                if len(names) == BATCH_FILES:
-                    yield self.batch(root, manifest_dir, names, stats)
-                    names, stats = [], []
+                rows.add(st)
+                if rows.count == BATCH_FILES:
+                    yield self.batch(root, manifest_dir, names, rows.take())
+                    names = []
             elif S_ISDIR(st.st_mode):
                 relpath = f"{relbase}/{entry_name}" if relbase else entry_name
                 ident = (st.st_dev, st.st_ino)
@@ -483,7 +552,7 @@ class TreeWalk(WalkTally):
             else:
                 self.skip(prefix + entry_name, _kind(st.st_mode))
         if names:
-            yield self.batch(root, manifest_dir, names, stats)
+            yield self.batch(root, manifest_dir, names, rows.take())
         return subdirs
 
     def walk_dir(self, top: str, prefix: str) -> Iterator[TreeItem]:

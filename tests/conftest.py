@@ -107,6 +107,20 @@ def make_link_keys(base: Path) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(params=["C loops", "Python loops"])
+def small_file_loops(request, monkeypatch) -> str:
+    """Run a test with the C extension's loops over small files (ingest._smallfiles,
+    in the walk and the reader) and again without them."""
+    from ingest import reader, walk
+
+    if request.param == "Python loops":
+        for module in (reader, walk):
+            monkeypatch.setattr(module, "_smallfiles", None)
+    elif reader._smallfiles is None:
+        pytest.skip("the ingest._smallfiles extension is not built")
+    return request.param
+
+
 @pytest.fixture
 def link_keys(tmp_path) -> dict[str, Path]:
     """``make_link_keys`` for CLI runs under tmp_path."""

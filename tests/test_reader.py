@@ -6,20 +6,11 @@ import pytest
 import xxhash
 from trees import pack
 
-from ingest import reader as reader_module
 from ingest.errors import SourceError
 from ingest.reader import BlockReader, FileChanged, piece_sources
 from ingest.walk import walk_sources
 
-
-@pytest.fixture(autouse=True, params=["C loop", "Python loop"])
-def loop(request, monkeypatch):
-    """Every test reads with the C extension's loop over small files, and without it."""
-    if request.param == "Python loop":
-        monkeypatch.setattr(reader_module, "_smallfiles", None)
-    elif reader_module._smallfiles is None:
-        pytest.skip("the ingest._smallfiles extension is not built")
-    return request.param
+pytestmark = pytest.mark.usefixtures("small_file_loops")   # each test with the C loop and without
 
 
 def read_all(files, plan, chunk_size):

@@ -6,6 +6,7 @@ and without the extension; these check the hand-over itself.
 """
 
 import os
+from array import array
 
 import pytest
 import xxhash
@@ -141,3 +142,66 @@ def test_positions_outside_the_buffer_are_refused(files, filled, limit):
 def test_a_read_only_buffer_is_refused(files):
     with pytest.raises(BufferError, match="not writable"):
         read_run(iter([piece(files[0])]), bytes(100))
+
+
+def columns(rows=8):
+    return tuple(array(typecode, bytes(8 * rows)) for typecode in "qqqQQ")
+
+
+def rows(cols, count):
+    return [tuple(column[i] for column in cols) for i in range(count)]
+
+
+@pytest.fixture
+def directory(tmp_path):
+    """Regular files around a subdirectory, a symlink, a FIFO and a non-ASCII name."""
+    for name in ("a", "b", "c", "é", "f", "g", "h"):
+        (tmp_path / name).write_bytes(name.encode() * 3)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "e").symlink_to("a")
+    os.mkfifo(tmp_path / "fifo")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    yield tmp_path, fd
+    os.close(fd)
+
+
+def test_stat_run_takes_regular_files_and_stops_at_anything_else(directory):
+    path, fd = directory
+    names = ["a", "b", "c", "d", "e", "fifo", "gone", "é", "f", "g", "h"]
+    cols = columns()
+    stops, count = [], 0
+    i = 0
+    while i < len(names):
+        i, count = _smallfiles.stat_run(fd, names, i, cols, count)
+        stops.append(i)
+        i += 1
+    assert stops == [3, 4, 5, 6, 7, 11]        # the subdirectory, symlink, FIFO, vanished name, é, the end
+    taken = ["a", "b", "c", "f", "g", "h"]
+    assert count == len(taken) and rows(cols, count) == [fingerprint(path / n) for n in taken]
+
+
+def test_stat_run_stops_when_the_columns_are_full(directory):
+    path, fd = directory
+    cols = columns(2)
+    assert _smallfiles.stat_run(fd, ["a", "b", "c"], 0, cols, 0) == (2, 2)
+    assert _smallfiles.stat_run(fd, ["a", "b", "c"], 0, cols, 2) == (0, 2)
+
+
+@pytest.mark.parametrize("bad", ["", "a/../b", "a\0", 7])
+def test_stat_run_hands_back_a_name_no_listing_gives(directory, bad):
+    _, fd = directory
+    assert _smallfiles.stat_run(fd, ["a", bad, "b"], 0, columns(), 0) == (1, 1)
+
+
+@pytest.mark.parametrize("args, error", [
+    ((["a"], -1, columns(), 0), "outside"),
+    ((["a"], 2, columns(), 0), "outside"),
+    ((["a"], 0, columns(), 9), "outside"),
+    ((["a"], 0, columns()[:4], 0), "5 buffers"),
+    ((["a"], 0, (*columns(2)[:4], array("q", bytes(24))), 0), "as many 8-byte rows"),
+    ((["a"], 0, (*columns()[:4], bytes(64)), 0), "not writable"),
+])
+def test_stat_run_refuses_arguments_outside_its_columns(directory, args, error):
+    _, fd = directory
+    with pytest.raises((ValueError, BufferError), match=error):
+        _smallfiles.stat_run(fd, *args)

@@ -10,6 +10,8 @@ import pytest
 from ingest.errors import SourceError, UsageError
 from ingest.walk import Excludes, Fingerprints, walk_sources
 
+pytestmark = pytest.mark.usefixtures("small_file_loops")   # each test with the C loop and without
+
 
 def touch(path, data=b"x"):
     path.parent.mkdir(parents=True, exist_ok=True)

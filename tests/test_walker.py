@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from ingest import walk as walk_module
 from ingest.errors import SourceError
 from ingest.walk import BATCH_FILES, FileBatch, Fingerprint, TreeWalk
 from ingest.walker import WalkProcess
@@ -64,6 +65,24 @@ def _outcome(walk):
     walk.on_progress = progress.append
     items = [tuple(item) for item in walk]
     return items, walk.skipped, walk.unreadable, walk.files_found, walk.bytes_found, progress[-1]
+
+
+def test_the_c_extensions_walk_yields_what_the_python_walk_does(odd_tree, caplog, monkeypatch):
+    if walk_module._smallfiles is None:
+        pytest.skip("the ingest._smallfiles extension is not built")
+    src, odd = odd_tree
+    sources = [str(src), odd + "/d/"]
+    with caplog.at_level(logging.WARNING):
+        fast = _outcome(TreeWalk(sources))
+        logged_fast = sorted(r.getMessage() for r in caplog.records)
+        caplog.clear()
+        monkeypatch.setattr(walk_module, "_smallfiles", None)
+        slow = _outcome(TreeWalk(sources))
+        logged_slow = sorted(r.getMessage() for r in caplog.records)
+    assert fast == slow and logged_fast == logged_slow
+    batches = [item for item in fast[0] if len(item) == 4]
+    assert max(len(names) for _, _, names, _ in batches) == BATCH_FILES
+    assert any(isinstance(fps.mtimes, list) for *_, fps in batches)     # the year-2286 file's batch
 
 
 def test_the_walk_process_yields_what_the_walk_does(odd_tree, caplog):
