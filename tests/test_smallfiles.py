@@ -6,14 +6,52 @@ and without the extension; these check the hand-over itself.
 """
 
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 from array import array
 
 import pytest
 import xxhash
+from conftest import cli_env
 
 from ingest.reader import _Directory
 
-_smallfiles = pytest.importorskip("ingest._smallfiles")
+try:
+    from ingest import _smallfiles
+except ImportError:
+    _smallfiles = None
+
+built = pytest.mark.skipif(_smallfiles is None, reason="the ingest._smallfiles extension is not built")
+
+
+@pytest.mark.skipif(not (sysconfig.get_config_var("CC") and shutil.which(sysconfig.get_config_var("CC").split()[0])),
+                    reason="no C compiler: the extension is optional")
+def test_the_extension_is_built_where_a_compiler_is():
+    """The build is optional, so a compile error would pass unnoticed: with a compiler
+    here, the extension must have been built (make test installs it)."""
+    assert _smallfiles is not None
+
+
+def test_a_put_without_the_extension_writes_the_same_manifest(tmp_path):
+    src = tmp_path / "src"
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(300):
+            (src / f"d{d}" / f"f{i}").write_bytes(b"%d-%d " % (d, i) * (i % 50))
+    (src / "d1" / "big").write_bytes(os.urandom(3 << 20))
+    (src / "link").symlink_to("d0/f7")
+    manifests = []
+    for without in ("", "import sys; sys.modules['ingest._smallfiles'] = None\n"):
+        store = tmp_path / f"store{len(manifests)}"
+        code = without + f"from ingest.cli import main; sys.exit(main(['put', '-q', '--store', {str(store)!r}, " \
+                         f"'--chunk-size', '65536', {str(src)!r}]))"
+        out = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True,
+                             env=cli_env(tmp_path), timeout=60)
+        assert out.returncode == 0, out.stderr
+        manifests.append(out.stdout)
+    assert manifests[0] == manifests[1] and manifests[0].count("\n") == 4
 
 FLAGS = os.O_RDONLY | os.O_CLOEXEC
 
@@ -49,6 +87,7 @@ def read_run(pieces, buffer, filled=0, limit=None, directory=None, digests=None)
                                 xxhash.xxh3_64_intdigest)
 
 
+@built
 def test_pieces_that_fit_are_read_hashed_and_their_directory_kept_open(files):
     buffer, digests, directory = bytearray(100), [], _Directory()
     pieces = iter([piece(p) for p in files])
@@ -62,6 +101,7 @@ def test_pieces_that_fit_are_read_hashed_and_their_directory_kept_open(files):
     directory.close()
 
 
+@built
 def test_a_piece_past_the_limit_is_handed_back_and_the_rest_left_in_the_iterator(files):
     buffer = bytearray(100)
     pieces = iter([piece(files[0]), piece(files[1], 2), piece(files[2])])
@@ -71,6 +111,7 @@ def test_a_piece_past_the_limit_is_handed_back_and_the_rest_left_in_the_iterator
     assert next(pieces) == piece(files[2])
 
 
+@built
 @pytest.mark.parametrize("change", ["size", "mtime", "inode", "device", "vanished", "shorter"])
 def test_a_file_that_is_not_as_walked_is_handed_back_with_nothing_counted(files, change):
     path, (size, mtime, ctime, inode, device), offset, length = piece(files[1])
@@ -84,6 +125,7 @@ def test_a_file_that_is_not_as_walked_is_handed_back_with_nothing_counted(files,
     assert (filled, pending) == (10, bad) and len(digests) == 1
 
 
+@built
 @pytest.mark.parametrize("bad", [
     ["x", (1, 2, 3, 4, 5), 0, 1],                # a list, not a tuple
     ("x", (1, 2, 3, 4), 0, 1),                   # four fingerprint fields
@@ -104,6 +146,7 @@ def test_a_malformed_piece_is_handed_back_for_the_python_loop_to_judge(files, ba
     assert filled == 10 and pending is bad
 
 
+@built
 def test_a_directory_that_cannot_be_opened_is_let_go_and_its_file_handed_back(files, tmp_path):
     directory = _Directory()
     gone = piece(files[3])
@@ -118,6 +161,7 @@ def test_a_directory_that_cannot_be_opened_is_let_go_and_its_file_handed_back(fi
     directory.close()
 
 
+@built
 def test_an_error_of_the_iterator_propagates_with_the_directory_accounted_for(files):
     directory = _Directory()
     before = open_descriptors()
@@ -133,12 +177,14 @@ def test_an_error_of_the_iterator_propagates_with_the_directory_accounted_for(fi
     assert open_descriptors() == before
 
 
+@built
 @pytest.mark.parametrize("filled, limit", [(-1, 10), (11, 10), (0, 101)])
 def test_positions_outside_the_buffer_are_refused(files, filled, limit):
     with pytest.raises(ValueError, match="outside a buffer of 100 bytes"):
         read_run(iter([piece(files[0])]), bytearray(100), filled, limit)
 
 
+@built
 def test_a_read_only_buffer_is_refused(files):
     with pytest.raises(BufferError, match="not writable"):
         read_run(iter([piece(files[0])]), bytes(100))
@@ -165,6 +211,7 @@ def directory(tmp_path):
     os.close(fd)
 
 
+@built
 def test_stat_run_takes_regular_files_and_stops_at_anything_else(directory):
     path, fd = directory
     names = ["a", "b", "c", "d", "e", "fifo", "gone", "é", "f", "g", "h"]
@@ -180,6 +227,7 @@ def test_stat_run_takes_regular_files_and_stops_at_anything_else(directory):
     assert count == len(taken) and rows(cols, count) == [fingerprint(path / n) for n in taken]
 
 
+@built
 def test_stat_run_stops_when_the_columns_are_full(directory):
     path, fd = directory
     cols = columns(2)
@@ -187,12 +235,14 @@ def test_stat_run_stops_when_the_columns_are_full(directory):
     assert _smallfiles.stat_run(fd, ["a", "b", "c"], 0, cols, 2) == (0, 2)
 
 
+@built
 @pytest.mark.parametrize("bad", ["", "a/../b", "a\0", 7])
 def test_stat_run_hands_back_a_name_no_listing_gives(directory, bad):
     _, fd = directory
     assert _smallfiles.stat_run(fd, ["a", bad, "b"], 0, columns(), 0) == (1, 1)
 
 
+@built
 @pytest.mark.parametrize("args, error", [
     ((["a"], -1, columns(), 0), "outside"),
     ((["a"], 2, columns(), 0), "outside"),
