@@ -30,9 +30,9 @@
  * error there is to raise, so the errors and their messages stay in one place.
  * `pending` is None when the iterator is exhausted.
  *
- * Both run their system calls with the GIL held: a run lasts one chunk or one batch of
- * a directory's files (a few milliseconds), and dropping the GIL for each call would
- * cost more than it gives.
+ * Both let go of the GIL around each file's system calls, as the os module does: on a
+ * cold page cache a file's read or lstat can wait on the disk, and the process's other
+ * threads (a worker's committer, the coordinator's progress display) must run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -242,7 +242,13 @@ static PyObject *read_run(PyObject *module, PyObject *args)
     while ((item = PyIter_Next(pieces)) != NULL) {
         piece p;
         char *dst = (char *)view.buf + filled;
-        if (!parse_piece(item, &p) || p.length > limit - filled || !read_piece(&d, &p, flags, dst)) {
+        int read = 0;
+        if (parse_piece(item, &p) && p.length <= limit - filled) {
+            Py_BEGIN_ALLOW_THREADS
+            read = read_piece(&d, &p, flags, dst);
+            Py_END_ALLOW_THREADS
+        }
+        if (!read) {
             pending = item;
             break;
         }
@@ -300,16 +306,23 @@ static PyObject *stat_run(PyObject *module, PyObject *args)
     if (held == COLUMNS && !PyErr_Occurred()) {
         long long *size = views[0].buf, *mtime = views[1].buf, *ctime = views[2].buf;
         unsigned long long *inode = views[3].buf, *device = views[4].buf;
-        for (; i < n && count < rows; i++, count++) {
+        for (; i < PyList_GET_SIZE(names) && count < rows; i++, count++) {   /* re-read: the GIL is let go */
             PyObject *name = PyList_GET_ITEM(names, i);
             if (!PyUnicode_CheckExact(name) || !PyUnicode_IS_ASCII(name))
                 break;
             const char *s = (const char *)PyUnicode_DATA(name);
             size_t len = (size_t)PyUnicode_GET_LENGTH(name);
+            if (len == 0 || strlen(s) != len || memchr(s, '/', len))
+                break;
             struct stat st;
-            if (len == 0 || strlen(s) != len || memchr(s, '/', len)
-                || fstatat(dir_fd, s, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)
-                || !time_ns(&st.st_mtim, &mtime[count]) || !time_ns(&st.st_ctim, &ctime[count]))
+            int got;
+            Py_INCREF(name);     /* its characters stay put while the GIL is let go */
+            Py_BEGIN_ALLOW_THREADS
+            got = fstatat(dir_fd, s, &st, AT_SYMLINK_NOFOLLOW) == 0;
+            Py_END_ALLOW_THREADS
+            Py_DECREF(name);
+            if (!got || !S_ISREG(st.st_mode) || !time_ns(&st.st_mtim, &mtime[count])
+                || !time_ns(&st.st_ctim, &ctime[count]))
                 break;
             size[count] = (long long)st.st_size;
             inode[count] = (unsigned long long)st.st_ino;
