@@ -67,18 +67,22 @@ def _outcome(walk):
     return items, walk.skipped, walk.unreadable, walk.files_found, walk.bytes_found, progress[-1]
 
 
+def _logged_outcome(walk, caplog):
+    """_outcome, and the warnings the walk logged, sorted."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        outcome = _outcome(walk)
+    return outcome, sorted(r.getMessage() for r in caplog.records)
+
+
 def test_the_c_extensions_walk_yields_what_the_python_walk_does(odd_tree, caplog, monkeypatch):
     if walk_module._smallfiles is None:
         pytest.skip("the ingest._smallfiles extension is not built")
     src, odd = odd_tree
     sources = [str(src), odd + "/d/"]
-    with caplog.at_level(logging.WARNING):
-        fast = _outcome(TreeWalk(sources))
-        logged_fast = sorted(r.getMessage() for r in caplog.records)
-        caplog.clear()
-        monkeypatch.setattr(walk_module, "_smallfiles", None)
-        slow = _outcome(TreeWalk(sources))
-        logged_slow = sorted(r.getMessage() for r in caplog.records)
+    fast, logged_fast = _logged_outcome(TreeWalk(sources), caplog)
+    monkeypatch.setattr(walk_module, "_smallfiles", None)
+    slow, logged_slow = _logged_outcome(TreeWalk(sources), caplog)
     assert fast == slow and logged_fast == logged_slow
     batches = [item for item in fast[0] if len(item) == 4]
     assert max(len(names) for _, _, names, _ in batches) == BATCH_FILES
@@ -88,12 +92,8 @@ def test_the_c_extensions_walk_yields_what_the_python_walk_does(odd_tree, caplog
 def test_the_walk_process_yields_what_the_walk_does(odd_tree, caplog):
     src, odd = odd_tree
     sources = [str(src), odd + "/d/"]
-    with caplog.at_level(logging.WARNING):
-        here = _outcome(TreeWalk(sources))
-        logged_here = sorted(r.getMessage() for r in caplog.records)
-        caplog.clear()
-        there = _outcome(WalkProcess(sources))
-        logged_there = sorted(r.getMessage() for r in caplog.records)
+    here, logged_here = _logged_outcome(TreeWalk(sources), caplog)
+    there, logged_there = _logged_outcome(WalkProcess(sources), caplog)
     assert there == here
     assert len([item for item in here[0] if len(item) == 4 and item[1] == "src/many"]) == 2   # two batches
     assert {reason for _, reason in here[1]} == {"dangling symlink", "FIFO", "symlink loop"}
