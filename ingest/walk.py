@@ -416,6 +416,7 @@ class TreeWalk(WalkTally):
         self.follow_links = follow_links
         self.excludes = excludes or Excludes(())
         self.leave_out = frozenset(leave_out)
+        self._leave_out_in = frozenset(path.rpartition("/")[0] + "/" for path in self.leave_out)  # their dirs, "/"-ended
         self.bad_names: list[str] = []
         # Only sources that share a directory can give one path twice: with a single
         # source, no path is remembered (memory stays flat in the file count).
@@ -494,16 +495,17 @@ class TreeWalk(WalkTally):
         descriptor: no path lookup per file, and a symlink known by that lstat);
         returns its subdirectories to walk, as stack items.
 
-        With the C extension and nothing to exclude, runs of plain regular files are
-        lstat-ed by ``_smallfiles.stat_run`` straight into the batch's columns; the
-        loop below takes every other entry."""
+        With the C extension, nothing to exclude and nothing to leave out in this
+        directory, runs of plain regular files are lstat-ed by ``_smallfiles.stat_run``
+        straight into the batch's columns; the loop below takes every other entry."""
         excludes = self.excludes if self.excludes else None
         S_ISREG, S_ISDIR, S_ISLNK, stat_at = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, os.stat
         subdirs = []
         base = f"{manifest_dir}/" if manifest_dir else ""
         prefix = dirpath if dirpath.endswith("/") else dirpath + "/"
         leave_out = self.leave_out
-        stat_run = _smallfiles.stat_run if _smallfiles is not None and excludes is None and not leave_out else None
+        fast = _smallfiles is not None and excludes is None and prefix not in self._leave_out_in
+        stat_run = _smallfiles.stat_run if fast else None
         rows = self._rows
         names: list[str] = []
         i, end = 0, len(entries)

@@ -187,6 +187,13 @@ def test_leave_out_omits_paths(tree):
     assert "a.txt" not in names(result) and "z/1" not in names(result) and "z" not in result.directories
 
 
+def test_leave_out_omits_only_its_own_files_from_their_directory(tree):
+    touch(tree / "a-dir" / "1")
+    result = walk_sources([str(tree)], leave_out=[str(tree / "a-dir" / "2")])
+    assert names(result) == ["src/a b.txt", "src/a.txt", "src/b.txt", "src/A/4", "src/a-dir/1", "src/a-dir/sub/3",
+                             "src/z/1"]
+
+
 def test_deep_tree_does_not_recurse(tmp_path):
     path = tmp_path / "deep"
     rel = "/".join(["d"] * 300)
