@@ -15,8 +15,11 @@ from array import array
 import pytest
 import xxhash
 from conftest import cli_env
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ingest.reader import _Directory
+from ingest import reader as reader_module
+from ingest.reader import BlockReader, _Directory
 
 try:
     from ingest import _smallfiles
@@ -78,6 +81,50 @@ def files(tmp_path):
     for i, path in enumerate(paths):
         path.write_bytes(bytes([65 + i]) * (10 + i))
     return paths
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """Files of 0 to 300 bytes in two directories, for the property below."""
+    root = tmp_path_factory.mktemp("many")
+    paths = []
+    for i in range(40):
+        path = root / f"d{i % 2}" / f"f{i:02d}"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(os.urandom(i * 37 % 301))
+        paths.append(path)
+    return paths
+
+
+def _read(pieces, size, chunk_size, reused):
+    reader, digests = BlockReader(chunk_size), []
+    buffer = bytearray(chunk_size) if reused else None
+    chunks = [(bytes(data), last) for data, last in reader.chunks(size, iter(pieces), digests, buffer)]
+    return chunks, digests, reader.bytes_read
+
+
+@built
+@settings(max_examples=120, deadline=None)
+@given(picks=st.lists(st.tuples(st.integers(0, 39), st.integers(0, 300), st.integers(0, 300)), min_size=1,
+                      max_size=30),
+       chunk_size=st.integers(1, 2000), reused=st.booleans())
+def test_the_c_loop_gives_the_python_loops_chunks_and_digests(many, picks, chunk_size, reused):
+    pieces = []
+    for index, start, length in picks:     # any ranges of any files, in any order, repeats too
+        path = many[index]
+        size = path.stat().st_size
+        offset = min(start, size)
+        pieces.append(piece(path, offset, min(length, size - offset)))
+    size = sum(p[3] for p in pieces)
+    with_c = _read(pieces, size, chunk_size, reused)
+    saved, reader_module._smallfiles = reader_module._smallfiles, None
+    try:
+        without = _read(pieces, size, chunk_size, reused)
+    finally:
+        reader_module._smallfiles = saved
+    assert with_c == without
+    assert b"".join(data for data, _ in with_c[0]) == b"".join(
+        many[i].read_bytes()[p[2]:p[2] + p[3]] for (i, _, _), p in zip(picks, pieces, strict=True))
 
 
 def read_run(pieces, buffer, filled=0, limit=None, directory=None, digests=None):
