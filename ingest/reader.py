@@ -38,6 +38,11 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIM
 _DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
 
 
+def small_file_loops_in_c() -> bool:
+    """Whether the per-file loops run in C: the ingest._smallfiles extension is built."""
+    return _smallfiles is not None
+
+
 class Unreadable(SourceError):
     """A source file could not be opened or read (permission, vanished, I/O error)."""
 

@@ -37,7 +37,7 @@ def test_the_extension_is_built_where_a_compiler_is():
     assert _smallfiles is not None
 
 
-def test_a_put_without_the_extension_writes_the_same_manifest(tmp_path):
+def test_a_put_without_the_extension_warns_in_verbose_and_writes_the_same_manifest(tmp_path):
     src = tmp_path / "src"
     for d in range(3):
         (src / f"d{d}").mkdir(parents=True)
@@ -48,11 +48,12 @@ def test_a_put_without_the_extension_writes_the_same_manifest(tmp_path):
     manifests = []
     for without in ("", "import sys; sys.modules['ingest._smallfiles'] = None\n"):
         store = tmp_path / f"store{len(manifests)}"
-        code = without + f"from ingest.cli import main; sys.exit(main(['put', '-q', '--store', {str(store)!r}, " \
+        code = without + f"from ingest.cli import main; sys.exit(main(['put', '-v', '--store', {str(store)!r}, " \
                          f"'--chunk-size', '65536', {str(src)!r}]))"
         out = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True,
                              env=cli_env(tmp_path), timeout=60)
         assert out.returncode == 0, out.stderr
+        assert ("the ingest._smallfiles extension is not built" in out.stderr) == bool(without)
         manifests.append(out.stdout)
     assert manifests[0] == manifests[1] and manifests[0].count("\n") == 4
 
