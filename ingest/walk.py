@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import fnmatch
 import logging
-import operator
 import os
 import re
 import stat
@@ -118,10 +117,6 @@ class Fingerprints:
         self.devices = _column("Q", devices)
 
     @classmethod
-    def of(cls, stats: list[os.stat_result]) -> Fingerprints:
-        return cls(*(list(map(operator.attrgetter(name), stats)) for name in _STAT_FIELDS))
-
-    @classmethod
     def of_rows(cls, rows: Iterable[tuple[int, int, int, int, int]]) -> Fingerprints:
         return cls(*(list(zip(*rows, strict=True)) or [()] * 5))
 
@@ -145,8 +140,7 @@ class Fingerprints:
         return f"Fingerprints({list(self)!r})"
 
 
-_STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
-_TYPECODES = ("q", "q", "q", "Q", "Q")       # Fingerprints' columns, in _STAT_FIELDS order
+_TYPECODES = ("q", "q", "q", "Q", "Q")       # Fingerprints' columns, in Fingerprint's field order
 
 
 class FileBatch(NamedTuple):
@@ -201,7 +195,7 @@ class _Rows:
 
     def add(self, st: os.stat_result) -> None:
         """Append the fingerprint of ``st``."""
-        values = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        values = Fingerprint.of(st)
         try:
             for column, value in zip(self.columns, values, strict=True):
                 column[self.count] = value
@@ -487,7 +481,7 @@ class TreeWalk(WalkTally):
         elif stat.S_ISREG(st.st_mode):
             name = os.path.basename(path)
             if _storable(name, path, self.bad_names):
-                yield self.batch(path[:-len(name)], "", [name], Fingerprints.of([st]))
+                yield self.batch(path[:-len(name)], "", [name], Fingerprints.of_rows([Fingerprint.of(st)]))
 
     def _entries(self, root: str, dirpath: str, dir_fd: int, entries: list[str], manifest_dir: str,
                  relbase: str, ancestors: frozenset[tuple[int, int]]) -> Generator[FileBatch, None, list]:
